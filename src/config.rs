@@ -1,0 +1,273 @@
+//! Configuration: a TOML file plus `SWITCHYARD_*` environment variables (nested keys joined by
+//! `__`, e.g. `SWITCHYARD_NATS__SERVERS`), over built-in defaults. Every timing lives here.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+use crate::codec::Encoding;
+use crate::telemetry::LogConfig;
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub nats: NatsConfig,
+    pub store: StoreConfig,
+    pub runtime: RuntimeConfig,
+    pub api: ApiConfig,
+    pub http: HttpConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsConfig {
+    /// Server URLs; several for a cluster.
+    pub servers: Vec<String>,
+    /// The connection name the server shows in its monitoring.
+    pub name: String,
+    /// A `.creds` file (JWT and nkey seed), as NGS and operator-mode clusters issue.
+    pub credentials_file: Option<PathBuf>,
+    /// A file holding an nkey seed (`SU...`).
+    pub nkey_seed_file: Option<PathBuf>,
+    pub user: Option<String>,
+    pub password: Option<String>,
+    pub token: Option<String>,
+    pub tls: TlsConfig,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// How long a JetStream API call or publish acknowledgement may take.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Wait for the server at startup instead of failing.
+    pub retry_on_initial_connect: bool,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        Self {
+            servers: vec!["nats://127.0.0.1:4222".to_owned()],
+            name: "switchyard".to_owned(),
+            credentials_file: None,
+            nkey_seed_file: None,
+            user: None,
+            password: None,
+            token: None,
+            tls: TlsConfig::default(),
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(5),
+            retry_on_initial_connect: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    pub required: bool,
+    /// Extra root certificates (PEM) to trust.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate and key (PEM) for mutual TLS.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// The first subject token(s) of every subject Switchyard uses.
+    pub subject_prefix: String,
+    /// Stream and bucket names start with this: `<prefix>_EVENTS`, `<prefix>_COMMANDS`,
+    /// `<prefix>_SNAPSHOTS`.
+    pub stream_prefix: String,
+    /// 1 for a single server, 3 in production.
+    pub replicas: usize,
+    /// How long JetStream remembers a `Nats-Msg-Id`: the horizon of idempotent retries beyond
+    /// the last commands each entity remembers itself.
+    #[serde(with = "humantime_serde")]
+    pub duplicate_window: Duration,
+    /// Optional size limit of the event stream. Events are never discarded silently: with a
+    /// limit, a full stream refuses new commits.
+    pub max_bytes: Option<i64>,
+    /// How events are encoded on write; both are always readable.
+    pub encoding: Encoding,
+    /// Write a snapshot after this many events since the last one; 0 disables snapshots.
+    pub snapshot_every: u64,
+    /// How long fire-and-forget commands wait in their work queue for a control plane.
+    #[serde(with = "humantime_serde")]
+    pub command_retention: Duration,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            subject_prefix: "sy".to_owned(),
+            stream_prefix: "SWITCHYARD".to_owned(),
+            replicas: 1,
+            duplicate_window: Duration::from_secs(120),
+            max_bytes: None,
+            encoding: Encoding::Bincode,
+            snapshot_every: 100,
+            command_retention: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+}
+
+impl StoreConfig {
+    pub fn events_stream(&self) -> String {
+        format!("{}_EVENTS", self.stream_prefix)
+    }
+
+    pub fn commands_stream(&self) -> String {
+        format!("{}_COMMANDS", self.stream_prefix)
+    }
+
+    pub fn snapshot_bucket(&self) -> String {
+        format!("{}_SNAPSHOTS", self.stream_prefix)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeConfig {
+    /// Commands queued per entity before callers get `unavailable`.
+    pub mailbox_capacity: usize,
+    /// An entity actor idle this long is stopped; its next command reactivates it.
+    #[serde(with = "humantime_serde")]
+    pub passivate_after: Duration,
+    /// How often a conflicting write is retried after reloading the entity.
+    pub conflict_retries: u32,
+    /// How often reapers look for due work.
+    #[serde(with = "humantime_serde")]
+    pub reaper_interval: Duration,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            mailbox_capacity: 64,
+            passivate_after: Duration::from_secs(120),
+            conflict_retries: 5,
+            reaper_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// Requests larger than this are refused with `invalid`.
+    pub max_payload: usize,
+    /// Requests handled at once; beyond it callers get `unavailable`.
+    pub max_in_flight: usize,
+    /// How long a fire-and-forget command may be processed before it is redelivered.
+    #[serde(with = "humantime_serde")]
+    pub command_ack_wait: Duration,
+    /// Delay before a fire-and-forget command that met `unavailable` is retried.
+    #[serde(with = "humantime_serde")]
+    pub command_retry_delay: Duration,
+    /// The NATS queue group shared by all control plane instances.
+    pub queue_group: String,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            max_payload: 64 * 1024,
+            max_in_flight: 10_000,
+            command_ack_wait: Duration::from_secs(30),
+            command_retry_delay: Duration::from_secs(1),
+            queue_group: "switchyard".to_owned(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Where `/healthz`, `/readyz` and `/metrics` are served.
+    pub listen: SocketAddr,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration file {path} does not exist")]
+    MissingFile { path: PathBuf },
+    #[error("invalid configuration")]
+    Invalid(#[source] Box<figment::Error>),
+}
+
+impl Config {
+    /// Defaults, then the TOML file (if given), then `SWITCHYARD_*` variables.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(ConfigError::MissingFile {
+                    path: path.to_owned(),
+                });
+            }
+            figment = figment.merge(Toml::file(path));
+        }
+        figment = figment.merge(Env::prefixed("SWITCHYARD_").ignore(&["CONFIG"]).split("__"));
+        figment
+            .extract()
+            .map_err(|e| ConfigError::Invalid(Box::new(e)))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::result_large_err)] // figment::Jail's closures return its large error
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let config = Config::default();
+        assert_eq!(config.store.events_stream(), "SWITCHYARD_EVENTS");
+        assert_eq!(config.store.duplicate_window, Duration::from_secs(120));
+        assert_eq!(config.runtime.passivate_after, Duration::from_secs(120));
+    }
+
+    #[test]
+    fn files_and_environment_override_defaults() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "sy.toml",
+                "[store]\nreplicas = 3\nduplicate_window = \"5m\"\n[runtime]\npassivate_after = \"30s\"\n",
+            )?;
+            jail.set_env(
+                "SWITCHYARD_NATS__SERVERS",
+                "[\"nats://a:4222\",\"nats://b:4222\"]",
+            );
+            jail.set_env("SWITCHYARD_STORE__REPLICAS", "5");
+            let config = Config::load(Some(Path::new("sy.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(config.store.replicas, 5);
+            assert_eq!(config.store.duplicate_window, Duration::from_secs(300));
+            assert_eq!(config.runtime.passivate_after, Duration::from_secs(30));
+            assert_eq!(config.nats.servers.len(), 2);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("sy.toml", "[store]\nreplica = 3\n")?;
+            assert!(Config::load(Some(Path::new("sy.toml"))).is_err());
+            Ok(())
+        });
+    }
+}

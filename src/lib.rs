@@ -1,0 +1,10 @@
+//! Switchyard: an event-sourced control plane for lab and test infrastructure, over NATS
+//! JetStream. See `docs/ARCHITECTURE.md` for the map.
+
+pub mod codec;
+pub mod config;
+pub mod domain;
+pub mod nats_server;
+pub mod store;
+pub mod subject;
+pub mod telemetry;

@@ -1,0 +1,574 @@
+//! The event store on JetStream.
+//!
+//! **Architecture invariant:** this is the only module that publishes to JetStream.
+//!
+//! One stream (`<P>_EVENTS`) holds every event; each entity has its own subject, which is its
+//! consistency boundary. One command is one message holding all its events, appended with
+//! `Nats-Expected-Last-Subject-Sequence` (optimistic concurrency) and a `Nats-Msg-Id` derived
+//! from the command id (idempotent retries). Snapshots live in a KV bucket (`<P>_SNAPSHOTS`).
+
+pub mod entity;
+pub mod snapshot;
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, stream};
+use async_nats::{Client, HeaderMap};
+use bytes::Bytes;
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use time::OffsetDateTime;
+use tracing::Span;
+
+use crate::codec::{self, CodecError, Encoding, header};
+use crate::config::StoreConfig;
+use crate::domain::{CommandId, DomainEvent, ErrorKind, EventType, Principal, Timestamp};
+use crate::subject::{SubjectError, Subjects};
+use crate::telemetry;
+
+pub use entity::Entity;
+pub use snapshot::SnapshotStore;
+
+/// How many messages one Direct Get batch request asks for.
+const READ_BATCH: usize = 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{subject} has moved past sequence {expected}")]
+    Conflict { subject: String, expected: u64 },
+    #[error("the commit for {subject} exceeds the server's maximum message size")]
+    TooLarge { subject: String },
+    #[error(
+        "JetStream did not acknowledge the commit for {subject} in time; it may or may not be stored"
+    )]
+    Unacknowledged { subject: String },
+    #[error("publishing to {subject} failed")]
+    Publish {
+        subject: String,
+        #[source]
+        source: jetstream::context::PublishError,
+    },
+    #[error("reading {subject} from {stream} failed: {reason}")]
+    Read {
+        stream: String,
+        subject: String,
+        reason: String,
+    },
+    #[error("message {seq} on {subject} does not decode")]
+    Decode {
+        seq: u64,
+        subject: String,
+        #[source]
+        source: CodecError,
+    },
+    #[error("message {seq} on {subject} says entity version {found}, expected {expected}")]
+    VersionGap {
+        seq: u64,
+        subject: String,
+        expected: u64,
+        found: u64,
+    },
+    #[error("cannot encode the commit for {subject}")]
+    Encode {
+        subject: String,
+        #[source]
+        source: CodecError,
+    },
+    #[error("cannot set up {what} {name}")]
+    Setup {
+        what: &'static str,
+        name: String,
+        #[source]
+        source: async_nats::Error,
+    },
+    #[error("invalid subject configuration")]
+    Subject(#[from] SubjectError),
+}
+
+impl StoreError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            StoreError::Conflict { .. } => ErrorKind::Conflict,
+            StoreError::TooLarge { .. } => ErrorKind::Invalid,
+            StoreError::Unacknowledged { .. }
+            | StoreError::Publish { .. }
+            | StoreError::Read { .. }
+            | StoreError::Setup { .. } => ErrorKind::Unavailable,
+            StoreError::Decode { .. }
+            | StoreError::VersionGap { .. }
+            | StoreError::Encode { .. }
+            | StoreError::Subject(_) => ErrorKind::Internal,
+        }
+    }
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// What the stream must hold before a commit: the sequence of the subject's last message, or
+/// nothing at all (`0`, "must be first").
+pub type ExpectedSequence = u64;
+
+/// One command's events, ready to append.
+#[derive(Debug)]
+pub struct Commit<'a, E> {
+    pub kind: &'static str,
+    pub entity: &'a str,
+    pub expected: ExpectedSequence,
+    /// The entity's version after these events.
+    pub entity_version: u64,
+    pub command_id: &'a CommandId,
+    pub principal: &'a Principal,
+    pub recorded_at: Timestamp,
+    pub events: &'a [E],
+}
+
+/// The acknowledgement of an append.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    pub seq: u64,
+    /// The server had this `Nats-Msg-Id` already: the command was stored by an earlier attempt,
+    /// at `seq`, and nothing new was written.
+    pub duplicate: bool,
+}
+
+/// One message read back from the event stream.
+#[derive(Debug, Clone)]
+pub struct StoredMessage {
+    pub seq: u64,
+    pub subject: String,
+    /// When the stream stored it.
+    pub stored_at: Timestamp,
+    pub headers: HeaderMap,
+    pub payload: Bytes,
+}
+
+impl StoredMessage {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(|v| v.as_str())
+    }
+
+    pub fn encoding(&self) -> Result<Encoding, CodecError> {
+        Encoding::from_content_type(self.header(header::CONTENT_TYPE))
+    }
+
+    pub fn command_id(&self) -> Option<&str> {
+        self.header(header::COMMAND_ID)
+    }
+
+    pub fn principal(&self) -> Option<&str> {
+        self.header(header::PRINCIPAL)
+    }
+
+    pub fn entity_version(&self) -> Option<u64> {
+        self.header(header::ENTITY_VERSION)?.parse().ok()
+    }
+
+    pub fn recorded_at(&self) -> Option<Timestamp> {
+        Timestamp::parse_rfc3339(self.header(header::RECORDED_AT)?).ok()
+    }
+
+    /// The events in this message, decoded and upcast.
+    pub fn decode<E: DomainEvent>(&self) -> Result<Vec<E>> {
+        self.encoding()
+            .and_then(|encoding| codec::decode_events(&self.payload, encoding))
+            .map_err(|source| self.decode_error(source))
+    }
+
+    pub fn decode_error(&self, source: CodecError) -> StoreError {
+        StoreError::Decode {
+            seq: self.seq,
+            subject: self.subject.clone(),
+            source,
+        }
+    }
+}
+
+/// A handle on the event store; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct EventStore {
+    client: Client,
+    js: jetstream::Context,
+    subjects: Subjects,
+    stream: String,
+    config: StoreConfig,
+    snapshots: SnapshotStore,
+    timeout: Duration,
+}
+
+impl EventStore {
+    /// Connects to the event stream and snapshot bucket, creating or updating them to match
+    /// `config`.
+    pub async fn open(client: Client, config: &StoreConfig, timeout: Duration) -> Result<Self> {
+        let subjects = Subjects::new(&config.subject_prefix)?;
+        let js = jetstream::ContextBuilder::new()
+            .timeout(timeout)
+            .build(client.clone());
+        let stream = config.events_stream();
+        js.create_or_update_stream(events_stream_config(config, &subjects))
+            .await
+            .map_err(|source| StoreError::Setup {
+                what: "stream",
+                name: stream.clone(),
+                source: source.into(),
+            })?;
+        let snapshots = SnapshotStore::open(&js, config).await?;
+        Ok(Self {
+            client,
+            js,
+            subjects,
+            stream,
+            config: config.clone(),
+            snapshots,
+            timeout,
+        })
+    }
+
+    pub fn subjects(&self) -> &Subjects {
+        &self.subjects
+    }
+
+    pub fn stream_name(&self) -> &str {
+        &self.stream
+    }
+
+    pub fn config(&self) -> &StoreConfig {
+        &self.config
+    }
+
+    pub fn snapshots(&self) -> &SnapshotStore {
+        &self.snapshots
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.js
+    }
+
+    /// Appends one command's events as one message, if the entity's subject is still at
+    /// `commit.expected`.
+    pub async fn append<E: DomainEvent>(&self, commit: Commit<'_, E>) -> Result<Appended> {
+        let subject = self.subjects.event(commit.kind, commit.entity);
+        let payload =
+            codec::encode_events(commit.events, self.config.encoding).map_err(|source| {
+                StoreError::Encode {
+                    subject: subject.clone(),
+                    source,
+                }
+            })?;
+        let headers = commit_headers(&commit, self.config.encoding);
+        let message = jetstream::message::PublishMessage::build()
+            .payload(payload)
+            .headers(headers)
+            .message_id(message_id(commit.command_id, &subject))
+            .expected_last_subject_sequence(commit.expected);
+        let publish_error = |source: jetstream::context::PublishError| {
+            use jetstream::context::PublishErrorKind as Kind;
+            match source.kind() {
+                Kind::WrongLastSequence => StoreError::Conflict {
+                    subject: subject.clone(),
+                    expected: commit.expected,
+                },
+                Kind::MaxPayloadExceeded => StoreError::TooLarge {
+                    subject: subject.clone(),
+                },
+                Kind::TimedOut => StoreError::Unacknowledged {
+                    subject: subject.clone(),
+                },
+                _ => StoreError::Publish {
+                    subject: subject.clone(),
+                    source,
+                },
+            }
+        };
+        // The one JetStream publish in Switchyard (see clippy.toml).
+        #[allow(clippy::disallowed_methods)]
+        let ack = self
+            .js
+            .send_publish(subject.clone(), message)
+            .await
+            .map_err(publish_error)?;
+        let ack = ack.await.map_err(publish_error)?;
+        Ok(Appended {
+            seq: ack.sequence,
+            duplicate: ack.duplicate,
+        })
+    }
+
+    /// The messages on one subject from `from` up to `until` (inclusive), in order.
+    ///
+    /// Uses batched Direct Get (server 2.11+): no consumer is created per read.
+    pub async fn read_subject(
+        &self,
+        subject: &str,
+        from: u64,
+        until: Option<u64>,
+    ) -> Result<Vec<StoredMessage>> {
+        let mut out = Vec::new();
+        let mut next = from.max(1);
+        loop {
+            let (batch, more) = self.direct_batch(subject, next).await?;
+            let Some(last) = batch.last().map(|m| m.seq) else {
+                break;
+            };
+            for message in batch {
+                if until.is_some_and(|u| message.seq > u) {
+                    return Ok(out);
+                }
+                out.push(message);
+            }
+            if !more || until.is_some_and(|u| last >= u) {
+                break;
+            }
+            next = last + 1;
+        }
+        Ok(out)
+    }
+
+    /// One Direct Get batch: up to [`READ_BATCH`] messages on `subject` from `seq`, and whether
+    /// more remain.
+    async fn direct_batch(&self, subject: &str, seq: u64) -> Result<(Vec<StoredMessage>, bool)> {
+        let read_error = |reason: String| StoreError::Read {
+            stream: self.stream.clone(),
+            subject: subject.to_owned(),
+            reason,
+        };
+        let inbox = self.client.new_inbox();
+        let mut replies = self
+            .client
+            .subscribe(inbox.clone())
+            .await
+            .map_err(|e| read_error(e.to_string()))?;
+        let request =
+            serde_json::json!({ "seq": seq, "next_by_subj": subject, "batch": READ_BATCH });
+        self.client
+            .publish_with_reply(
+                format!("$JS.API.DIRECT.GET.{}", self.stream),
+                inbox,
+                Bytes::from(request.to_string()),
+            )
+            .await
+            .map_err(|e| read_error(e.to_string()))?;
+        let mut out = Vec::new();
+        loop {
+            let reply = tokio::time::timeout(self.timeout, replies.next())
+                .await
+                .map_err(|_| read_error("timed out".to_owned()))?
+                .ok_or_else(|| read_error("subscription closed".to_owned()))?;
+            match reply.status.map(|s| s.as_u16()) {
+                None | Some(200) => {
+                    let message = direct_message(reply).map_err(read_error)?;
+                    out.push(message);
+                }
+                // End of batch: the server says how many matching messages remain.
+                Some(204) => {
+                    let pending = reply
+                        .headers
+                        .as_ref()
+                        .and_then(|h| h.get("Nats-Num-Pending"))
+                        .and_then(|v| v.as_str().parse::<u64>().ok())
+                        .unwrap_or(0);
+                    return Ok((out, pending > 0));
+                }
+                Some(404) => return Ok((out, false)),
+                Some(status) => {
+                    return Err(read_error(format!(
+                        "status {status}: {}",
+                        reply.description.unwrap_or_default()
+                    )));
+                }
+            }
+        }
+    }
+
+    /// One message by sequence, from the stream leader (read-after-write).
+    pub async fn message(&self, seq: u64) -> Result<StoredMessage> {
+        let stream = self
+            .js
+            .get_stream_no_info(&self.stream)
+            .await
+            .map_err(|e| StoreError::Read {
+                stream: self.stream.clone(),
+                subject: format!("#{seq}"),
+                reason: e.to_string(),
+            })?;
+        let raw = stream
+            .get_raw_message(seq)
+            .await
+            .map_err(|e| StoreError::Read {
+                stream: self.stream.clone(),
+                subject: format!("#{seq}"),
+                reason: e.to_string(),
+            })?;
+        Ok(StoredMessage {
+            seq: raw.sequence,
+            subject: raw.subject.to_string(),
+            stored_at: Timestamp::from_offset_date_time(raw.time),
+            headers: raw.headers,
+            payload: raw.payload,
+        })
+    }
+
+    /// The sequence of the last message in the stream (0 when empty).
+    pub async fn last_sequence(&self) -> Result<u64> {
+        let stream = self
+            .js
+            .get_stream(&self.stream)
+            .await
+            .map_err(|e| self.info_error(e.to_string()))?;
+        Ok(stream.cached_info().state.last_sequence)
+    }
+
+    fn info_error(&self, reason: String) -> StoreError {
+        StoreError::Read {
+            stream: self.stream.clone(),
+            subject: ">".to_owned(),
+            reason,
+        }
+    }
+
+    /// Every message matching `filter` from sequence `from` on, then new ones as they arrive.
+    /// An ordered consumer: no server-side state to clean up, recreated on gaps.
+    ///
+    /// Returns the stream and how many matching messages were pending when it started.
+    pub async fn follow(
+        &self,
+        filter: &str,
+        from: u64,
+    ) -> Result<(BoxStream<'static, Result<StoredMessage>>, u64)> {
+        let read_error = |reason: String| StoreError::Read {
+            stream: self.stream.clone(),
+            subject: filter.to_owned(),
+            reason,
+        };
+        let stream = self
+            .js
+            .get_stream_no_info(&self.stream)
+            .await
+            .map_err(|e| read_error(e.to_string()))?;
+        let deliver_policy = if from <= 1 {
+            consumer::DeliverPolicy::All
+        } else {
+            consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: from,
+            }
+        };
+        let consumer = stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: filter.to_owned(),
+                deliver_policy,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| read_error(e.to_string()))?;
+        let pending = consumer.cached_info().num_pending;
+        let messages = consumer
+            .messages()
+            .await
+            .map_err(|e| read_error(e.to_string()))?;
+        let stream_name = self.stream.clone();
+        let filter = filter.to_owned();
+        let messages = messages
+            .map(move |message| {
+                let read_error = |reason: String| StoreError::Read {
+                    stream: stream_name.clone(),
+                    subject: filter.clone(),
+                    reason,
+                };
+                let message = message.map_err(|e| read_error(e.to_string()))?;
+                let info = message.info().map_err(|e| read_error(e.to_string()))?;
+                let seq = info.stream_sequence;
+                let stored_at = Timestamp::from_offset_date_time(info.published);
+                let message = message.split().0;
+                Ok(StoredMessage {
+                    seq,
+                    subject: message.subject.to_string(),
+                    stored_at,
+                    headers: message.headers.unwrap_or_default(),
+                    payload: message.payload,
+                })
+            })
+            .boxed();
+        Ok((messages, pending))
+    }
+}
+
+/// The stream that holds every event: immutable, deduplicating, never silently discarding.
+fn events_stream_config(config: &StoreConfig, subjects: &Subjects) -> stream::Config {
+    stream::Config {
+        name: config.events_stream(),
+        description: Some(
+            "Switchyard events: one message per command, one subject per entity".to_owned(),
+        ),
+        subjects: vec![subjects.all_events()],
+        storage: stream::StorageType::File,
+        retention: stream::RetentionPolicy::Limits,
+        max_messages: -1,
+        max_messages_per_subject: -1,
+        max_bytes: config.max_bytes.unwrap_or(-1),
+        // With any limit, a full stream must refuse new events rather than drop old ones.
+        discard: stream::DiscardPolicy::New,
+        deny_delete: true,
+        deny_purge: true,
+        allow_rollup: false,
+        allow_direct: true,
+        duplicate_window: config.duplicate_window,
+        num_replicas: config.replicas,
+        ..Default::default()
+    }
+}
+
+/// The `Nats-Msg-Id` of a commit: one per (command, entity), so a command id reused on another
+/// entity is not mistaken for a retry.
+pub fn message_id(command_id: &CommandId, subject: &str) -> String {
+    let name = format!("{}\n{subject}", command_id.as_str());
+    uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, name.as_bytes()).to_string()
+}
+
+fn commit_headers<E: DomainEvent>(commit: &Commit<'_, E>, encoding: Encoding) -> HeaderMap {
+    let types: Vec<EventType> = commit.events.iter().map(DomainEvent::event_type).collect();
+    let names = types.iter().map(|t| t.name).collect::<Vec<_>>().join(",");
+    let versions = types
+        .iter()
+        .map(|t| t.version.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut headers = HeaderMap::new();
+    headers.insert(header::EVENT_TYPE, names.as_str());
+    headers.insert(header::SCHEMA_VERSION, versions.as_str());
+    headers.insert(
+        header::ENTITY_VERSION,
+        commit.entity_version.to_string().as_str(),
+    );
+    headers.insert(header::COMMAND_ID, commit.command_id.as_str());
+    headers.insert(header::PRINCIPAL, commit.principal.as_str());
+    headers.insert(header::RECORDED_AT, commit.recorded_at.to_string().as_str());
+    headers.insert(header::CONTENT_TYPE, encoding.content_type());
+    telemetry::inject(&Span::current(), &mut headers);
+    headers
+}
+
+/// A Direct Get reply: the stored message, with its stream coordinates in `Nats-*` headers.
+fn direct_message(reply: async_nats::Message) -> Result<StoredMessage, String> {
+    let headers = reply.headers.ok_or("direct get reply without headers")?;
+    let get = |name: &str| headers.get(name).map(|v| v.as_str().to_owned());
+    let seq = get("Nats-Sequence")
+        .and_then(|s| s.parse().ok())
+        .ok_or("direct get reply without Nats-Sequence")?;
+    let subject = get("Nats-Subject").ok_or("direct get reply without Nats-Subject")?;
+    let stored_at = get("Nats-Time-Stamp")
+        .and_then(|t| {
+            OffsetDateTime::parse(&t, &time::format_description::well_known::Rfc3339).ok()
+        })
+        .map(Timestamp::from_offset_date_time)
+        .unwrap_or(Timestamp::EPOCH);
+    Ok(StoredMessage {
+        seq,
+        subject,
+        stored_at,
+        headers,
+        payload: reply.payload,
+    })
+}

@@ -1,0 +1,7 @@
+//! The one integration-test binary: each module is an area, each test starts the real servers
+//! it needs (see `harness`).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic in a test is a failed test
+
+mod harness;
+mod store;
