@@ -1,10 +1,15 @@
 //! Switchyard: an event-sourced control plane for lab and test infrastructure, over NATS
 //! JetStream. See `docs/ARCHITECTURE.md` for the map.
 
+pub mod api;
+pub mod app;
 pub mod codec;
 pub mod config;
 pub mod domain;
+pub mod http;
+pub mod metrics;
 pub mod nats_server;
+pub mod runtime;
 pub mod store;
 pub mod subject;
 pub mod telemetry;

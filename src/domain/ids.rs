@@ -51,7 +51,7 @@ pub fn validate_text(what: &'static str, value: &str, max: usize) -> Result<(), 
 
 /// An identifier of one entity of one kind.
 pub trait EntityId:
-    Clone + fmt::Debug + fmt::Display + Eq + std::hash::Hash + Ord + Send + Sync + 'static
+    Clone + fmt::Debug + fmt::Display + Eq + std::hash::Hash + Ord + Send + Sync + Unpin + 'static
 {
     fn parse(value: &str) -> Result<Self, IdError>;
     fn as_str(&self) -> &str;

@@ -58,7 +58,6 @@ pub async fn store() -> StoreFixture {
     store_with(StoreConfig::default()).await
 }
 
-#[allow(dead_code)]
 /// Polls `condition` until it returns `Some`, for at most `limit`; panics with `what` otherwise.
 /// Level-triggered: it checks the state, it does not wait for a particular event.
 pub async fn wait_for<T, F, Fut>(what: &str, limit: Duration, mut condition: F) -> T
@@ -76,4 +75,158 @@ where
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// A control plane running in this test's actix system, on its own nats-server.
+pub struct TestApp {
+    pub server: NatsServer,
+    pub app: switchyard::app::App,
+    pub client: async_nats::Client,
+    pub config: switchyard::config::Config,
+}
+
+/// A test configuration: free HTTP port, fast timers, the server's URL.
+pub fn test_config(server: &NatsServer) -> switchyard::config::Config {
+    let mut config = switchyard::config::Config::default();
+    config.nats.servers = vec![server.url()];
+    config.http.listen = "127.0.0.1:0".parse().unwrap();
+    config.runtime.reaper_interval = Duration::from_millis(50);
+    config
+}
+
+pub async fn start_app(tweak: impl FnOnce(&mut switchyard::config::Config)) -> TestApp {
+    start_app_with_clock(tweak, switchyard::runtime::system_clock()).await
+}
+
+pub async fn start_app_with_clock(
+    tweak: impl FnOnce(&mut switchyard::config::Config),
+    clock: switchyard::runtime::Clock,
+) -> TestApp {
+    let server = start_nats();
+    let mut config = test_config(&server);
+    tweak(&mut config);
+    let app = switchyard::app::App::start(&config, clock)
+        .await
+        .expect("control plane starts");
+    let client = connect(&server).await;
+    let test = TestApp {
+        server,
+        app,
+        client,
+        config,
+    };
+    wait_for(
+        "the control plane to be ready",
+        Duration::from_secs(10),
+        || async { test.app.is_ready().then_some(()) },
+    )
+    .await;
+    test
+}
+
+/// A reply, split into its outcome.
+#[derive(Debug)]
+pub enum Reply {
+    Ok(serde_json::Value),
+    Err {
+        code: String,
+        message: String,
+        status: String,
+    },
+}
+
+impl Reply {
+    #[track_caller]
+    pub fn ok(self) -> serde_json::Value {
+        match self {
+            Reply::Ok(value) => value,
+            Reply::Err { code, message, .. } => panic!("expected success, got {code}: {message}"),
+        }
+    }
+
+    #[track_caller]
+    pub fn code(self) -> String {
+        match self {
+            Reply::Ok(value) => panic!("expected an error, got {value}"),
+            Reply::Err { code, .. } => code,
+        }
+    }
+}
+
+/// Sends a request to `sy.api.<route>` and decodes the reply.
+pub async fn request(
+    client: &async_nats::Client,
+    route: &str,
+    body: impl Into<bytes::Bytes>,
+    headers: Option<async_nats::HeaderMap>,
+) -> Reply {
+    let subject = format!("sy.api.{route}");
+    let message = match headers {
+        Some(headers) => {
+            client
+                .request_with_headers(subject, headers, body.into())
+                .await
+        }
+        None => client.request(subject, body.into()).await,
+    }
+    .expect("a reply");
+    let value: serde_json::Value = serde_json::from_slice(&message.payload).expect("a JSON reply");
+    match message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get("Nats-Service-Error-Code"))
+    {
+        Some(status) => {
+            let code = value["error"]["code"]
+                .as_str()
+                .expect("an error code")
+                .to_owned();
+            let header_code = message
+                .headers
+                .as_ref()
+                .unwrap()
+                .get("Switchyard-Error")
+                .unwrap()
+                .as_str()
+                .to_owned();
+            assert_eq!(code, header_code, "body and header agree on the code");
+            Reply::Err {
+                code,
+                message: value["error"]["message"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+                status: status.as_str().to_owned(),
+            }
+        }
+        None => Reply::Ok(value),
+    }
+}
+
+pub async fn call(test: &TestApp, route: &str, body: serde_json::Value) -> Reply {
+    request(&test.client, route, body.to_string(), None).await
+}
+
+/// A plain HTTP/1.0 GET: `(status, body)`.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("HTTP connects");
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
 }

@@ -1,0 +1,243 @@
+//! The command API over NATS: request/reply on `<prefix>.api.<kind>.<verb>` and fire-and-forget
+//! on `<prefix>.cmd.<kind>.<verb>`, with JSON bodies and typed errors, announced as the NATS
+//! micro service `switchyard`.
+//!
+//! A request body is a JSON object. Commands may carry `command_id` (in the body or the
+//! `Switchyard-Command-Id` header): the same id is the same command, applied once, answered with
+//! its first reply. `Switchyard-Principal` names the caller on the events.
+
+pub mod catalog;
+pub mod micro;
+pub mod routes;
+pub mod server;
+pub mod work_queue;
+
+use async_nats::HeaderMap;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::domain::{CommandId, ErrorKind, Principal};
+use crate::runtime::{CommandError, CommandMeta, error_chain};
+
+pub use catalog::{Services, routes};
+pub use routes::{Mode, RouteSpec, Router};
+
+pub const COMMAND_ID_HEADER: &str = "Switchyard-Command-Id";
+pub const PRINCIPAL_HEADER: &str = "Switchyard-Principal";
+/// The error code, for clients that read only headers.
+pub const ERROR_CODE_HEADER: &str = "Switchyard-Error";
+
+/// A typed API error: its code is one of [`ErrorKind`], its message is for humans.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct ApiError {
+    pub code: ErrorKind,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(code: ErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Invalid, message)
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::NotFound, message)
+    }
+
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Unavailable, message)
+    }
+
+    pub fn body(&self) -> ErrorBody {
+        ErrorBody {
+            error: ErrorDetail {
+                code: self.code,
+                message: self.message.clone(),
+            },
+        }
+    }
+}
+
+impl From<CommandError> for ApiError {
+    fn from(err: CommandError) -> Self {
+        ApiError::new(err.kind(), error_chain(&err))
+    }
+}
+
+/// The body of every error reply.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ErrorDetail {
+    pub code: ErrorKind,
+    pub message: String,
+}
+
+/// A request, parsed from its NATS message but not yet from its route's body type.
+#[derive(Debug, Clone)]
+pub struct ApiRequest {
+    pub kind: String,
+    pub verb: String,
+    /// The body's fields, without `command_id`.
+    pub body: Map<String, Value>,
+    pub meta: CommandMeta,
+}
+
+/// Parses the parts every request shares. `default_id` supplies a command id when the caller
+/// gave none.
+pub fn parse_request(
+    kind: &str,
+    verb: &str,
+    payload: &[u8],
+    headers: Option<&HeaderMap>,
+    max_payload: usize,
+    default_id: impl FnOnce() -> CommandId,
+) -> Result<ApiRequest, ApiError> {
+    if payload.len() > max_payload {
+        return Err(ApiError::invalid(format!(
+            "request body is {} bytes, the limit is {max_payload}",
+            payload.len()
+        )));
+    }
+    let mut body = if payload.iter().all(u8::is_ascii_whitespace) {
+        Map::new()
+    } else {
+        match serde_json::from_slice::<Value>(payload) {
+            Ok(Value::Object(map)) => map,
+            Ok(other) => {
+                return Err(ApiError::invalid(format!(
+                    "request body must be a JSON object, not {}",
+                    json_type(&other)
+                )));
+            }
+            Err(err) => {
+                return Err(ApiError::invalid(format!(
+                    "request body is not JSON: {err}"
+                )));
+            }
+        }
+    };
+    let header = |name: &str| {
+        headers
+            .and_then(|h| h.get(name))
+            .map(|v| v.as_str().to_owned())
+    };
+    let from_body = match body.remove("command_id") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(id)) => Some(id),
+        Some(other) => {
+            return Err(ApiError::invalid(format!(
+                "command_id must be a string, not {}",
+                json_type(&other)
+            )));
+        }
+    };
+    let command_id = match (from_body, header(COMMAND_ID_HEADER)) {
+        (Some(a), Some(b)) if a != b => {
+            return Err(ApiError::invalid(format!(
+                "command_id {a:?} in the body differs from {COMMAND_ID_HEADER} {b:?}"
+            )));
+        }
+        (Some(id), _) | (None, Some(id)) => {
+            CommandId::new(id).map_err(|e| ApiError::invalid(format!("invalid command_id: {e}")))?
+        }
+        (None, None) => default_id(),
+    };
+    let principal = match header(PRINCIPAL_HEADER) {
+        Some(p) => Principal::new(p)
+            .map_err(|e| ApiError::invalid(format!("invalid {PRINCIPAL_HEADER}: {e}")))?,
+        None => Principal::anonymous(),
+    };
+    Ok(ApiRequest {
+        kind: kind.to_owned(),
+        verb: verb.to_owned(),
+        body,
+        meta: CommandMeta {
+            command_id,
+            principal,
+        },
+    })
+}
+
+fn json_type(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Deserializes a route's body type, turning serde's complaint into an `invalid` error.
+pub fn body_as<T: serde::de::DeserializeOwned>(request: &ApiRequest) -> Result<T, ApiError> {
+    serde_json::from_value(Value::Object(request.body.clone())).map_err(|err| {
+        ApiError::invalid(format!(
+            "invalid {}.{} request: {err}",
+            request.kind, request.verb
+        ))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(payload: &[u8]) -> Result<ApiRequest, ApiError> {
+        parse_request("counter", "add", payload, None, 100, CommandId::generate)
+    }
+
+    #[test]
+    fn bodies_must_be_json_objects() {
+        assert_eq!(parse(b"[1]").unwrap_err().code, ErrorKind::Invalid);
+        assert!(parse(b"{oops").unwrap_err().message.contains("not JSON"));
+        assert!(parse(b"").unwrap().body.is_empty());
+        assert!(
+            parse(&[b' '; 101])
+                .unwrap_err()
+                .message
+                .contains("limit is 100")
+        );
+    }
+
+    #[test]
+    fn command_ids_come_from_body_or_header_and_must_agree() {
+        let request = parse(br#"{"command_id":"abc","id":"x"}"#).unwrap();
+        assert_eq!(request.meta.command_id.as_str(), "abc");
+        assert!(!request.body.contains_key("command_id"));
+        let mut headers = HeaderMap::new();
+        headers.insert(COMMAND_ID_HEADER, "def");
+        let err = parse_request(
+            "k",
+            "v",
+            br#"{"command_id":"abc"}"#,
+            Some(&headers),
+            100,
+            CommandId::generate,
+        );
+        assert!(err.unwrap_err().message.contains("differs"));
+        let request =
+            parse_request("k", "v", b"{}", Some(&headers), 100, CommandId::generate).unwrap();
+        assert_eq!(request.meta.command_id.as_str(), "def");
+        assert_eq!(
+            parse(br#"{"command_id":7}"#).unwrap_err().code,
+            ErrorKind::Invalid
+        );
+        assert_eq!(
+            parse(br#"{"command_id":""}"#).unwrap_err().code,
+            ErrorKind::Invalid
+        );
+    }
+}

@@ -1,0 +1,298 @@
+//! Routes: what each `<kind>.<verb>` does, described once (for dispatch, `$SRV.INFO` and
+//! `schemas/`) and bound to the running services at startup.
+
+use std::collections::BTreeMap;
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use schemars::{JsonSchema, Schema, SchemaGenerator};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::catalog::{Served, Services};
+use super::{ApiError, ApiRequest, body_as};
+use crate::domain::{Aggregate, CommandRequest};
+use crate::runtime::{Entities, EntityTable, ProjectionHandle};
+
+/// Handles one route's requests.
+pub trait Handler: Send + Sync + 'static {
+    fn handle(&self, request: ApiRequest) -> BoxFuture<'static, Result<Value, ApiError>>;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Changes state; may also be sent fire-and-forget.
+    Command,
+    /// Reads state; request/reply only.
+    Query,
+}
+
+/// A route, described without the services it will run on.
+pub struct RouteSpec {
+    pub kind: &'static str,
+    pub verb: &'static str,
+    pub mode: Mode,
+    pub summary: &'static str,
+    pub request_schema: fn(&mut SchemaGenerator) -> Schema,
+    pub reply_schema: fn(&mut SchemaGenerator) -> Schema,
+    pub bind: fn(&Services) -> Arc<dyn Handler>,
+}
+
+impl std::fmt::Debug for RouteSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{} ({:?})", self.kind, self.verb, self.mode)
+    }
+}
+
+/// The reply to a command.
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
+pub struct CommandReply<R> {
+    pub result: R,
+    /// The entity's version after the command.
+    pub version: u64,
+    /// The stream sequence of the command's events; projections at or past it include them.
+    pub sequence: u64,
+}
+
+/// `<kind>.get`: one entity by id.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GetRequest<I> {
+    pub id: I,
+}
+
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
+pub struct GetReply<V> {
+    pub result: V,
+    pub version: u64,
+}
+
+/// `<kind>.list`: entities in id order, a page at a time.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ListRequest<I> {
+    /// Start after this id (the previous page's `next`).
+    pub after: Option<I>,
+    /// Page size, 1 to 1000; 100 by default.
+    pub limit: Option<usize>,
+}
+
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
+pub struct ListReply<I, V> {
+    pub result: Vec<V>,
+    /// Pass as `after` for the next page; absent on the last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next: Option<I>,
+    /// The stream sequence the read model has applied.
+    pub position: u64,
+}
+
+pub const MAX_PAGE: usize = 1000;
+const DEFAULT_PAGE: usize = 100;
+
+fn json(value: impl Serialize) -> Result<Value, ApiError> {
+    serde_json::to_value(value).map_err(|e| {
+        ApiError::new(
+            crate::domain::ErrorKind::Internal,
+            format!("cannot encode reply: {e}"),
+        )
+    })
+}
+
+struct CommandRoute<C: CommandRequest> {
+    entities: Entities<C::Aggregate>,
+    _request: PhantomData<fn() -> C>,
+}
+
+impl<C: CommandRequest> Handler for CommandRoute<C> {
+    fn handle(&self, request: ApiRequest) -> BoxFuture<'static, Result<Value, ApiError>> {
+        let entities = self.entities.clone();
+        Box::pin(async move {
+            let body: C = body_as(&request)?;
+            let (id, command) = body.into_command();
+            let outcome = entities.execute(id, command, request.meta).await?;
+            json(CommandReply {
+                result: outcome.reply,
+                version: outcome.version,
+                sequence: outcome.seq,
+            })
+        })
+    }
+}
+
+/// A command route for request type `C`.
+pub fn command<C: CommandRequest>(summary: &'static str) -> RouteSpec
+where
+    C::Aggregate: Served,
+{
+    RouteSpec {
+        kind: <C::Aggregate as Aggregate>::KIND,
+        verb: C::VERB,
+        mode: Mode::Command,
+        summary,
+        request_schema: |g| g.root_schema_for::<C>(),
+        reply_schema: |g| g.root_schema_for::<CommandReply<<C::Aggregate as Aggregate>::Reply>>(),
+        bind: |services| {
+            Arc::new(CommandRoute::<C> {
+                entities: C::Aggregate::entities(services).clone(),
+                _request: PhantomData,
+            })
+        },
+    }
+}
+
+struct GetRoute<A: Aggregate> {
+    entities: Entities<A>,
+}
+
+impl<A: Aggregate> Handler for GetRoute<A>
+where
+    A::Id: serde::de::DeserializeOwned,
+{
+    fn handle(&self, request: ApiRequest) -> BoxFuture<'static, Result<Value, ApiError>> {
+        let entities = self.entities.clone();
+        Box::pin(async move {
+            let body: GetRequest<A::Id> = body_as(&request)?;
+            let id = body.id;
+            match entities.read(id.clone()).await? {
+                (Some(view), version) => json(GetReply {
+                    result: view,
+                    version,
+                }),
+                (None, _) => Err(ApiError::not_found(format!(
+                    "{} {:?} does not exist",
+                    A::KIND,
+                    id.to_string()
+                ))),
+            }
+        })
+    }
+}
+
+/// `<kind>.get`, answered by the entity's actor: it reflects every command already answered.
+pub fn get<A: Served>(summary: &'static str) -> RouteSpec
+where
+    A::Id: serde::de::DeserializeOwned + JsonSchema,
+{
+    RouteSpec {
+        kind: A::KIND,
+        verb: "get",
+        mode: Mode::Query,
+        summary,
+        request_schema: |g| g.root_schema_for::<GetRequest<A::Id>>(),
+        reply_schema: |g| g.root_schema_for::<GetReply<A::View>>(),
+        bind: |services| {
+            Arc::new(GetRoute::<A> {
+                entities: A::entities(services).clone(),
+            })
+        },
+    }
+}
+
+struct ListRoute<A: Aggregate> {
+    table: ProjectionHandle<EntityTable<A>>,
+}
+
+impl<A: Aggregate> Handler for ListRoute<A>
+where
+    A::Id: serde::de::DeserializeOwned + Serialize,
+{
+    fn handle(&self, request: ApiRequest) -> BoxFuture<'static, Result<Value, ApiError>> {
+        let table = self.table.clone();
+        Box::pin(async move {
+            let body: ListRequest<A::Id> = body_as(&request)?;
+            let limit = body.limit.unwrap_or(DEFAULT_PAGE);
+            if !(1..=MAX_PAGE).contains(&limit) {
+                return Err(ApiError::invalid(format!(
+                    "limit must be 1 to {MAX_PAGE}, not {limit}"
+                )));
+            }
+            let after = body.after;
+            let (mut page, position) = table
+                .ask(move |table, position| (table.list(after.as_ref(), limit + 1), position))
+                .await
+                .map_err(|e| {
+                    ApiError::unavailable(format!("the {} read model is not running: {e}", A::KIND))
+                })?;
+            let next = if page.len() > limit {
+                page.truncate(limit);
+                page.last().map(|(id, _)| id.clone())
+            } else {
+                None
+            };
+            json(ListReply {
+                result: page.into_iter().map(|(_, view)| view).collect(),
+                next,
+                position,
+            })
+        })
+    }
+}
+
+/// `<kind>.list`, answered by the kind's read model: eventually consistent, with its position.
+pub fn list<A: Served>(summary: &'static str) -> RouteSpec
+where
+    A::Id: serde::de::DeserializeOwned + Serialize + JsonSchema,
+{
+    RouteSpec {
+        kind: A::KIND,
+        verb: "list",
+        mode: Mode::Query,
+        summary,
+        request_schema: |g| g.root_schema_for::<ListRequest<A::Id>>(),
+        reply_schema: |g| g.root_schema_for::<ListReply<A::Id, A::View>>(),
+        bind: |services| {
+            Arc::new(ListRoute::<A> {
+                table: A::table(services).clone(),
+            })
+        },
+    }
+}
+
+/// Every route, bound to running services: what the API server and the work queue dispatch to.
+pub struct Router {
+    routes: BTreeMap<(String, String), (Mode, Arc<dyn Handler>)>,
+}
+
+impl Router {
+    pub fn new(specs: &[RouteSpec], services: &Services) -> Self {
+        let routes = specs
+            .iter()
+            .map(|spec| {
+                (
+                    (spec.kind.to_owned(), spec.verb.to_owned()),
+                    (spec.mode, (spec.bind)(services)),
+                )
+            })
+            .collect();
+        Self { routes }
+    }
+
+    /// The handler of `kind.verb`, or a `not_found` that lists what exists.
+    pub fn route(&self, kind: &str, verb: &str) -> Result<(Mode, Arc<dyn Handler>), ApiError> {
+        if let Some((mode, handler)) = self.routes.get(&(kind.to_owned(), verb.to_owned())) {
+            return Ok((*mode, handler.clone()));
+        }
+        let verbs: Vec<&str> = self
+            .routes
+            .keys()
+            .filter(|(k, _)| k == kind)
+            .map(|(_, v)| v.as_str())
+            .collect();
+        if verbs.is_empty() {
+            let kinds: std::collections::BTreeSet<&str> =
+                self.routes.keys().map(|(k, _)| k.as_str()).collect();
+            Err(ApiError::not_found(format!(
+                "unknown kind {kind:?}; known kinds: {}",
+                kinds.into_iter().collect::<Vec<_>>().join(", ")
+            )))
+        } else {
+            Err(ApiError::not_found(format!(
+                "unknown verb {verb:?} for {kind}; known verbs: {}",
+                verbs.join(", ")
+            )))
+        }
+    }
+}

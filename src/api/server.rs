@@ -1,0 +1,225 @@
+//! The request/reply side of the API: one queue subscription on `<prefix>.api.>`, one task per
+//! request (bounded), a handling span per request in the caller's trace.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::{Client, HeaderMap, Message};
+use bytes::Bytes;
+use futures::StreamExt;
+use serde_json::Value;
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+use tracing::Instrument;
+
+use super::micro::Micro;
+use super::{ApiError, ERROR_CODE_HEADER, Mode, Router, parse_request};
+use crate::config::ApiConfig;
+use crate::domain::CommandId;
+use crate::metrics::{Metrics, OperationLabels, RouteLabels};
+use crate::subject::Subjects;
+use crate::telemetry;
+
+/// What every request handler shares.
+pub struct ApiContext {
+    pub client: Client,
+    pub subjects: Subjects,
+    pub router: Router,
+    pub micro: Arc<Micro>,
+    pub metrics: Metrics,
+    pub config: ApiConfig,
+}
+
+/// The running request/reply server.
+pub struct ApiServer {
+    task: JoinHandle<()>,
+    in_flight: Arc<Semaphore>,
+    max_in_flight: u32,
+    client: Client,
+    subscription_closed: tokio::sync::oneshot::Sender<()>,
+}
+
+impl ApiServer {
+    pub async fn start(context: Arc<ApiContext>) -> Result<Self, async_nats::SubscribeError> {
+        let mut requests = context
+            .client
+            .queue_subscribe(
+                context.subjects.all_api(),
+                context.config.queue_group.clone(),
+            )
+            .await?;
+        let max_in_flight = u32::try_from(context.config.max_in_flight.max(1)).unwrap_or(u32::MAX);
+        let in_flight = Arc::new(Semaphore::new(max_in_flight as usize));
+        let (subscription_closed, mut closing) = tokio::sync::oneshot::channel();
+        let limit = in_flight.clone();
+        let client = context.client.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let message = tokio::select! {
+                    message = requests.next() => match message {
+                        Some(message) => message,
+                        None => break,
+                    },
+                    _ = &mut closing => {
+                        let _ = requests.unsubscribe().await;
+                        break;
+                    }
+                };
+                let Some(reply) = message.reply.clone() else {
+                    tracing::debug!(subject = %message.subject, "ignoring an API message without a reply subject; use the cmd subjects to fire and forget");
+                    continue;
+                };
+                match limit.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        let context = context.clone();
+                        tokio::spawn(async move {
+                            handle(&context, message).await;
+                            drop(permit);
+                        });
+                    }
+                    Err(_) => {
+                        let error = ApiError::unavailable(
+                            "too many requests in flight; retry with the same command_id",
+                        );
+                        respond(&context.client, reply.as_str(), Err(error)).await;
+                    }
+                }
+            }
+        });
+        Ok(Self {
+            task,
+            in_flight,
+            max_in_flight,
+            client,
+            subscription_closed,
+        })
+    }
+
+    /// Stops taking requests, lets those in flight finish (for at most `grace`), and flushes.
+    pub async fn stop(self, grace: Duration) {
+        let _ = self.subscription_closed.send(());
+        let _ = self.task.await;
+        let _ = tokio::time::timeout(grace, self.in_flight.acquire_many(self.max_in_flight)).await;
+        let _ = self.client.flush().await;
+    }
+}
+
+/// Handles one request end to end; never fails: every outcome is a reply.
+async fn handle(context: &ApiContext, message: Message) {
+    let started = Instant::now();
+    let Some(reply) = message.reply.clone() else {
+        return;
+    };
+    let (kind, verb) = context
+        .subjects
+        .parse_route(message.subject.as_str(), "api")
+        .map_or(("", ""), |(k, v)| (k, v));
+    let span = tracing::info_span!(
+        "api",
+        otel.name = %message.subject,
+        otel.kind = "server",
+        messaging.system = "nats",
+        kind,
+        verb,
+        command_id = tracing::field::Empty,
+        code = tracing::field::Empty,
+    );
+    telemetry::continue_trace(&span, message.headers.as_ref());
+    let result = dispatch(context, kind, verb, &message)
+        .instrument(span.clone())
+        .await;
+    let code = match &result {
+        Ok(_) => "ok",
+        Err(err) => err.code.as_str(),
+    };
+    span.record("code", code);
+    if let Err(err) = &result {
+        span.in_scope(|| tracing::info!(code, message = %err.message, "request refused"));
+    }
+    context
+        .micro
+        .record(kind, verb, started.elapsed(), result.as_ref().err());
+    context
+        .metrics
+        .requests
+        .get_or_create(&RouteLabels {
+            kind: kind.to_owned(),
+            verb: verb.to_owned(),
+            code: code.to_owned(),
+        })
+        .inc();
+    context
+        .metrics
+        .request_seconds
+        .get_or_create(&OperationLabels {
+            kind: kind.to_owned(),
+            verb: verb.to_owned(),
+        })
+        .observe(started.elapsed().as_secs_f64());
+    respond(&context.client, reply.as_str(), result).await;
+}
+
+async fn dispatch(
+    context: &ApiContext,
+    kind: &str,
+    verb: &str,
+    message: &Message,
+) -> Result<Value, ApiError> {
+    if kind.is_empty() {
+        return Err(ApiError::not_found(format!(
+            "{} is not an API subject; use {}",
+            message.subject,
+            context.subjects.api("<kind>", "<verb>")
+        )));
+    }
+    let (_, handler) = context.router.route(kind, verb)?;
+    let request = parse_request(
+        kind,
+        verb,
+        &message.payload,
+        message.headers.as_ref(),
+        context.config.max_payload,
+        CommandId::generate,
+    )?;
+    tracing::Span::current().record("command_id", request.meta.command_id.as_str());
+    handler.handle(request).await
+}
+
+/// Sends a reply: the JSON result, or the typed error in the body and in the micro headers.
+pub async fn respond(client: &Client, reply: &str, result: Result<Value, ApiError>) {
+    let (headers, body) = encode_reply(result);
+    if let Err(err) = client
+        .publish_with_headers(reply.to_owned(), headers, body)
+        .await
+    {
+        tracing::warn!(
+            error = &err as &dyn std::error::Error,
+            "cannot send a reply"
+        );
+    }
+}
+
+pub fn encode_reply(result: Result<Value, ApiError>) -> (HeaderMap, Bytes) {
+    let mut headers = HeaderMap::new();
+    headers.insert("Content-Type", "application/json");
+    let body = match result {
+        Ok(value) => value,
+        Err(error) => {
+            // Header values are one line.
+            let one_line = error.message.replace(['\r', '\n'], " ");
+            headers.insert(async_nats::service::NATS_SERVICE_ERROR, one_line.as_str());
+            headers.insert(
+                async_nats::service::NATS_SERVICE_ERROR_CODE,
+                error.code.status().to_string().as_str(),
+            );
+            headers.insert(ERROR_CODE_HEADER, error.code.as_str());
+            serde_json::to_value(error.body()).unwrap_or(Value::Null)
+        }
+    };
+    (headers, Bytes::from(body.to_string()))
+}
+
+/// Whether a route may be sent fire-and-forget.
+pub fn accepts_fire_and_forget(mode: Mode) -> bool {
+    mode == Mode::Command
+}

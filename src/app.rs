@@ -1,0 +1,206 @@
+//! Wiring: connects to NATS, opens the event store, starts the actors, the API, the work queue
+//! and the HTTP probes; and stops them in order.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_nats::Client;
+
+use crate::api::micro::Micro;
+use crate::api::server::{ApiContext, ApiServer};
+use crate::api::work_queue::{WorkQueue, WorkQueueError};
+use crate::api::{Router, Services, routes};
+use crate::config::{Config, NatsConfig};
+use crate::http::{self, Probes};
+use crate::metrics::Metrics;
+use crate::runtime::Clock;
+use crate::store::{EventStore, StoreError};
+
+/// How long in-flight work may take to finish on shutdown.
+const GRACE: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("cannot connect to NATS at {servers}")]
+    Connect {
+        servers: String,
+        #[source]
+        source: async_nats::ConnectError,
+    },
+    #[error("cannot read the NATS credentials in {path}")]
+    Credentials {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot open the event store")]
+    Store(#[from] StoreError),
+    #[error("cannot subscribe to the API subjects")]
+    Subscribe(#[from] async_nats::SubscribeError),
+    #[error("cannot start the fire-and-forget command queue")]
+    WorkQueue(#[from] WorkQueueError),
+    #[error("cannot serve HTTP on {addr}")]
+    Http {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A running control plane.
+pub struct App {
+    client: Client,
+    store: EventStore,
+    services: Services,
+    probes: Probes,
+    api: ApiServer,
+    work_queue: WorkQueue,
+    http: actix_web::dev::ServerHandle,
+    http_addr: SocketAddr,
+}
+
+impl App {
+    /// Starts everything on the current actix system.
+    pub async fn start(config: &Config, clock: Clock) -> Result<Self, AppError> {
+        let client = connect(&config.nats).await?;
+        let store =
+            EventStore::open(client.clone(), &config.store, config.nats.request_timeout).await?;
+        let metrics = Metrics::new();
+        let services = Services::start(&store, &config.runtime, clock.clone(), &metrics);
+        let specs = routes();
+        let started = (clock)().to_offset_date_time();
+        let micro = Arc::new(Micro::new(
+            &specs,
+            store.subjects(),
+            &config.api.queue_group,
+            started,
+        ));
+        let context = Arc::new(ApiContext {
+            client: client.clone(),
+            subjects: store.subjects().clone(),
+            router: Router::new(&specs, &services),
+            micro: micro.clone(),
+            metrics: metrics.clone(),
+            config: config.api.clone(),
+        });
+        let api = ApiServer::start(context.clone()).await?;
+        micro.serve(client.clone()).await?;
+        let work_queue = WorkQueue::start(context, store.jetstream(), &config.store).await?;
+        let probes = Probes {
+            metrics,
+            client: client.clone(),
+            read_models: services.readiness(),
+            api_serving: Arc::new(AtomicBool::new(true)),
+        };
+        let (http, http_addr) =
+            http::start(config.http.listen, probes.clone()).map_err(|source| AppError::Http {
+                addr: config.http.listen,
+                source,
+            })?;
+        tracing::info!(http = %http_addr, stream = store.stream_name(), "control plane started");
+        Ok(Self {
+            client,
+            store,
+            services,
+            probes,
+            api,
+            work_queue,
+            http,
+            http_addr,
+        })
+    }
+
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    pub fn store(&self) -> &EventStore {
+        &self.store
+    }
+
+    pub fn services(&self) -> &Services {
+        &self.services
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.probes.metrics
+    }
+
+    /// Whether `/readyz` would answer 200.
+    pub fn is_ready(&self) -> bool {
+        self.probes.readiness().0
+    }
+
+    /// Stops taking requests, finishes those in flight, and closes the connection.
+    pub async fn shutdown(self) {
+        self.probes.api_serving.store(false, Ordering::Release);
+        self.api.stop(GRACE).await;
+        self.work_queue.stop(GRACE).await;
+        self.http.stop(true).await;
+        let _ = self.client.flush().await;
+        tracing::info!("control plane stopped");
+    }
+}
+
+/// Connects with every option of `config`; retries for ever once connected.
+pub async fn connect(config: &NatsConfig) -> Result<Client, AppError> {
+    let mut options = async_nats::ConnectOptions::new()
+        .name(&config.name)
+        .connection_timeout(config.connect_timeout)
+        .request_timeout(Some(config.request_timeout))
+        .max_reconnects(None)
+        .event_callback(|event| async move {
+            match event {
+                async_nats::Event::Connected => tracing::info!("connected to NATS"),
+                async_nats::Event::Disconnected => {
+                    tracing::warn!("disconnected from NATS; reconnecting")
+                }
+                other => tracing::info!(event = %other, "NATS connection event"),
+            }
+        });
+    if config.retry_on_initial_connect {
+        options = options.retry_on_initial_connect();
+    }
+    if let Some(path) = &config.credentials_file {
+        options = options
+            .credentials_file(path)
+            .await
+            .map_err(|source| AppError::Credentials {
+                path: path.display().to_string(),
+                source,
+            })?;
+    }
+    if let Some(path) = &config.nkey_seed_file {
+        let seed = std::fs::read_to_string(path).map_err(|source| AppError::Credentials {
+            path: path.display().to_string(),
+            source,
+        })?;
+        options = options.nkey(seed.trim().to_owned());
+    }
+    if let (Some(user), Some(password)) = (&config.user, &config.password) {
+        options = options.user_and_password(user.clone(), password.clone());
+    }
+    if let Some(token) = &config.token {
+        options = options.token(token.clone());
+    }
+    if config.tls.required {
+        options = options.require_tls(true);
+    }
+    if let Some(ca) = &config.tls.ca_file {
+        options = options.add_root_certificates(ca.clone());
+    }
+    if let (Some(cert), Some(key)) = (&config.tls.cert_file, &config.tls.key_file) {
+        options = options.add_client_certificate(cert.clone(), key.clone());
+    }
+    let servers = config.servers.join(",");
+    options
+        .connect(config.servers.clone())
+        .await
+        .map_err(|source| AppError::Connect { servers, source })
+}

@@ -1,0 +1,152 @@
+//! Prometheus metrics, served on `/metrics`. One registry per process; cheap to clone.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub kind: String,
+    pub verb: String,
+    /// `ok`, or the error code.
+    pub code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OperationLabels {
+    pub kind: String,
+    pub verb: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AppendLabels {
+    pub kind: String,
+    /// `ok`, `duplicate`, `conflict` or `error`.
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProjectionLabels {
+    pub projection: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: String,
+}
+
+/// Every metric Switchyard exports.
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    registry: Arc<Registry>,
+    /// API requests by route and outcome code (`ok` or an error code).
+    pub requests: Family<RouteLabels, Counter>,
+    pub request_seconds: Family<OperationLabels, Histogram>,
+    pub appends: Family<AppendLabels, Counter>,
+    pub active_entities: Family<KindLabels, Gauge>,
+    pub activations: Family<KindLabels, Counter>,
+    pub passivations: Family<KindLabels, Counter>,
+    pub projection_position: Family<ProjectionLabels, Gauge>,
+    pub projection_errors: Family<ProjectionLabels, Counter>,
+    pub work_queue: Family<OutcomeLabels, Counter>,
+    pub reaped: Family<KindLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("switchyard");
+        let requests = Family::<RouteLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "API requests by route and outcome",
+            requests.clone(),
+        );
+        let request_seconds = Family::<OperationLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.000_1, 2.0, 18))
+        });
+        registry.register(
+            "request_seconds",
+            "API request handling time",
+            request_seconds.clone(),
+        );
+        let appends = Family::<AppendLabels, Counter>::default();
+        registry.register("appends", "Event store appends by outcome", appends.clone());
+        let active_entities = Family::<KindLabels, Gauge>::default();
+        registry.register(
+            "active_entities",
+            "Entity actors in memory",
+            active_entities.clone(),
+        );
+        let activations = Family::<KindLabels, Counter>::default();
+        registry.register("activations", "Entity actors started", activations.clone());
+        let passivations = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "passivations",
+            "Entity actors stopped when idle",
+            passivations.clone(),
+        );
+        let projection_position = Family::<ProjectionLabels, Gauge>::default();
+        registry.register(
+            "projection_position",
+            "Stream sequence each projection has applied",
+            projection_position.clone(),
+        );
+        let projection_errors = Family::<ProjectionLabels, Counter>::default();
+        registry.register(
+            "projection_errors",
+            "Messages a projection could not apply (skipped)",
+            projection_errors.clone(),
+        );
+        let work_queue = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "work_queue",
+            "Fire-and-forget commands by outcome",
+            work_queue.clone(),
+        );
+        let reaped = Family::<KindLabels, Counter>::default();
+        registry.register("reaped", "Commands sent by reapers", reaped.clone());
+        Self {
+            registry: Arc::new(registry),
+            requests,
+            request_seconds,
+            appends,
+            active_entities,
+            activations,
+            passivations,
+            projection_position,
+            projection_errors,
+            work_queue,
+            reaped,
+        }
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    pub fn kind(kind: &str) -> KindLabels {
+        KindLabels {
+            kind: kind.to_owned(),
+        }
+    }
+}

@@ -1,0 +1,319 @@
+//! The entity actor: owns one entity's state and handles its requests one at a time.
+//!
+//! The actor is a mailbox and an owner, nothing more; the steps of a command are the plain
+//! async function [`execute`], which takes the state by `&mut` for the duration of the command.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use actix::prelude::*;
+use tokio::sync::oneshot;
+use tracing::{Instrument, Span};
+
+use super::{CommandError, CommandMeta, Outcome, Settings};
+use crate::domain::{Aggregate, Context as DomainContext, EntityId};
+use crate::metrics::{AppendLabels, Metrics};
+use crate::store::{Appended, Commit, Entity, EventStore, StoreError};
+
+pub type Reply<T> = oneshot::Sender<Result<T, CommandError>>;
+
+/// A request to one entity.
+pub enum Work<A: Aggregate> {
+    Execute {
+        command: A::Command,
+        meta: CommandMeta,
+        span: Span,
+        reply: Reply<Outcome<A::Reply>>,
+    },
+    Read {
+        reply: Reply<(Option<A::View>, u64)>,
+    },
+    /// Sent by the registry once it has forgotten this actor: snapshot if useful, then stop.
+    Passivate,
+}
+
+impl<A: Aggregate> Message for Work<A> {
+    type Result = ();
+}
+
+impl<A: Aggregate> Work<A> {
+    /// Answers the request with `err` without running it.
+    pub fn fail(self, err: CommandError) {
+        match self {
+            Work::Execute { reply, .. } => {
+                let _ = reply.send(Err(err));
+            }
+            Work::Read { reply } => {
+                let _ = reply.send(Err(err));
+            }
+            Work::Passivate => {}
+        }
+    }
+}
+
+pub struct EntityActor<A: Aggregate> {
+    id: A::Id,
+    store: EventStore,
+    settings: Arc<Settings>,
+    metrics: Metrics,
+    /// `None` until loaded, and again after a failure that leaves the state in doubt.
+    entity: Option<Entity<A>>,
+    /// Requests routed here and not yet finished; shared with the registry, which refuses new
+    /// ones beyond the mailbox capacity.
+    pending: Arc<AtomicUsize>,
+}
+
+impl<A: Aggregate> EntityActor<A> {
+    pub fn new(
+        id: A::Id,
+        store: EventStore,
+        settings: Arc<Settings>,
+        metrics: Metrics,
+        pending: Arc<AtomicUsize>,
+    ) -> Self {
+        Self {
+            id,
+            store,
+            settings,
+            metrics,
+            entity: None,
+            pending,
+        }
+    }
+}
+
+impl<A: Aggregate> Actor for EntityActor<A> {
+    type Context = Context<Self>;
+
+    fn started(&mut self, _: &mut Context<Self>) {
+        self.metrics
+            .activations
+            .get_or_create(&Metrics::kind(A::KIND))
+            .inc();
+        self.metrics
+            .active_entities
+            .get_or_create(&Metrics::kind(A::KIND))
+            .inc();
+    }
+
+    fn stopped(&mut self, _: &mut Context<Self>) {
+        self.metrics
+            .active_entities
+            .get_or_create(&Metrics::kind(A::KIND))
+            .dec();
+    }
+}
+
+impl<A: Aggregate> Handler<Work<A>> for EntityActor<A> {
+    type Result = AtomicResponse<Self, ()>;
+
+    fn handle(&mut self, work: Work<A>, _: &mut Context<Self>) -> Self::Result {
+        let mut entity = self.entity.take();
+        let store = self.store.clone();
+        let settings = self.settings.clone();
+        let metrics = self.metrics.clone();
+        let id = self.id.clone();
+        let passivate = matches!(work, Work::Passivate);
+        let job = async move {
+            match work {
+                Work::Execute {
+                    command,
+                    meta,
+                    span,
+                    reply,
+                } => {
+                    let span = tracing::info_span!(parent: &span, "entity.execute", kind = A::KIND, id = %id, command_id = %meta.command_id);
+                    let result = execute(
+                        &store,
+                        &settings,
+                        &metrics,
+                        &mut entity,
+                        &id,
+                        &command,
+                        &meta,
+                    )
+                    .instrument(span.clone())
+                    .await;
+                    let _ = reply.send(result);
+                    // After replying, so the caller does not wait for it.
+                    if let Some(loaded) = entity.as_mut()
+                        && loaded.snapshot_due(settings.snapshot_every)
+                    {
+                        store.save_snapshot(loaded).instrument(span).await;
+                    }
+                }
+                Work::Read { reply } => {
+                    let result = load(&store, &mut entity, &id)
+                        .await
+                        .map(|loaded| (loaded.state.view(&id), loaded.version));
+                    let _ = reply.send(result);
+                }
+                Work::Passivate => {
+                    if let Some(loaded) = entity.as_mut()
+                        && settings.snapshot_every > 0
+                        && loaded.snapshot_stale()
+                    {
+                        store.save_snapshot(loaded).await;
+                    }
+                }
+            }
+            entity
+        };
+        AtomicResponse::new(Box::pin(job.into_actor(self).map(
+            move |entity, act, ctx| {
+                act.entity = entity;
+                if passivate {
+                    act.metrics
+                        .passivations
+                        .get_or_create(&Metrics::kind(A::KIND))
+                        .inc();
+                    ctx.stop();
+                } else {
+                    act.pending.fetch_sub(1, Ordering::AcqRel);
+                }
+            },
+        )))
+    }
+}
+
+async fn load<'a, A: Aggregate>(
+    store: &EventStore,
+    slot: &'a mut Option<Entity<A>>,
+    id: &A::Id,
+) -> Result<&'a mut Entity<A>, CommandError> {
+    if slot.is_none() {
+        *slot = Some(store.load::<A>(id).await?);
+    }
+    // Just filled above when empty.
+    slot.as_mut().ok_or(CommandError::Dropped {
+        kind: A::KIND,
+        id: id.to_string(),
+    })
+}
+
+/// One command, whole: load if needed, answer a retry with its first reply, decide, append with
+/// the expected sequence, fold the events in only after the ack, reply. A conflict reloads the
+/// tail and decides again, a bounded number of times.
+pub async fn execute<A: Aggregate>(
+    store: &EventStore,
+    settings: &Settings,
+    metrics: &Metrics,
+    slot: &mut Option<Entity<A>>,
+    id: &A::Id,
+    command: &A::Command,
+    meta: &CommandMeta,
+) -> Result<Outcome<A::Reply>, CommandError> {
+    let count = |outcome: &str| {
+        metrics
+            .appends
+            .get_or_create(&AppendLabels {
+                kind: A::KIND.to_owned(),
+                outcome: outcome.to_owned(),
+            })
+            .inc();
+    };
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let entity = load(store, slot, id).await?;
+        if let Some(seq) = entity.recent_seq(&meta.command_id)
+            && let Some(outcome) = first_reply::<A>(store, id, seq, command, meta).await?
+        {
+            return Ok(outcome);
+        }
+        let now = (settings.clock)();
+        let events = entity
+            .state
+            .decide(id, command, &DomainContext { now })
+            .map_err(|rejection| CommandError::rejected(&rejection))?;
+        if events.is_empty() {
+            return Ok(Outcome {
+                reply: entity.state.reply(id, command),
+                version: entity.version,
+                seq: entity.last_seq,
+            });
+        }
+        let version = entity.version + events.len() as u64;
+        let appended = store
+            .append(Commit {
+                kind: A::KIND,
+                entity: id.as_str(),
+                expected: entity.last_seq,
+                entity_version: version,
+                command_id: &meta.command_id,
+                principal: &meta.principal,
+                recorded_at: now,
+                events: &events,
+            })
+            .await;
+        match appended {
+            Ok(Appended {
+                seq,
+                duplicate: false,
+            }) => {
+                count("ok");
+                entity.record(seq, &meta.command_id, &events);
+                return Ok(Outcome {
+                    reply: entity.state.reply(id, command),
+                    version,
+                    seq,
+                });
+            }
+            Ok(Appended {
+                seq,
+                duplicate: true,
+            }) => {
+                // Stored by an earlier attempt this copy never saw: catch up, answer as then.
+                count("duplicate");
+                store.catch_up(entity).await?;
+                if let Some(outcome) = first_reply::<A>(store, id, seq, command, meta).await? {
+                    return Ok(outcome);
+                }
+            }
+            Err(StoreError::Conflict { .. }) => {
+                count("conflict");
+                if attempts > settings.conflict_retries {
+                    return Err(CommandError::Contended {
+                        kind: A::KIND,
+                        id: id.to_string(),
+                        attempts,
+                    });
+                }
+                // A stale read (a lagging replica) shows nothing new: reload from scratch.
+                if store.catch_up(entity).await? == 0 {
+                    *slot = None;
+                }
+            }
+            Err(err) => {
+                count("error");
+                // The commit may or may not be stored: forget the state and reload it before
+                // the next command, which finds this one among the recent if it was stored.
+                *slot = None;
+                return Err(err.into());
+            }
+        }
+    }
+}
+
+/// The reply the command got when it was stored at `seq`: the entity is rebuilt as it was right
+/// after that message. `None` if the message there is another command's (a hash collision in
+/// the recent-command list).
+async fn first_reply<A: Aggregate>(
+    store: &EventStore,
+    id: &A::Id,
+    seq: u64,
+    command: &A::Command,
+    meta: &CommandMeta,
+) -> Result<Option<Outcome<A::Reply>>, CommandError> {
+    let message = store.message(seq).await?;
+    if message.command_id() != Some(meta.command_id.as_str()) {
+        return Ok(None);
+    }
+    let then = store.load_as_of::<A>(id, seq).await?;
+    tracing::debug!(seq, "command seen before; answering with its first reply");
+    Ok(Some(Outcome {
+        reply: then.state.reply(id, command),
+        version: then.version,
+        seq,
+    }))
+}

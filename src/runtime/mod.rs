@@ -1,0 +1,121 @@
+//! The actor runtime on actix: one actor per entity, activated on demand by a registry and
+//! passivated when idle; projections that rebuild read models from the stream; reapers.
+//!
+//! **Architecture invariant:** an entity actor handles one command whole (decide, append, apply
+//! after the ack, reply) before the next; actors hold no logic beyond that sequence.
+
+pub mod entity;
+pub mod projection;
+pub mod reaper;
+pub mod registry;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::domain::{CommandId, ErrorKind, Principal, Rejection, Timestamp};
+use crate::store::StoreError;
+
+pub use entity::EntityActor;
+pub use projection::{EntityTable, Projection, ProjectionActor, ProjectionHandle};
+pub use reaper::Reaper;
+pub use registry::{Entities, Registry};
+
+/// Where the runtime reads the time; tests substitute a manual clock.
+pub type Clock = Arc<dyn Fn() -> Timestamp + Send + Sync>;
+
+/// The wall clock.
+pub fn system_clock() -> Clock {
+    #[allow(clippy::disallowed_methods)] // the one place the runtime reads the wall clock
+    Arc::new(|| Timestamp::from_offset_date_time(time::OffsetDateTime::now_utc()))
+}
+
+/// How entity actors behave; from `RuntimeConfig` and `StoreConfig`.
+#[derive(Clone)]
+pub struct Settings {
+    pub mailbox_capacity: usize,
+    pub passivate_after: Duration,
+    pub conflict_retries: u32,
+    pub snapshot_every: u64,
+    pub clock: Clock,
+}
+
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Settings")
+            .field("mailbox_capacity", &self.mailbox_capacity)
+            .field("passivate_after", &self.passivate_after)
+            .field("conflict_retries", &self.conflict_retries)
+            .field("snapshot_every", &self.snapshot_every)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Who sent a command and how to recognise its retries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandMeta {
+    pub command_id: CommandId,
+    pub principal: Principal,
+}
+
+/// A command's result: the aggregate's reply, and where the entity stands after it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome<R> {
+    pub reply: R,
+    /// The entity version after the command.
+    pub version: u64,
+    /// Stream sequence of the command's message (or of the entity's last one, if it changed
+    /// nothing).
+    pub seq: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error("{message}")]
+    Rejected { kind: ErrorKind, message: String },
+    #[error("{kind} {id:?} has {queued} requests queued; retry later")]
+    Busy {
+        kind: &'static str,
+        id: String,
+        queued: usize,
+    },
+    #[error("{kind} {id:?} kept changing under the command; gave up after {attempts} attempts")]
+    Contended {
+        kind: &'static str,
+        id: String,
+        attempts: u32,
+    },
+    #[error("the actor for {kind} {id:?} stopped before answering")]
+    Dropped { kind: &'static str, id: String },
+    #[error("the event store failed")]
+    Store(#[from] StoreError),
+}
+
+impl CommandError {
+    pub fn rejected(rejection: &impl Rejection) -> Self {
+        CommandError::Rejected {
+            kind: rejection.kind(),
+            message: rejection.to_string(),
+        }
+    }
+
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            CommandError::Rejected { kind, .. } => *kind,
+            CommandError::Busy { .. } | CommandError::Dropped { .. } => ErrorKind::Unavailable,
+            CommandError::Contended { .. } => ErrorKind::Conflict,
+            CommandError::Store(err) => err.kind(),
+        }
+    }
+}
+
+/// An error and its sources, one line: for replies and logs that must stand alone.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(next) = source {
+        text.push_str(": ");
+        text.push_str(&next.to_string());
+        source = next.source();
+    }
+    text
+}

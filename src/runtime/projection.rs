@@ -1,0 +1,307 @@
+//! Projections: read models rebuilt from the event stream on start, then kept current by
+//! following it live. Each knows its position (the last stream sequence applied) and reports
+//! ready once it has caught up with what the stream held when it started.
+
+use std::collections::BTreeMap;
+use std::marker::PhantomData;
+use std::ops::Bound;
+use std::time::Duration;
+
+use actix::prelude::*;
+use tokio::sync::watch;
+
+use crate::domain::{Aggregate, EntityId, Timestamp};
+use crate::metrics::{Metrics, ProjectionLabels};
+use crate::store::{EventStore, StoreError, StoredMessage};
+use crate::subject::Subjects;
+
+/// How long to wait before following the stream again after it failed.
+const RESUBSCRIBE_AFTER: Duration = Duration::from_millis(500);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProjectionError {
+    #[error("subject {subject} is not an event subject of this projection")]
+    Subject { subject: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A read model folded from stored messages.
+pub trait Projection: Send + Unpin + 'static {
+    /// Names the projection in metrics and `/readyz`.
+    fn name(&self) -> String;
+    /// The subjects it reads.
+    fn filter(&self, subjects: &Subjects) -> String;
+    /// Applies one message. An error skips that message (logged and counted); a read model
+    /// never stops because of one bad record.
+    fn apply(
+        &mut self,
+        subjects: &Subjects,
+        message: &StoredMessage,
+    ) -> Result<(), ProjectionError>;
+}
+
+/// The latest state of every entity of one kind: the read model behind `list` and reapers.
+pub struct EntityTable<A: Aggregate> {
+    rows: BTreeMap<A::Id, Row<A>>,
+}
+
+pub struct Row<A: Aggregate> {
+    pub state: A,
+    pub version: u64,
+}
+
+impl<A: Aggregate> Default for EntityTable<A> {
+    fn default() -> Self {
+        Self {
+            rows: BTreeMap::new(),
+        }
+    }
+}
+
+impl<A: Aggregate> EntityTable<A> {
+    pub fn get(&self, id: &A::Id) -> Option<&Row<A>> {
+        self.rows.get(id)
+    }
+
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// Up to `limit` entities in id order, starting after `after`.
+    pub fn list(&self, after: Option<&A::Id>, limit: usize) -> Vec<(A::Id, A::View)> {
+        let start = after.map_or(Bound::Unbounded, Bound::Excluded);
+        self.rows
+            .range((start, Bound::Unbounded))
+            .filter_map(|(id, row)| row.state.view(id).map(|view| (id.clone(), view)))
+            .take(limit)
+            .collect()
+    }
+
+    /// Every entity with a command due at `now`, with the version that made it due.
+    pub fn due(&self, now: Timestamp) -> Vec<(A::Id, A::Command, u64)> {
+        self.rows
+            .iter()
+            .filter_map(|(id, row)| row.state.due(id, now).map(|c| (id.clone(), c, row.version)))
+            .collect()
+    }
+}
+
+impl<A: Aggregate> Projection for EntityTable<A> {
+    fn name(&self) -> String {
+        format!("{}_table", A::KIND)
+    }
+
+    fn filter(&self, subjects: &Subjects) -> String {
+        subjects.events_of_kind(A::KIND)
+    }
+
+    fn apply(
+        &mut self,
+        subjects: &Subjects,
+        message: &StoredMessage,
+    ) -> Result<(), ProjectionError> {
+        let id = subjects
+            .parse_event(&message.subject)
+            .and_then(|(_, id)| A::Id::parse(&id).ok())
+            .ok_or_else(|| ProjectionError::Subject {
+                subject: message.subject.clone(),
+            })?;
+        let events = message.decode::<A::Event>()?;
+        let row = self.rows.entry(id.clone()).or_insert_with(|| Row {
+            state: A::default(),
+            version: 0,
+        });
+        for event in &events {
+            row.state.apply(event);
+        }
+        row.version += events.len() as u64;
+        // Entities that no longer exist cost nothing; their history stays in the stream.
+        if row.state.view(&id).is_none() && row.state.due(&id, Timestamp::EPOCH).is_none() {
+            self.rows.remove(&id);
+        }
+        Ok(())
+    }
+}
+
+pub struct ProjectionActor<P: Projection> {
+    projection: P,
+    name: String,
+    store: EventStore,
+    metrics: Metrics,
+    /// Stream sequence of the last message applied.
+    position: u64,
+    /// Messages still to apply before the projection has caught up; `None` once it has.
+    catching_up: Option<u64>,
+    ready: watch::Sender<bool>,
+}
+
+impl<P: Projection> ProjectionActor<P> {
+    fn follow(&mut self, ctx: &mut Context<Self>) {
+        let store = self.store.clone();
+        let filter = self.projection.filter(store.subjects());
+        let from = self.position + 1;
+        let follow = async move { store.follow(&filter, from).await };
+        ctx.spawn(follow.into_actor(self).map(|result, act, ctx| match result {
+            Ok((stream, pending)) => {
+                if act.catching_up.is_some() {
+                    act.catching_up = Some(pending);
+                    act.check_caught_up();
+                }
+                ctx.add_stream(stream);
+            }
+            Err(err) => {
+                tracing::warn!(projection = %act.name, error = &err as &dyn std::error::Error, "cannot follow the event stream; retrying");
+                ctx.run_later(RESUBSCRIBE_AFTER, |act, ctx| act.follow(ctx));
+            }
+        }));
+    }
+
+    fn check_caught_up(&mut self) {
+        if self.catching_up == Some(0) {
+            self.catching_up = None;
+            tracing::info!(projection = %self.name, position = self.position, "projection caught up");
+            self.ready.send_replace(true);
+        }
+    }
+
+    fn labels(&self) -> ProjectionLabels {
+        ProjectionLabels {
+            projection: self.name.clone(),
+        }
+    }
+}
+
+impl<P: Projection> Actor for ProjectionActor<P> {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        self.follow(ctx);
+    }
+}
+
+impl<P: Projection> StreamHandler<Result<StoredMessage, StoreError>> for ProjectionActor<P> {
+    fn handle(&mut self, item: Result<StoredMessage, StoreError>, _: &mut Context<Self>) {
+        let message = match item {
+            Ok(message) => message,
+            Err(err) => {
+                tracing::warn!(projection = %self.name, error = &err as &dyn std::error::Error, "event stream error");
+                return;
+            }
+        };
+        // After a resubscription the consumer may repeat what was applied already.
+        if message.seq <= self.position {
+            return;
+        }
+        if let Err(err) = self.projection.apply(self.store.subjects(), &message) {
+            self.metrics
+                .projection_errors
+                .get_or_create(&self.labels())
+                .inc();
+            tracing::error!(projection = %self.name, seq = message.seq, subject = %message.subject, error = &err as &dyn std::error::Error, "skipping a message the projection cannot apply");
+        }
+        self.position = message.seq;
+        self.metrics
+            .projection_position
+            .get_or_create(&self.labels())
+            .set(i64::try_from(self.position).unwrap_or(i64::MAX));
+        if let Some(left) = self.catching_up.as_mut() {
+            *left = left.saturating_sub(1);
+            self.check_caught_up();
+        }
+    }
+
+    fn finished(&mut self, ctx: &mut Context<Self>) {
+        tracing::warn!(projection = %self.name, position = self.position, "event stream ended; following again");
+        ctx.run_later(RESUBSCRIBE_AFTER, |act, ctx| act.follow(ctx));
+    }
+}
+
+/// A read-only query on a projection; it also gets the projection's position.
+type Query<P, R> = Box<dyn FnOnce(&P, u64) -> R + Send>;
+
+/// Runs a [`Query`] against the projection.
+pub struct Ask<P, R> {
+    query: Query<P, R>,
+    _projection: PhantomData<fn() -> P>,
+}
+
+impl<P: 'static, R: Send + 'static> Message for Ask<P, R> {
+    type Result = R;
+}
+
+impl<P: Projection, R: Send + 'static> Handler<Ask<P, R>> for ProjectionActor<P> {
+    type Result = MessageResult<Ask<P, R>>;
+
+    fn handle(&mut self, ask: Ask<P, R>, _: &mut Context<Self>) -> Self::Result {
+        MessageResult((ask.query)(&self.projection, self.position))
+    }
+}
+
+/// A running projection: query it, or watch whether it has caught up.
+pub struct ProjectionHandle<P: Projection> {
+    addr: Addr<ProjectionActor<P>>,
+    ready: watch::Receiver<bool>,
+    name: String,
+}
+
+impl<P: Projection> Clone for ProjectionHandle<P> {
+    fn clone(&self) -> Self {
+        Self {
+            addr: self.addr.clone(),
+            ready: self.ready.clone(),
+            name: self.name.clone(),
+        }
+    }
+}
+
+impl<P: Projection> ProjectionHandle<P> {
+    /// Starts the projection on the current arbiter; it rebuilds from the start of the stream.
+    pub fn start(projection: P, store: EventStore, metrics: Metrics) -> Self {
+        let (ready, watch) = watch::channel(false);
+        let name = projection.name();
+        let actor = ProjectionActor {
+            projection,
+            name: name.clone(),
+            store,
+            metrics,
+            position: 0,
+            catching_up: Some(u64::MAX),
+            ready,
+        };
+        Self {
+            addr: actor.start(),
+            ready: watch,
+            name,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn is_ready(&self) -> bool {
+        *self.ready.borrow()
+    }
+
+    pub fn readiness(&self) -> watch::Receiver<bool> {
+        self.ready.clone()
+    }
+
+    /// Runs `query` on the read model; it also gets the projection's position.
+    pub async fn ask<R: Send + 'static>(
+        &self,
+        query: impl FnOnce(&P, u64) -> R + Send + 'static,
+    ) -> Result<R, MailboxError> {
+        self.addr
+            .send(Ask {
+                query: Box::new(query),
+                _projection: PhantomData,
+            })
+            .await
+    }
+}

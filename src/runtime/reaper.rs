@@ -1,0 +1,112 @@
+//! Reapers: timers that expire things. Level-triggered: each tick reads the entity table and
+//! sends the command each entity's state says is due (`Aggregate::due`), whatever woke it. The
+//! entity decides again with the current time, so a stale table is harmless.
+
+use std::time::Duration;
+
+use actix::prelude::*;
+use futures::future::join_all;
+use tracing::Instrument;
+
+use super::{Clock, CommandMeta, Entities, EntityTable, ProjectionHandle, error_chain};
+use crate::domain::{Aggregate, CommandId, EntityId, Principal};
+use crate::metrics::Metrics;
+
+pub struct Reaper<A: Aggregate> {
+    table: ProjectionHandle<EntityTable<A>>,
+    entities: Entities<A>,
+    clock: Clock,
+    interval: Duration,
+    metrics: Metrics,
+    busy: bool,
+}
+
+impl<A: Aggregate> Reaper<A> {
+    pub fn new(
+        table: ProjectionHandle<EntityTable<A>>,
+        entities: Entities<A>,
+        clock: Clock,
+        interval: Duration,
+        metrics: Metrics,
+    ) -> Self {
+        Self {
+            table,
+            entities,
+            clock,
+            interval,
+            metrics,
+            busy: false,
+        }
+    }
+
+    fn tick(&mut self, ctx: &mut Context<Self>) {
+        // One sweep at a time; a slow sweep is not stacked up behind itself.
+        if self.busy || !self.table.is_ready() {
+            return;
+        }
+        self.busy = true;
+        let now = (self.clock)();
+        let table = self.table.clone();
+        let entities = self.entities.clone();
+        let metrics = self.metrics.clone();
+        let sweep = async move {
+            let due = table
+                .ask(move |table, _| table.due(now))
+                .await
+                .unwrap_or_default();
+            join_all(due.into_iter().map(|(id, command, version)| {
+                let entities = entities.clone();
+                let metrics = metrics.clone();
+                async move {
+                    // The same entity seen at the same version gives the same command id, so
+                    // two reapers (or two ticks) acting on one observation write once.
+                    let name = format!("reaper\n{}\n{}\n{version}", A::KIND, id.as_str());
+                    let command_id = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, name.as_bytes());
+                    let meta = CommandMeta {
+                        command_id: CommandId::new(command_id.to_string()).unwrap_or_else(|_| CommandId::generate()),
+                        principal: Principal::system(),
+                    };
+                    let span = tracing::info_span!("reaper", kind = A::KIND, id = %id);
+                    let result = entities.execute(id.clone(), command, meta).instrument(span).await;
+                    match result {
+                        Ok(_) => {
+                            metrics.reaped.get_or_create(&Metrics::kind(A::KIND)).inc();
+                        }
+                        Err(err) => {
+                            tracing::warn!(kind = A::KIND, id = %id, error = %error_chain(&err), "reaper command failed; retrying next tick");
+                        }
+                    }
+                }
+            }))
+            .await;
+        };
+        ctx.spawn(
+            sweep
+                .into_actor(self)
+                .map(|(), reaper, _| reaper.busy = false),
+        );
+    }
+}
+
+impl<A: Aggregate> Actor for Reaper<A> {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.run_interval(self.interval, |reaper, ctx| reaper.tick(ctx));
+    }
+}
+
+/// Wakes a reaper now rather than at its next tick.
+pub struct Poke;
+
+impl Message for Poke {
+    type Result = ();
+}
+
+impl<A: Aggregate> Handler<Poke> for Reaper<A> {
+    type Result = ();
+
+    fn handle(&mut self, _: Poke, ctx: &mut Context<Self>) {
+        self.tick(ctx);
+    }
+}

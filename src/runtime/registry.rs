@@ -1,0 +1,232 @@
+//! The registry: one per entity kind. It activates an entity actor on the first request for its
+//! id, routes requests to it, refuses them with `unavailable` when its queue is full (never
+//! dropping one), and passivates actors that have been idle.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use tokio::sync::oneshot;
+use tracing::Span;
+
+use super::entity::{EntityActor, Work};
+use super::{CommandError, CommandMeta, Outcome, Settings};
+use crate::domain::Aggregate;
+use crate::metrics::Metrics;
+use crate::store::EventStore;
+
+struct Slot<A: Aggregate> {
+    addr: Addr<EntityActor<A>>,
+    pending: Arc<AtomicUsize>,
+    last_used: Instant,
+}
+
+pub struct Registry<A: Aggregate> {
+    store: EventStore,
+    settings: Arc<Settings>,
+    metrics: Metrics,
+    actors: HashMap<A::Id, Slot<A>>,
+}
+
+impl<A: Aggregate> Registry<A> {
+    pub fn new(store: EventStore, settings: Arc<Settings>, metrics: Metrics) -> Self {
+        Self {
+            store,
+            settings,
+            metrics,
+            actors: HashMap::new(),
+        }
+    }
+
+    fn activate(&self, id: &A::Id) -> Slot<A> {
+        let pending = Arc::new(AtomicUsize::new(0));
+        let actor = EntityActor::<A>::new(
+            id.clone(),
+            self.store.clone(),
+            self.settings.clone(),
+            self.metrics.clone(),
+            pending.clone(),
+        );
+        Slot {
+            addr: actor.start(),
+            pending,
+            last_used: Instant::now(),
+        }
+    }
+
+    /// Stops actors idle for `passivate_after`; they snapshot on the way out.
+    fn sweep(&mut self) {
+        let idle = self.settings.passivate_after;
+        self.actors.retain(|_, slot| {
+            let keep = slot.pending.load(Ordering::Acquire) > 0 || slot.last_used.elapsed() < idle;
+            if !keep {
+                // Queued behind nothing: no request reaches it once it is out of the map.
+                slot.addr.do_send(Work::Passivate);
+            }
+            keep
+        });
+    }
+}
+
+impl<A: Aggregate> Actor for Registry<A> {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        let every = (self.settings.passivate_after / 4)
+            .clamp(Duration::from_millis(10), Duration::from_secs(30));
+        ctx.run_interval(every, |registry, _| registry.sweep());
+    }
+}
+
+/// Routes one request to its entity.
+pub struct Route<A: Aggregate> {
+    pub id: A::Id,
+    pub work: Work<A>,
+}
+
+impl<A: Aggregate> Message for Route<A> {
+    type Result = ();
+}
+
+impl<A: Aggregate> Handler<Route<A>> for Registry<A> {
+    type Result = ();
+
+    fn handle(&mut self, route: Route<A>, _: &mut Context<Self>) {
+        let Route { id, work } = route;
+        if !self.actors.contains_key(&id) {
+            let slot = self.activate(&id);
+            self.actors.insert(id.clone(), slot);
+        }
+        let Some(slot) = self.actors.get_mut(&id) else {
+            return;
+        };
+        let queued = slot.pending.load(Ordering::Acquire);
+        if queued >= self.settings.mailbox_capacity {
+            work.fail(CommandError::Busy {
+                kind: A::KIND,
+                id: id.to_string(),
+                queued,
+            });
+            return;
+        }
+        slot.pending.fetch_add(1, Ordering::AcqRel);
+        slot.last_used = Instant::now();
+        if let Err(SendError::Closed(work) | SendError::Full(work)) =
+            slot.addr.try_send_unbounded(work)
+        {
+            // The actor died (a panic in a handler); start a fresh one from the log.
+            let fresh = self.activate(&id);
+            fresh.pending.fetch_add(1, Ordering::AcqRel);
+            if let Err(SendError::Closed(work) | SendError::Full(work)) =
+                fresh.addr.try_send_unbounded(work)
+            {
+                work.fail(CommandError::Dropped {
+                    kind: A::KIND,
+                    id: id.to_string(),
+                });
+            }
+            self.actors.insert(id, fresh);
+        }
+    }
+}
+
+/// How many entity actors are in memory.
+pub struct ActiveCount;
+
+impl Message for ActiveCount {
+    type Result = usize;
+}
+
+impl<A: Aggregate> Handler<ActiveCount> for Registry<A> {
+    type Result = usize;
+
+    fn handle(&mut self, _: ActiveCount, _: &mut Context<Self>) -> usize {
+        self.actors.len()
+    }
+}
+
+/// `do_send` that hands the message back instead of losing it when the actor is gone.
+trait SendBack<M: Message> {
+    fn try_send_unbounded(&self, msg: M) -> Result<(), SendError<M>>;
+}
+
+impl<A: Aggregate> SendBack<Work<A>> for Addr<EntityActor<A>> {
+    fn try_send_unbounded(&self, work: Work<A>) -> Result<(), SendError<Work<A>>> {
+        // Capacity is enforced by the registry's own count, so the mailbox itself is unbounded;
+        // `connected` is false only once the actor has stopped.
+        if self.connected() {
+            self.do_send(work);
+            Ok(())
+        } else {
+            Err(SendError::Closed(work))
+        }
+    }
+}
+
+/// The handle callers use to reach entities of one kind; cheap to clone, usable from any task.
+pub struct Entities<A: Aggregate> {
+    registry: Addr<Registry<A>>,
+}
+
+impl<A: Aggregate> Clone for Entities<A> {
+    fn clone(&self) -> Self {
+        Self {
+            registry: self.registry.clone(),
+        }
+    }
+}
+
+impl<A: Aggregate> Entities<A> {
+    /// Starts the registry on the current arbiter.
+    pub fn start(store: EventStore, settings: Arc<Settings>, metrics: Metrics) -> Self {
+        Self {
+            registry: Registry::<A>::new(store, settings, metrics).start(),
+        }
+    }
+
+    /// Runs one command on its entity, in the current span's trace.
+    pub async fn execute(
+        &self,
+        id: A::Id,
+        command: A::Command,
+        meta: CommandMeta,
+    ) -> Result<Outcome<A::Reply>, CommandError> {
+        let (reply, answer) = oneshot::channel();
+        let kind_id = id.to_string();
+        self.registry.do_send(Route {
+            id,
+            work: Work::Execute {
+                command,
+                meta,
+                span: Span::current(),
+                reply,
+            },
+        });
+        answer.await.unwrap_or(Err(CommandError::Dropped {
+            kind: A::KIND,
+            id: kind_id,
+        }))
+    }
+
+    /// The entity's current view (`None` if it does not exist) and version, read from its actor:
+    /// it reflects every command answered before.
+    pub async fn read(&self, id: A::Id) -> Result<(Option<A::View>, u64), CommandError> {
+        let (reply, answer) = oneshot::channel();
+        let kind_id = id.to_string();
+        self.registry.do_send(Route {
+            id,
+            work: Work::Read { reply },
+        });
+        answer.await.unwrap_or(Err(CommandError::Dropped {
+            kind: A::KIND,
+            id: kind_id,
+        }))
+    }
+
+    /// How many actors of this kind are in memory.
+    pub async fn active(&self) -> usize {
+        self.registry.send(ActiveCount).await.unwrap_or(0)
+    }
+}
