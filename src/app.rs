@@ -143,7 +143,8 @@ impl App {
         self.api.stop(GRACE).await;
         self.work_queue.stop(GRACE).await;
         self.http.stop(true).await;
-        let _ = self.client.flush().await;
+        // Drain: unsubscribe everything, flush, close; no reconnect noise after this.
+        let _ = self.client.drain().await;
         tracing::info!("control plane stopped");
     }
 }
@@ -160,6 +161,9 @@ pub async fn connect(config: &NatsConfig) -> Result<Client, AppError> {
                 async_nats::Event::Connected => tracing::info!("connected to NATS"),
                 async_nats::Event::Disconnected => {
                     tracing::warn!("disconnected from NATS; reconnecting")
+                }
+                async_nats::Event::Draining | async_nats::Event::Closed => {
+                    tracing::debug!(event = %event, "NATS connection closing")
                 }
                 other => tracing::info!(event = %other, "NATS connection event"),
             }

@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod app;
+pub mod audit;
 pub mod codec;
 pub mod config;
 pub mod domain;
@@ -10,6 +11,7 @@ pub mod http;
 pub mod metrics;
 pub mod nats_server;
 pub mod runtime;
+pub mod schema;
 pub mod store;
 pub mod subject;
 pub mod telemetry;

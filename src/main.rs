@@ -1,1 +1,382 @@
-fn main() {}
+//! The `switchyard` command: run the control plane (`serve`, `dev`), talk to it (`call`), read
+//! its log (`audit`), and generate its schemas.
+
+use std::io::{IsTerminal, Read, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use switchyard::app::{App, connect};
+use switchyard::audit::{self, Filter};
+use switchyard::config::Config;
+use switchyard::domain::Timestamp;
+use switchyard::nats_server::{self, NatsServer};
+use switchyard::store::EventStore;
+use switchyard::telemetry::{self, LogConfig};
+
+#[derive(Parser)]
+#[command(
+    name = "switchyard",
+    version,
+    about = "Event-sourced control plane for lab and test infrastructure, over NATS JetStream"
+)]
+struct Cli {
+    /// Configuration file (TOML); SWITCHYARD_* variables override it.
+    #[arg(long, short, global = true, env = "SWITCHYARD_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the control plane against the configured NATS servers.
+    Serve,
+    /// Run a local NATS (installed if missing) and the control plane together; data persists in
+    /// --data-dir, so a second start rebuilds the same state from the log.
+    Dev(DevArgs),
+    /// Send one request (or fire-and-forget command) and print the reply.
+    Call(CallArgs),
+    /// Replay events from the log, or show an entity as of a point in it.
+    Audit(AuditArgs),
+    /// Write the JSON Schemas and AsyncAPI document, or check they are current.
+    Schemas(SchemaArgs),
+}
+
+#[derive(clap::Args)]
+struct DevArgs {
+    #[arg(long, default_value = ".switchyard/dev")]
+    data_dir: PathBuf,
+    #[arg(long, default_value_t = 4222)]
+    nats_port: u16,
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    http: SocketAddr,
+}
+
+#[derive(clap::Args)]
+struct CallArgs {
+    /// The route, `<kind>.<verb>`, e.g. counter.add.
+    route: String,
+    /// The JSON body; `-` reads it from standard input. Defaults to `{}`.
+    body: Option<String>,
+    /// NATS server URL; defaults to the configured servers.
+    #[arg(long, short)]
+    server: Option<String>,
+    #[arg(long)]
+    command_id: Option<String>,
+    #[arg(long)]
+    principal: Option<String>,
+    /// Publish to the work queue instead of waiting for a reply.
+    #[arg(long)]
+    fire_and_forget: bool,
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Format {
+    Table,
+    Json,
+}
+
+#[derive(clap::Args)]
+struct AuditArgs {
+    /// One entity, as KIND/ID (the id may contain slashes).
+    #[arg(long, conflicts_with = "kind")]
+    entity: Option<String>,
+    /// Every entity of one kind.
+    #[arg(long)]
+    kind: Option<String>,
+    /// Events stored at or after this time (RFC 3339) or this long ago (e.g. 1h).
+    #[arg(long)]
+    since: Option<String>,
+    /// Events stored at or before this time (RFC 3339) or this long ago.
+    #[arg(long)]
+    until: Option<String>,
+    #[arg(long)]
+    from_seq: Option<u64>,
+    #[arg(long)]
+    to_seq: Option<u64>,
+    #[arg(long)]
+    limit: Option<u64>,
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    format: Format,
+    /// Print the entity (--entity) as it was after --to-seq (default: now) instead of events.
+    #[arg(long, requires = "entity")]
+    state: bool,
+    /// NATS server URL; defaults to the configured servers.
+    #[arg(long, short)]
+    server: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct SchemaArgs {
+    #[arg(long, default_value = "schemas")]
+    out: PathBuf,
+    /// Fail if the files differ from what would be written.
+    #[arg(long)]
+    check: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let system = actix_rt::System::with_tokio_rt(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .thread_name("switchyard")
+            .build()
+            .unwrap_or_else(|err| {
+                eprintln!("error: cannot start the async runtime: {err}");
+                std::process::exit(1)
+            })
+    });
+    match system.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let config = Config::load(cli.config.as_deref()).context("loading the configuration")?;
+    match cli.command {
+        Command::Serve => {
+            let telemetry = telemetry::init(&config.log)?;
+            let app = App::start(&config, switchyard::runtime::system_clock()).await?;
+            shutdown_signal().await;
+            app.shutdown().await;
+            telemetry.shutdown();
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Dev(args) => {
+            let telemetry = telemetry::init(&config.log)?;
+            Box::pin(dev(config, args)).await?;
+            telemetry.shutdown();
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Call(args) => {
+            quiet_logs()?;
+            call(config, args).await
+        }
+        Command::Audit(args) => {
+            quiet_logs()?;
+            audit(config, args).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Schemas(args) => schemas(&args),
+    }
+}
+
+fn quiet_logs() -> anyhow::Result<()> {
+    telemetry::install(
+        &LogConfig {
+            filter: "warn".to_owned(),
+            ..LogConfig::default()
+        },
+        None,
+    )?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut terminate =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async {
+            match terminate.as_mut() {
+                Some(signal) => { signal.recv().await; }
+                None => std::future::pending::<()>().await,
+            }
+        } => {}
+    }
+    tracing::info!("shutting down");
+}
+
+async fn dev(mut config: Config, args: DevArgs) -> anyhow::Result<()> {
+    if std::net::TcpListener::bind(("127.0.0.1", args.nats_port)).is_err() {
+        bail!(
+            "port {} is taken (another NATS or `switchyard dev`?); pass --nats-port",
+            args.nats_port
+        );
+    }
+    let tools = nats_server::tools_dir();
+    let data_dir = args.data_dir.clone();
+    let port = args.nats_port;
+    let server = tokio::task::spawn_blocking(move || -> anyhow::Result<NatsServer> {
+        let binary = nats_server::locate_or_install(&tools)?;
+        let mut options = nats_server::Options::new(binary);
+        options.port = Some(port);
+        options.store_dir = Some(data_dir.join("nats"));
+        options.log_file = Some(data_dir.join("nats-server.log"));
+        Ok(NatsServer::start(options)?)
+    })
+    .await??;
+    let mut server = server;
+    config.nats.servers = vec![server.url()];
+    config.http.listen = args.http;
+    let app = App::start(&config, switchyard::runtime::system_clock()).await?;
+    let http = app.http_addr();
+    println!(
+        "\nSwitchyard is running.\n\
+         \n  NATS         {url}   (JetStream data in {data}, log {log})\
+         \n  API          sy.api.<kind>.<verb>, request/reply; sy.cmd.<kind>.<verb>, fire-and-forget\
+         \n  Probes       http://{http}/healthz  http://{http}/readyz  http://{http}/metrics\
+         \n\nTry:\
+         \n  switchyard call counter.create '{{\"id\": \"demo\", \"limit\": 10}}' -s {url}\
+         \n  switchyard call counter.add '{{\"id\": \"demo\", \"amount\": 3}}' -s {url}\
+         \n  switchyard call counter.list -s {url}\
+         \n  switchyard audit -s {url}\
+         \n\nCtrl-C stops both; the next start rebuilds the same state from the log.\n",
+        url = server.url(),
+        data = args.data_dir.join("nats").display(),
+        log = server.log_file().display(),
+    );
+    shutdown_signal().await;
+    app.shutdown().await;
+    server.stop();
+    Ok(())
+}
+
+async fn call(mut config: Config, args: CallArgs) -> anyhow::Result<ExitCode> {
+    if let Some(server) = args.server {
+        config.nats.servers = vec![server];
+    }
+    let body = match args.body.as_deref() {
+        None => "{}".to_owned(),
+        Some("-") => {
+            let mut text = String::new();
+            std::io::stdin().read_to_string(&mut text)?;
+            text
+        }
+        Some(text) => text.to_owned(),
+    };
+    let client = connect(&config.nats).await?;
+    let mut headers = async_nats::HeaderMap::new();
+    if let Some(id) = &args.command_id {
+        headers.insert(switchyard::api::COMMAND_ID_HEADER, id.as_str());
+    }
+    if let Some(principal) = &args.principal {
+        headers.insert(switchyard::api::PRINCIPAL_HEADER, principal.as_str());
+    }
+    let prefix = &config.store.subject_prefix;
+    if args.fire_and_forget {
+        let subject = format!("{prefix}.cmd.{}", args.route);
+        let js = async_nats::jetstream::new(client);
+        #[allow(clippy::disallowed_methods)] // a publisher's command, not an event
+        let ack = js
+            .publish_with_headers(subject.clone(), headers, body.into())
+            .await?;
+        let ack = tokio::time::timeout(args.timeout, ack)
+            .await
+            .context("waiting for the work queue")??;
+        println!("queued as {} #{} on {subject}", ack.stream, ack.sequence);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let subject = format!("{prefix}.api.{}", args.route);
+    let request = client.request_with_headers(subject.clone(), headers, body.into());
+    let reply = tokio::time::timeout(args.timeout, request)
+        .await
+        .with_context(|| format!("no reply from {subject} within {:?}", args.timeout))?
+        .with_context(|| format!("requesting {subject} (is the control plane running?)"))?;
+    let value: serde_json::Value =
+        serde_json::from_slice(&reply.payload).context("the reply is not JSON")?;
+    let text = if std::io::stdout().is_terminal() {
+        serde_json::to_string_pretty(&value)?
+    } else {
+        value.to_string()
+    };
+    println!("{text}");
+    let failed = reply.headers.as_ref().is_some_and(|h| {
+        h.get(async_nats::service::NATS_SERVICE_ERROR_CODE)
+            .is_some()
+    });
+    Ok(if failed {
+        ExitCode::from(2)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// An RFC 3339 time, or a duration meaning "this long ago".
+fn parse_time(text: &str) -> anyhow::Result<Timestamp> {
+    if let Ok(time) = Timestamp::parse_rfc3339(text) {
+        return Ok(time);
+    }
+    let ago = humantime::parse_duration(text)
+        .with_context(|| format!("{text:?} is neither an RFC 3339 time nor a duration like 1h"))?;
+    let now = (switchyard::runtime::system_clock())();
+    Ok(Timestamp::from_unix_nanos(now.unix_nanos().saturating_sub(
+        i64::try_from(ago.as_nanos()).unwrap_or(i64::MAX),
+    )))
+}
+
+async fn audit(mut config: Config, args: AuditArgs) -> anyhow::Result<()> {
+    if let Some(server) = args.server {
+        config.nats.servers = vec![server];
+    }
+    let client = connect(&config.nats).await?;
+    let store = EventStore::open(client, &config.store, config.nats.request_timeout).await?;
+    let (kind, entity) = match &args.entity {
+        Some(entity) => {
+            let (kind, id) = entity.split_once('/').context("--entity takes KIND/ID")?;
+            (Some(kind.to_owned()), Some(id.to_owned()))
+        }
+        None => (args.kind.clone(), None),
+    };
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    if args.state {
+        let (Some(kind), Some(id)) = (kind, entity) else {
+            bail!("--state needs --entity KIND/ID")
+        };
+        let state = audit::state_as_of(&store, &kind, &id, args.to_seq).await?;
+        writeln!(out, "{}", serde_json::to_string_pretty(&state)?)?;
+        return Ok(());
+    }
+    let filter = Filter {
+        kind,
+        entity,
+        since: args.since.as_deref().map(parse_time).transpose()?,
+        until: args.until.as_deref().map(parse_time).transpose()?,
+        from_seq: args.from_seq,
+        to_seq: args.to_seq,
+        limit: args.limit,
+    };
+    if let Format::Table = args.format {
+        audit::write_table_header(&mut out)?;
+    }
+    let count = audit::replay(&store, &filter, |record| match args.format {
+        Format::Table => audit::write_table_row(&mut out, &record),
+        Format::Json => audit::write_json(&mut out, &record),
+    })
+    .await?;
+    if let Format::Table = args.format {
+        writeln!(out, "({count} messages)")?;
+    }
+    Ok(())
+}
+
+fn schemas(args: &SchemaArgs) -> anyhow::Result<ExitCode> {
+    if args.check {
+        let stale = switchyard::schema::check(&args.out)?;
+        if stale.is_empty() {
+            println!("{} is up to date", args.out.display());
+            return Ok(ExitCode::SUCCESS);
+        }
+        eprintln!(
+            "{} is out of date: {}; run `switchyard schemas`",
+            args.out.display(),
+            stale.join(", ")
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+    let written = switchyard::schema::write(&args.out)?;
+    println!("wrote {written} files to {}", args.out.display());
+    Ok(ExitCode::SUCCESS)
+}

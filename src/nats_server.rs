@@ -107,6 +107,8 @@ pub struct Options {
     pub store_dir: Option<PathBuf>,
     /// `jetstream { sync_interval: always }`: fsync every write (slow, survives power loss).
     pub sync_always: bool,
+    /// Where the server logs; in its temporary work directory if `None`.
+    pub log_file: Option<PathBuf>,
 }
 
 impl Options {
@@ -116,6 +118,7 @@ impl Options {
             port: None,
             store_dir: None,
             sync_always: false,
+            log_file: None,
         }
     }
 }
@@ -170,7 +173,10 @@ impl NatsServer {
     }
 
     pub fn log_file(&self) -> PathBuf {
-        self.work.path().join("nats-server.log")
+        self.options
+            .log_file
+            .clone()
+            .unwrap_or_else(|| self.work.path().join("nats-server.log"))
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -233,6 +239,9 @@ impl NatsServer {
             .and_then(|mut f| f.write_all(config.as_bytes()))
             .map_err(files(&config_path))?;
         let log_path = self.log_file();
+        if let Some(parent) = log_path.parent() {
+            fs::create_dir_all(parent).map_err(files(parent))?;
+        }
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)

@@ -100,6 +100,15 @@ pub struct Subjects {
     prefix: String,
 }
 
+/// The default prefix, `sy`.
+impl Default for Subjects {
+    fn default() -> Self {
+        Self {
+            prefix: "sy".to_owned(),
+        }
+    }
+}
+
 impl Subjects {
     pub fn new(prefix: &str) -> Result<Self, SubjectError> {
         let valid = !prefix.is_empty()

@@ -211,6 +211,15 @@ pub fn link_trace(span: &Span, headers: Option<&HeaderMap>) {
     }
 }
 
+/// Links `span` to a stored `traceparent` string, if any.
+pub fn link_traceparent(span: &Span, traceparent: Option<&str>) {
+    if let Some(traceparent) = traceparent {
+        let mut headers = HeaderMap::new();
+        headers.insert("traceparent", traceparent);
+        link_trace(span, Some(&headers));
+    }
+}
+
 /// The current span's `traceparent`, for logs and replies.
 pub fn current_traceparent() -> Option<String> {
     let mut headers = HeaderMap::new();

@@ -3,13 +3,18 @@
 
 use std::sync::Arc;
 
+use futures::future::BoxFuture;
+use schemars::{Schema, SchemaGenerator};
+use serde_json::Value;
+
 use super::routes::{self, RouteSpec};
+use crate::codec::{self, Encoding, StoredEvent};
 use crate::config::RuntimeConfig;
-use crate::domain::Aggregate;
 use crate::domain::counter::{AddToCounter, Counter, CreateCounter, DeleteCounter};
+use crate::domain::{Aggregate, DomainEvent, EntityId, EventType, IdError};
 use crate::metrics::Metrics;
 use crate::runtime::{Clock, Entities, EntityTable, ProjectionHandle, Reaper, Settings};
-use crate::store::EventStore;
+use crate::store::{EventStore, StoreError};
 
 /// The running actors the routes are bound to.
 #[derive(Clone)]
@@ -87,4 +92,80 @@ impl Services {
             self.counter_table.readiness(),
         )]
     }
+}
+
+/// What readers of the log need to know about one entity kind: its event types and schemas,
+/// how to decode its messages to JSON, and how to rebuild an entity as of a point in the log.
+pub struct KindSpec {
+    pub kind: &'static str,
+    pub event_types: fn() -> Vec<EventType>,
+    pub event_schema: fn(&str, u16, &mut SchemaGenerator) -> Option<Schema>,
+    pub decode: fn(&[u8], Encoding) -> codec::Result<Vec<StoredEvent>>,
+    pub view_as_of:
+        for<'a> fn(&'a EventStore, &'a str, u64) -> BoxFuture<'a, Result<ViewAsOf, AsOfError>>,
+}
+
+impl std::fmt::Debug for KindSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.kind)
+    }
+}
+
+/// An entity as it was at a point in the log.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ViewAsOf {
+    /// `None` if the entity did not exist then.
+    pub view: Option<Value>,
+    pub version: u64,
+    /// Stream sequence of the entity's last message at that point (0: none).
+    pub sequence: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AsOfError {
+    #[error("invalid {kind} id")]
+    Id {
+        kind: &'static str,
+        #[source]
+        source: IdError,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot encode the view as JSON")]
+    Json(#[from] serde_json::Error),
+}
+
+impl KindSpec {
+    pub fn of<A: Aggregate>() -> Self {
+        Self {
+            kind: A::KIND,
+            event_types: A::Event::known_types,
+            event_schema: A::Event::schema,
+            decode: codec::events_to_json::<A::Event>,
+            view_as_of: |store, id, seq| {
+                Box::pin(async move {
+                    let id = A::Id::parse(id).map_err(|source| AsOfError::Id {
+                        kind: A::KIND,
+                        source,
+                    })?;
+                    let entity = store.load_as_of::<A>(&id, seq).await?;
+                    let view = entity
+                        .state
+                        .view(&id)
+                        .map(serde_json::to_value)
+                        .transpose()?;
+                    Ok(ViewAsOf {
+                        view,
+                        version: entity.version,
+                        sequence: entity.last_seq,
+                    })
+                })
+            },
+        }
+    }
+}
+
+/// Every entity kind, for readers of the log.
+pub fn kinds() -> Vec<KindSpec> {
+    vec![KindSpec::of::<Counter>()]
 }

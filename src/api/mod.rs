@@ -196,7 +196,14 @@ mod tests {
     use super::*;
 
     fn parse(payload: &[u8]) -> Result<ApiRequest, ApiError> {
-        parse_request("counter", "add", payload, None, 100, CommandId::generate)
+        parse_request(
+            "counter",
+            "add",
+            payload,
+            None,
+            100,
+            crate::runtime::new_command_id,
+        )
     }
 
     #[test]
@@ -225,11 +232,18 @@ mod tests {
             br#"{"command_id":"abc"}"#,
             Some(&headers),
             100,
-            CommandId::generate,
+            crate::runtime::new_command_id,
         );
         assert!(err.unwrap_err().message.contains("differs"));
-        let request =
-            parse_request("k", "v", b"{}", Some(&headers), 100, CommandId::generate).unwrap();
+        let request = parse_request(
+            "k",
+            "v",
+            b"{}",
+            Some(&headers),
+            100,
+            crate::runtime::new_command_id,
+        )
+        .unwrap();
         assert_eq!(request.meta.command_id.as_str(), "def");
         assert_eq!(
             parse(br#"{"command_id":7}"#).unwrap_err().code,

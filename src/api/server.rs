@@ -15,7 +15,6 @@ use tracing::Instrument;
 use super::micro::Micro;
 use super::{ApiError, ERROR_CODE_HEADER, Mode, Router, parse_request};
 use crate::config::ApiConfig;
-use crate::domain::CommandId;
 use crate::metrics::{Metrics, OperationLabels, RouteLabels};
 use crate::subject::Subjects;
 use crate::telemetry;
@@ -179,7 +178,7 @@ async fn dispatch(
         &message.payload,
         message.headers.as_ref(),
         context.config.max_payload,
-        CommandId::generate,
+        crate::runtime::new_command_id,
     )?;
     tracing::Span::current().record("command_id", request.meta.command_id.as_str());
     handler.handle(request).await

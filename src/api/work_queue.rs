@@ -22,6 +22,7 @@ use super::{ApiError, parse_request};
 use crate::config::StoreConfig;
 use crate::domain::{CommandId, ErrorKind};
 use crate::metrics::OutcomeLabels;
+use crate::runtime::derived_command_id;
 use crate::telemetry;
 
 /// The durable consumer every control plane instance pulls from.
@@ -195,7 +196,7 @@ async fn process(context: &ApiContext, message: jetstream::Message) {
             &message.payload,
             message.headers.as_ref(),
             context.config.max_payload,
-            || derived_command_id(&message, seq),
+            || command_id_of(&message, seq),
         )?;
         tracing::Span::current().record("command_id", request.meta.command_id.as_str());
         command_id = Some(request.meta.command_id.clone());
@@ -250,17 +251,13 @@ async fn process(context: &ApiContext, message: jetstream::Message) {
 
 /// Without an id from the publisher, the command's place in its stream names it: a redelivery
 /// of the same message gets the same id.
-fn derived_command_id(message: &jetstream::Message, seq: u64) -> CommandId {
+fn command_id_of(message: &jetstream::Message, seq: u64) -> CommandId {
     let from_msg_id = message
         .headers
         .as_ref()
         .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
         .and_then(|v| CommandId::new(v.as_str()).ok());
-    from_msg_id.unwrap_or_else(|| {
-        let name = format!("{}\n{seq}", message.subject);
-        let id = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, name.as_bytes());
-        CommandId::new(id.to_string()).unwrap_or_else(|_| CommandId::generate())
-    })
+    from_msg_id.unwrap_or_else(|| derived_command_id(&format!("{}\n{seq}", message.subject)))
 }
 
 async fn publish_result(

@@ -114,7 +114,7 @@ macro_rules! text_id {
                     "description": concat!("A ", $what, ": printable text without control characters or surrounding white space."),
                     "minLength": 1,
                     "maxLength": $max,
-                    "pattern": "^[^\\s\\p{Cc}](.*[^\\s\\p{Cc}])?$"
+                    "pattern": "^[^\\s\\x00-\\x1f\\x7f-\\x9f]([^\\x00-\\x1f\\x7f-\\x9f]*[^\\s\\x00-\\x1f\\x7f-\\x9f])?$"
                 })
             }
         }
@@ -144,13 +144,6 @@ text_id!(
     "command id",
     MAX_TOKEN_BYTES
 );
-
-impl CommandId {
-    /// A fresh, time-ordered id for callers that did not supply one.
-    pub fn generate() -> Self {
-        Self(uuid::Uuid::now_v7().to_string())
-    }
-}
 
 text_id!(
     /// Who asked for a change, as recorded on its events.

@@ -20,6 +20,24 @@ pub use projection::{EntityTable, Projection, ProjectionActor, ProjectionHandle}
 pub use reaper::Reaper;
 pub use registry::{Entities, Registry};
 
+/// A fresh, time-ordered command id, for callers that did not supply one.
+pub fn new_command_id() -> CommandId {
+    uuid_command_id(uuid::Uuid::now_v7())
+}
+
+/// A command id derived deterministically from what a command reacts to (UUID v5), so every
+/// instance that reacts to the same thing issues the same command.
+pub fn derived_command_id(name: &str) -> CommandId {
+    uuid_command_id(uuid::Uuid::new_v5(
+        &uuid::Uuid::NAMESPACE_OID,
+        name.as_bytes(),
+    ))
+}
+
+fn uuid_command_id(id: uuid::Uuid) -> CommandId {
+    CommandId::new(id.to_string()).expect("a UUID is a valid command id")
+}
+
 /// Where the runtime reads the time; tests substitute a manual clock.
 pub type Clock = Arc<dyn Fn() -> Timestamp + Send + Sync>;
 

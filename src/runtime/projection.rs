@@ -12,8 +12,9 @@ use tokio::sync::watch;
 
 use crate::domain::{Aggregate, EntityId, Timestamp};
 use crate::metrics::{Metrics, ProjectionLabels};
-use crate::store::{EventStore, StoreError, StoredMessage};
+use crate::store::{EventStore, Start, StoreError, StoredMessage};
 use crate::subject::Subjects;
+use crate::telemetry;
 
 /// How long to wait before following the stream again after it failed.
 const RESUBSCRIBE_AFTER: Duration = Duration::from_millis(500);
@@ -41,6 +42,15 @@ pub trait Projection: Send + Unpin + 'static {
     ) -> Result<(), ProjectionError>;
 }
 
+/// A command a reaper must send, and what it saw.
+pub struct Due<A: Aggregate> {
+    pub id: A::Id,
+    pub command: A::Command,
+    /// The entity version that made the command due.
+    pub version: u64,
+    pub traceparent: Option<String>,
+}
+
 /// The latest state of every entity of one kind: the read model behind `list` and reapers.
 pub struct EntityTable<A: Aggregate> {
     rows: BTreeMap<A::Id, Row<A>>,
@@ -49,6 +59,8 @@ pub struct EntityTable<A: Aggregate> {
 pub struct Row<A: Aggregate> {
     pub state: A,
     pub version: u64,
+    /// The `traceparent` of the entity's last message, for whoever reacts to it later.
+    pub traceparent: Option<String>,
 }
 
 impl<A: Aggregate> Default for EntityTable<A> {
@@ -82,11 +94,18 @@ impl<A: Aggregate> EntityTable<A> {
             .collect()
     }
 
-    /// Every entity with a command due at `now`, with the version that made it due.
-    pub fn due(&self, now: Timestamp) -> Vec<(A::Id, A::Command, u64)> {
+    /// Every entity with a command due at `now`, with the row that made it due.
+    pub fn due(&self, now: Timestamp) -> Vec<Due<A>> {
         self.rows
             .iter()
-            .filter_map(|(id, row)| row.state.due(id, now).map(|c| (id.clone(), c, row.version)))
+            .filter_map(|(id, row)| {
+                row.state.due(id, now).map(|command| Due {
+                    id: id.clone(),
+                    command,
+                    version: row.version,
+                    traceparent: row.traceparent.clone(),
+                })
+            })
             .collect()
     }
 }
@@ -115,11 +134,15 @@ impl<A: Aggregate> Projection for EntityTable<A> {
         let row = self.rows.entry(id.clone()).or_insert_with(|| Row {
             state: A::default(),
             version: 0,
+            traceparent: None,
         });
         for event in &events {
             row.state.apply(event);
         }
         row.version += events.len() as u64;
+        row.traceparent = message
+            .header(crate::codec::header::TRACEPARENT)
+            .map(str::to_owned);
         // Entities that no longer exist cost nothing; their history stays in the stream.
         if row.state.view(&id).is_none() && row.state.due(&id, Timestamp::EPOCH).is_none() {
             self.rows.remove(&id);
@@ -145,7 +168,7 @@ impl<P: Projection> ProjectionActor<P> {
         let store = self.store.clone();
         let filter = self.projection.filter(store.subjects());
         let from = self.position + 1;
-        let follow = async move { store.follow(&filter, from).await };
+        let follow = async move { store.follow(&filter, Start::Sequence(from)).await };
         ctx.spawn(follow.into_actor(self).map(|result, act, ctx| match result {
             Ok((stream, pending)) => {
                 if act.catching_up.is_some() {
@@ -197,6 +220,17 @@ impl<P: Projection> StreamHandler<Result<StoredMessage, StoreError>> for Project
         if message.seq <= self.position {
             return;
         }
+        // Live, a projection's update continues the trace of the command that caused it; while
+        // rebuilding it makes no spans at all (a replay must not join months-old traces).
+        let span = if self.catching_up.is_none() {
+            let span =
+                tracing::info_span!("projection.apply", projection = %self.name, seq = message.seq);
+            telemetry::continue_trace(&span, Some(&message.headers));
+            span
+        } else {
+            tracing::Span::none()
+        };
+        let _applying = span.enter();
         if let Err(err) = self.projection.apply(self.store.subjects(), &message) {
             self.metrics
                 .projection_errors

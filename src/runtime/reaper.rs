@@ -8,9 +8,13 @@ use actix::prelude::*;
 use futures::future::join_all;
 use tracing::Instrument;
 
-use super::{Clock, CommandMeta, Entities, EntityTable, ProjectionHandle, error_chain};
-use crate::domain::{Aggregate, CommandId, EntityId, Principal};
+use super::projection::Due;
+use super::{
+    Clock, CommandMeta, Entities, EntityTable, ProjectionHandle, derived_command_id, error_chain,
+};
+use crate::domain::{Aggregate, EntityId, Principal};
 use crate::metrics::Metrics;
+use crate::telemetry;
 
 pub struct Reaper<A: Aggregate> {
     table: ProjectionHandle<EntityTable<A>>,
@@ -54,19 +58,22 @@ impl<A: Aggregate> Reaper<A> {
                 .ask(move |table, _| table.due(now))
                 .await
                 .unwrap_or_default();
-            join_all(due.into_iter().map(|(id, command, version)| {
+            join_all(due.into_iter().map(|due| {
                 let entities = entities.clone();
                 let metrics = metrics.clone();
                 async move {
+                    let Due { id, command, version, traceparent } = due;
                     // The same entity seen at the same version gives the same command id, so
                     // two reapers (or two ticks) acting on one observation write once.
                     let name = format!("reaper\n{}\n{}\n{version}", A::KIND, id.as_str());
-                    let command_id = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, name.as_bytes());
                     let meta = CommandMeta {
-                        command_id: CommandId::new(command_id.to_string()).unwrap_or_else(|_| CommandId::generate()),
+                        command_id: derived_command_id(&name),
                         principal: Principal::system(),
                     };
+                    // A new trace, linked to the command that made the entity due: the expiry
+                    // happens long after that request ended.
                     let span = tracing::info_span!("reaper", kind = A::KIND, id = %id);
+                    telemetry::link_traceparent(&span, traceparent.as_deref());
                     let result = entities.execute(id.clone(), command, meta).instrument(span).await;
                     match result {
                         Ok(_) => {

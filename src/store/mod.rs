@@ -131,6 +131,15 @@ pub struct Appended {
     pub duplicate: bool,
 }
 
+/// Where [`EventStore::follow`] starts reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// At this stream sequence (0 or 1: the beginning).
+    Sequence(u64),
+    /// At the first message stored at or after this time.
+    Time(Timestamp),
+}
+
 /// One message read back from the event stream.
 #[derive(Debug, Clone)]
 pub struct StoredMessage {
@@ -429,14 +438,14 @@ impl EventStore {
         }
     }
 
-    /// Every message matching `filter` from sequence `from` on, then new ones as they arrive.
+    /// Every message matching `filter` from `start` on, then new ones as they arrive.
     /// An ordered consumer: no server-side state to clean up, recreated on gaps.
     ///
     /// Returns the stream and how many matching messages were pending when it started.
     pub async fn follow(
         &self,
         filter: &str,
-        from: u64,
+        start: Start,
     ) -> Result<(BoxStream<'static, Result<StoredMessage>>, u64)> {
         let read_error = |reason: String| StoreError::Read {
             stream: self.stream.clone(),
@@ -448,12 +457,14 @@ impl EventStore {
             .get_stream_no_info(&self.stream)
             .await
             .map_err(|e| read_error(e.to_string()))?;
-        let deliver_policy = if from <= 1 {
-            consumer::DeliverPolicy::All
-        } else {
-            consumer::DeliverPolicy::ByStartSequence {
-                start_sequence: from,
+        let deliver_policy = match start {
+            Start::Sequence(0 | 1) => consumer::DeliverPolicy::All,
+            Start::Sequence(start_sequence) => {
+                consumer::DeliverPolicy::ByStartSequence { start_sequence }
             }
+            Start::Time(time) => consumer::DeliverPolicy::ByStartTime {
+                start_time: time.to_offset_date_time(),
+            },
         };
         let consumer = stream
             .create_consumer(consumer::pull::OrderedConfig {

@@ -171,35 +171,41 @@ pub async fn request(
     }
     .expect("a reply");
     let value: serde_json::Value = serde_json::from_slice(&message.payload).expect("a JSON reply");
-    match message
-        .headers
-        .as_ref()
-        .and_then(|h| h.get("Nats-Service-Error-Code"))
-    {
-        Some(status) => {
-            let code = value["error"]["code"]
-                .as_str()
-                .expect("an error code")
-                .to_owned();
-            let header_code = message
+    Reply::from_message(&message, value)
+}
+
+impl Reply {
+    pub fn from_message(message: &async_nats::Message, value: serde_json::Value) -> Reply {
+        let header = |name: &str| {
+            message
                 .headers
                 .as_ref()
-                .unwrap()
-                .get("Switchyard-Error")
-                .unwrap()
-                .as_str()
-                .to_owned();
-            assert_eq!(code, header_code, "body and header agree on the code");
-            Reply::Err {
-                code,
-                message: value["error"]["message"]
+                .and_then(|h| h.get(name))
+                .map(|v| v.as_str().to_owned())
+        };
+        match header("Nats-Service-Error-Code") {
+            Some(status) => {
+                let code = value["error"]["code"]
+                    .as_str()
+                    .expect("an error code")
+                    .to_owned();
+                assert_eq!(
+                    Some(&code),
+                    header("Switchyard-Error").as_ref(),
+                    "body and header agree on the code"
+                );
+                let message = value["error"]["message"]
                     .as_str()
                     .unwrap_or_default()
-                    .to_owned(),
-                status: status.as_str().to_owned(),
+                    .to_owned();
+                Reply::Err {
+                    code,
+                    message,
+                    status,
+                }
             }
+            None => Reply::Ok(value),
         }
-        None => Reply::Ok(value),
     }
 }
 

@@ -4,5 +4,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a panic in a test is a failed test
 
 mod api;
+mod architecture;
+mod crash;
+mod external;
 mod harness;
 mod store;
+mod traces;

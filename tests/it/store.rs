@@ -10,7 +10,7 @@ use switchyard::codec::header;
 use switchyard::config::StoreConfig;
 use switchyard::domain::counter::{Added, Counter, CounterEvent, CounterId, Created};
 use switchyard::domain::{Aggregate, CommandId, Principal, Timestamp, replay};
-use switchyard::store::{Appended, Commit, Entity, EventStore, StoreError};
+use switchyard::store::{Appended, Commit, Entity, EventStore, Start, StoreError};
 
 use crate::harness::{store, store_with};
 
@@ -46,7 +46,7 @@ async fn append(
         entity,
         expected,
         version,
-        &CommandId::generate(),
+        &switchyard::runtime::new_command_id(),
         events,
     )
     .await
@@ -163,7 +163,7 @@ async fn must_be_first_conflicts_once_the_entity_has_events() {
 async fn a_retried_commit_is_never_written_twice() {
     let fx = store().await;
     let c = id("c");
-    let command = CommandId::generate();
+    let command = switchyard::runtime::new_command_id();
     let first = append_as(&fx.store, &c, 0, 1, &command, &[created()])
         .await
         .unwrap();
@@ -222,7 +222,11 @@ async fn snapshot_plus_tail_equals_full_replay() {
         )
         .await
         .unwrap();
-        entity.record(appended.seq, &CommandId::generate(), &events);
+        entity.record(
+            appended.seq,
+            &switchyard::runtime::new_command_id(),
+            &events,
+        );
         all_events.extend(events);
         if entity.snapshot_due(10) {
             fx.store.save_snapshot(&mut entity).await;
@@ -264,7 +268,7 @@ async fn a_snapshot_that_disagrees_with_the_log_falls_back_to_the_full_history()
     let mut wrong: Entity<Counter> = fx.store.load(&c).await.unwrap();
     wrong.record(
         first.seq,
-        &CommandId::generate(),
+        &switchyard::runtime::new_command_id(),
         &[added(1), added(1), added(1), added(1)],
     );
     wrong.last_seq = first.seq;
@@ -312,7 +316,7 @@ async fn the_stream_replays_from_any_sequence_then_follows_live() {
             .unwrap();
     }
     let filter = fx.store.subjects().events_of_kind("counter");
-    let (mut stream, pending) = fx.store.follow(&filter, 3).await.unwrap();
+    let (mut stream, pending) = fx.store.follow(&filter, Start::Sequence(3)).await.unwrap();
     assert_eq!(pending, 2);
     let mut seen = Vec::new();
     for _ in 0..2 {
@@ -352,7 +356,7 @@ async fn concurrent_writers_get_one_success_per_expected_sequence() {
                 match append(&store, &c, entity.last_seq, entity.version + 1, &[added(1)]).await {
                     Ok(ack) => {
                         won.push(entity.last_seq);
-                        entity.record(ack.seq, &CommandId::generate(), &[added(1)]);
+                        entity.record(ack.seq, &switchyard::runtime::new_command_id(), &[added(1)]);
                     }
                     Err(StoreError::Conflict { .. }) => {
                         store.catch_up(&mut entity).await.unwrap();

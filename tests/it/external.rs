@@ -1,0 +1,69 @@
+//! Clients written by others: nats-py (from PyPI, installed by `scripts/setup`) drives the API
+//! as any non-Rust publisher would.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::harness::{call, start_app, wait_for};
+
+fn python() -> PathBuf {
+    let python = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".tools/venv/bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing; run scripts/setup",
+        python.display()
+    );
+    python
+}
+
+#[actix_rt::test]
+async fn a_nats_py_client_sends_commands_and_reads_replies() {
+    let test = start_app(|_| {}).await;
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/clients/nats_py_client.py");
+    let output = tokio::process::Command::new(python())
+        .arg(&script)
+        .arg(test.server.url())
+        .output()
+        .await
+        .expect("python runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "nats-py client failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let lines: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 5, "{stdout}");
+
+    assert_eq!(lines[0]["body"]["result"]["counter"]["id"], "py/counter.1");
+    assert_eq!(lines[1]["body"]["result"]["counter"]["value"], 2);
+    // The typed error arrives in the body and in the micro headers.
+    assert_eq!(lines[2]["body"]["error"]["code"], "capacity");
+    assert_eq!(lines[2]["headers"]["Nats-Service-Error-Code"], "429");
+    assert_eq!(lines[2]["headers"]["Switchyard-Error"], "capacity");
+    assert_eq!(lines[3]["body"]["result"]["value"], 2);
+    assert_eq!(lines[4]["queued"]["stream"], "SWITCHYARD_COMMANDS");
+
+    // The principal it named is on the event; the queued command is applied.
+    wait_for("the queued command", Duration::from_secs(5), || async {
+        let got = call(&test, "counter.get", json!({"id": "py/counter.1"}))
+            .await
+            .ok();
+        (got["result"]["value"] == 3).then_some(())
+    })
+    .await;
+    let subject = test.app.store().subjects().event("counter", "py/counter.1");
+    let history = test
+        .app
+        .store()
+        .read_subject(&subject, 1, None)
+        .await
+        .unwrap();
+    assert_eq!(history[1].principal(), Some("nats-py"));
+    assert_eq!(history[2].command_id(), Some("py-ff-1"));
+}
