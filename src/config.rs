@@ -221,7 +221,9 @@ impl Config {
             }
             figment = figment.merge(Toml::file(path));
         }
-        figment = figment.merge(Env::prefixed("SWITCHYARD_").ignore(&["CONFIG"]).split("__"));
+        // Variables for the tools rather than the control plane are not configuration.
+        let env = Env::prefixed("SWITCHYARD_").ignore(&["config", "tools_dir", "nats_server"]);
+        figment = figment.merge(env.split("__"));
         figment
             .extract()
             .map_err(|e| ConfigError::Invalid(Box::new(e)))
@@ -253,6 +255,8 @@ mod tests {
                 "[\"nats://a:4222\",\"nats://b:4222\"]",
             );
             jail.set_env("SWITCHYARD_STORE__REPLICAS", "5");
+            jail.set_env("SWITCHYARD_TOOLS_DIR", "/somewhere");
+            jail.set_env("SWITCHYARD_CONFIG", "sy.toml");
             let config = Config::load(Some(Path::new("sy.toml"))).map_err(|e| e.to_string())?;
             assert_eq!(config.store.replicas, 5);
             assert_eq!(config.store.duplicate_window, Duration::from_secs(300));
@@ -260,6 +264,31 @@ mod tests {
             assert_eq!(config.nats.servers.len(), 2);
             Ok(())
         });
+    }
+
+    #[test]
+    fn the_readme_lists_every_key_with_its_default() {
+        let readme =
+            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+                .unwrap();
+        let block = readme
+            .split("```toml\n")
+            .nth(1)
+            .unwrap()
+            .split("```")
+            .next()
+            .unwrap();
+        let documented: Config = Figment::from(Toml::string(block)).extract().unwrap();
+        let as_toml = |c: &Config| serde_json::to_value(c).unwrap();
+        assert_eq!(as_toml(&documented), as_toml(&Config::default()));
+    }
+
+    #[test]
+    fn the_shipped_production_config_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/switchyard.toml");
+        let config = Config::load(Some(&path)).unwrap();
+        assert_eq!(config.store.replicas, 3);
+        assert_eq!(config.nats.servers.len(), 3);
     }
 
     #[test]

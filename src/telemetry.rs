@@ -36,7 +36,7 @@ impl Default for LogConfig {
     fn default() -> Self {
         Self {
             format: LogFormat::Pretty,
-            filter: "info".to_owned(),
+            filter: "info,async_nats=warn,actix_server=warn".to_owned(),
         }
     }
 }

@@ -5,6 +5,7 @@
 
 mod api;
 mod architecture;
+mod audit;
 mod crash;
 mod external;
 mod harness;

@@ -136,3 +136,125 @@ async fn stored_count_after_expiry(test: &crate::harness::TestApp) -> usize {
     })
     .await
 }
+
+/// Reads one HTTP/1.1 request (headers and a Content-Length body) and answers 200.
+async fn receive_one(stream: &mut tokio::net::TcpStream) -> Option<(String, String, Vec<u8>)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buffer = Vec::new();
+    let mut chunk = [0u8; 8192];
+    let head_end = loop {
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buffer.extend_from_slice(&chunk[..n]);
+        if let Some(i) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&buffer[..head_end]).to_string();
+    let header = |name: &str| {
+        head.lines()
+            .find(|l| l.to_ascii_lowercase().starts_with(&format!("{name}:")))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_owned())
+    };
+    let length: usize = header("content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    while buffer.len() < head_end + length {
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            break;
+        }
+        buffer.extend_from_slice(&chunk[..n]);
+    }
+    let path = head
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_default()
+        .to_owned();
+    let content_type = header("content-type").unwrap_or_default();
+    stream
+        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+        .await
+        .ok()?;
+    Some((path, content_type, buffer[head_end..].to_vec()))
+}
+
+#[tokio::test]
+async fn traces_are_exported_over_otlp_http_when_the_environment_asks() {
+    let nats = crate::harness::start_nats();
+    let receiver = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", receiver.local_addr().unwrap());
+    let (exports, mut received) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = receiver.accept().await else {
+                return;
+            };
+            let exports = exports.clone();
+            tokio::spawn(async move {
+                while let Some(request) = receive_one(&mut stream).await {
+                    let _ = exports.send(request);
+                }
+            });
+        }
+    });
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .arg("serve")
+        .env("SWITCHYARD_NATS__SERVERS", format!("[\"{}\"]", nats.url()))
+        .env("SWITCHYARD_HTTP__LISTEN", "127.0.0.1:0")
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
+        .env("OTEL_SERVICE_NAME", "switchyard-otlp-test")
+        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let client = crate::harness::connect(&nats).await;
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(
+        "traceparent",
+        format!("00-{TRACE}-{CALLER_SPAN}-01").as_str(),
+    );
+    let reply = wait_for("switchyard to answer", Duration::from_secs(20), || {
+        let client = client.clone();
+        let headers = headers.clone();
+        async move {
+            let body = json!({"id": "exported"}).to_string();
+            tokio::time::timeout(
+                Duration::from_millis(500),
+                client.request_with_headers("sy.api.counter.create", headers, body.into()),
+            )
+            .await
+            .ok()?
+            .ok()
+        }
+    })
+    .await;
+    assert!(
+        reply
+            .headers
+            .is_none_or(|h| h.get("Nats-Service-Error").is_none())
+    );
+    let trace_bytes = TraceId::from_hex(TRACE).unwrap().to_bytes();
+    let export = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let (path, content_type, body) = received.recv().await.unwrap();
+            if body.windows(trace_bytes.len()).any(|w| w == trace_bytes) {
+                return (path, content_type, body);
+            }
+        }
+    })
+    .await
+    .expect("the caller's trace reached the OTLP receiver");
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(export.0, "/v1/traces");
+    assert_eq!(export.1, "application/x-protobuf");
+    let service = b"switchyard-otlp-test";
+    assert!(
+        export.2.windows(service.len()).any(|w| w == service),
+        "the service name is on the resource"
+    );
+}
