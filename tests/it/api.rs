@@ -618,3 +618,33 @@ async fn probes_report_health_readiness_and_metrics() {
     );
     assert!(body.contains("switchyard_appends_total"), "{body}");
 }
+
+#[actix_rt::test]
+async fn one_entity_actor_never_interleaves_two_commands() {
+    let test = start_app(|config| config.runtime.mailbox_capacity = 500).await;
+    call(&test, "counter.create", json!({"id": "serial"}))
+        .await
+        .ok();
+    let replies = futures::future::join_all(
+        (0..100).map(|_| call(&test, "counter.add", json!({"id": "serial", "amount": 1}))),
+    )
+    .await;
+    let mut versions: Vec<u64> = replies
+        .into_iter()
+        .map(|r| r.ok()["version"].as_u64().unwrap())
+        .collect();
+    versions.sort_unstable();
+    assert_eq!(
+        versions,
+        (2..=101).collect::<Vec<_>>(),
+        "each command saw the one before it"
+    );
+    // Had two commands of one actor interleaved, both would have appended against the same
+    // expected sequence and one would have met a conflict.
+    let metrics = test.app.metrics().render();
+    assert!(
+        metrics.contains("switchyard_appends_total{kind=\"counter\",outcome=\"ok\"} 101"),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("outcome=\"conflict\""), "{metrics}");
+}
