@@ -80,7 +80,7 @@ impl App {
         let context = Arc::new(ApiContext {
             client: client.clone(),
             subjects: store.subjects().clone(),
-            router: Router::new(&specs, &services),
+            router: Router::new(&specs, &services, &metrics),
             micro: micro.clone(),
             metrics: metrics.clone(),
             config: config.api.clone(),
@@ -143,6 +143,7 @@ impl App {
         self.api.stop(GRACE).await;
         self.work_queue.stop(GRACE).await;
         self.http.stop(true).await;
+        self.services.shutdown(GRACE).await;
         // Drain: unsubscribe everything, flush, close; no reconnect noise after this.
         let _ = self.client.drain().await;
         tracing::info!("control plane stopped");

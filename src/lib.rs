@@ -1,9 +1,11 @@
 //! Switchyard: an event-sourced control plane for lab and test infrastructure, over NATS
 //! JetStream. See `docs/ARCHITECTURE.md` for the map.
 
+pub mod alloc;
 pub mod api;
 pub mod app;
 pub mod audit;
+pub mod bench;
 pub mod codec;
 pub mod config;
 pub mod domain;

@@ -44,6 +44,40 @@ enum Command {
     Audit(AuditArgs),
     /// Write the JSON Schemas and AsyncAPI document, or check they are current.
     Schemas(SchemaArgs),
+    /// Measure throughput, latency, replay, activation and memory next to raw JetStream
+    /// (build with --release for figures that mean something).
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// Use this NATS server instead of starting one (the durable scenario is then skipped).
+    #[arg(long)]
+    nats_url: Option<String>,
+    /// Run only these scenarios (comma-separated); all by default.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    scenario: Vec<switchyard::bench::Scenario>,
+    /// Every scenario at a tiny size: checks that the benchmark works, measures nothing.
+    #[arg(long)]
+    smoke: bool,
+    /// How long each throughput run lasts.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    duration: Option<Duration>,
+    /// Entities the load is spread over.
+    #[arg(long)]
+    entities: Option<usize>,
+    /// Requests outstanding at once in throughput runs.
+    #[arg(long)]
+    in_flight: Option<usize>,
+    /// Events to rebuild the projection from.
+    #[arg(long)]
+    replay_events: Option<usize>,
+    /// Entities created for the memory scenario.
+    #[arg(long)]
+    memory_entities: Option<usize>,
+    /// Also write the report as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -169,6 +203,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Schemas(args) => schemas(&args),
+        Command::Bench(args) => {
+            quiet_logs()?;
+            Box::pin(bench(args)).await?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
@@ -379,4 +418,29 @@ fn schemas(args: &SchemaArgs) -> anyhow::Result<ExitCode> {
     let written = switchyard::schema::write(&args.out)?;
     println!("wrote {written} files to {}", args.out.display());
     Ok(ExitCode::SUCCESS)
+}
+
+async fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    use switchyard::bench::{self, Options};
+    let mut options = if args.smoke {
+        Options::smoke()
+    } else {
+        Options::full()
+    };
+    options.nats_url = args.nats_url;
+    if !args.scenario.is_empty() {
+        options.scenarios = args.scenario;
+    }
+    options.duration = args.duration.unwrap_or(options.duration);
+    options.entities = args.entities.unwrap_or(options.entities);
+    options.in_flight = args.in_flight.unwrap_or(options.in_flight);
+    options.replay_events = args.replay_events.unwrap_or(options.replay_events);
+    options.memory_entities = args.memory_entities.unwrap_or(options.memory_entities);
+    let mut stdout = std::io::stdout();
+    let report = bench::run(&options, &mut stdout).await?;
+    if let Some(path) = args.json {
+        std::fs::write(&path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
 }

@@ -149,4 +149,75 @@ impl Metrics {
             kind: kind.to_owned(),
         }
     }
+
+    /// The metrics of one entity kind, resolved once: commands touch them without hashing labels.
+    pub fn entity(&self, kind: &str) -> EntityMetrics {
+        let append = |outcome: &str| {
+            let labels = AppendLabels {
+                kind: kind.to_owned(),
+                outcome: outcome.to_owned(),
+            };
+            self.appends.get_or_create_owned(&labels)
+        };
+        EntityMetrics {
+            appended: append("ok"),
+            duplicates: append("duplicate"),
+            conflicts: append("conflict"),
+            append_errors: append("error"),
+            active: self
+                .active_entities
+                .get_or_create_owned(&Metrics::kind(kind)),
+            activations: self.activations.get_or_create_owned(&Metrics::kind(kind)),
+            passivations: self.passivations.get_or_create_owned(&Metrics::kind(kind)),
+        }
+    }
+
+    /// The metrics of one API route, resolved once.
+    pub fn route(&self, kind: &str, verb: &str) -> RouteMetrics {
+        let codes = std::iter::once("ok")
+            .chain(crate::domain::ErrorKind::ALL.iter().map(|k| k.as_str()))
+            .map(|code| {
+                let labels = RouteLabels {
+                    kind: kind.to_owned(),
+                    verb: verb.to_owned(),
+                    code: code.to_owned(),
+                };
+                (code, self.requests.get_or_create_owned(&labels))
+            })
+            .collect();
+        let labels = OperationLabels {
+            kind: kind.to_owned(),
+            verb: verb.to_owned(),
+        };
+        let seconds = self.request_seconds.get_or_create_owned(&labels);
+        RouteMetrics { codes, seconds }
+    }
+}
+
+/// Per-kind entity metrics.
+#[derive(Clone, Debug)]
+pub struct EntityMetrics {
+    pub appended: Counter,
+    pub duplicates: Counter,
+    pub conflicts: Counter,
+    pub append_errors: Counter,
+    pub active: Gauge,
+    pub activations: Counter,
+    pub passivations: Counter,
+}
+
+/// Per-route API metrics.
+#[derive(Clone, Debug)]
+pub struct RouteMetrics {
+    codes: Vec<(&'static str, Counter)>,
+    seconds: Histogram,
+}
+
+impl RouteMetrics {
+    pub fn record(&self, code: &str, elapsed: std::time::Duration) {
+        if let Some((_, counter)) = self.codes.iter().find(|(c, _)| *c == code) {
+            counter.inc();
+        }
+        self.seconds.observe(elapsed.as_secs_f64());
+    }
 }

@@ -13,7 +13,7 @@ use crate::config::RuntimeConfig;
 use crate::domain::counter::{AddToCounter, Counter, CreateCounter, DeleteCounter};
 use crate::domain::{Aggregate, DomainEvent, EntityId, EventType, IdError};
 use crate::metrics::Metrics;
-use crate::runtime::{Clock, Entities, EntityTable, ProjectionHandle, Reaper, Settings};
+use crate::runtime::{Clock, Entities, EntityTable, ProjectionHandle, Reaper, Settings, Stop};
 use crate::store::{EventStore, StoreError};
 
 /// The running actors the routes are bound to.
@@ -21,6 +21,7 @@ use crate::store::{EventStore, StoreError};
 pub struct Services {
     pub counters: Entities<Counter>,
     pub counter_table: ProjectionHandle<EntityTable<Counter>>,
+    counter_reaper: actix::Addr<Reaper<Counter>>,
 }
 
 /// An aggregate the API serves: where its actors and read model are.
@@ -72,7 +73,7 @@ impl Services {
             store.clone(),
             metrics.clone(),
         );
-        actix::Actor::start(Reaper::new(
+        let counter_reaper = actix::Actor::start(Reaper::new(
             counter_table.clone(),
             counters.clone(),
             clock,
@@ -82,7 +83,15 @@ impl Services {
         Self {
             counters,
             counter_table,
+            counter_reaper,
         }
+    }
+
+    /// Stops reapers and read models, then every entity actor (each snapshots on the way out).
+    pub async fn shutdown(&self, grace: std::time::Duration) {
+        self.counter_reaper.do_send(Stop);
+        self.counter_table.stop();
+        self.counters.shutdown(grace).await;
     }
 
     /// The read models, by name, and whether each has caught up: for `/readyz`.

@@ -1,7 +1,7 @@
 //! Routes: what each `<kind>.<verb>` does, described once (for dispatch, `$SRV.INFO` and
 //! `schemas/`) and bound to the running services at startup.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeSet, HashMap};
 use std::marker::PhantomData;
 use std::sync::Arc;
 
@@ -13,6 +13,7 @@ use serde_json::Value;
 use super::catalog::{Served, Services};
 use super::{ApiError, ApiRequest, body_as};
 use crate::domain::{Aggregate, CommandRequest};
+use crate::metrics::{Metrics, RouteMetrics};
 use crate::runtime::{Entities, EntityTable, ProjectionHandle};
 
 /// Handles one route's requests.
@@ -251,39 +252,62 @@ where
     }
 }
 
+/// One bound route.
+pub struct Route {
+    pub mode: Mode,
+    pub handler: Arc<dyn Handler>,
+    pub metrics: RouteMetrics,
+}
+
 /// Every route, bound to running services: what the API server and the work queue dispatch to.
 pub struct Router {
-    routes: BTreeMap<(String, String), (Mode, Arc<dyn Handler>)>,
+    /// By `<kind>.<verb>`.
+    routes: HashMap<String, Route>,
+    /// Requests to routes that do not exist share one label set, so arbitrary subjects cannot
+    /// grow the metrics without bound.
+    unknown: RouteMetrics,
 }
 
 impl Router {
-    pub fn new(specs: &[RouteSpec], services: &Services) -> Self {
+    pub fn new(specs: &[RouteSpec], services: &Services, metrics: &Metrics) -> Self {
         let routes = specs
             .iter()
             .map(|spec| {
-                (
-                    (spec.kind.to_owned(), spec.verb.to_owned()),
-                    (spec.mode, (spec.bind)(services)),
-                )
+                let route = Route {
+                    mode: spec.mode,
+                    handler: (spec.bind)(services),
+                    metrics: metrics.route(spec.kind, spec.verb),
+                };
+                (format!("{}.{}", spec.kind, spec.verb), route)
             })
             .collect();
-        Self { routes }
+        Self {
+            routes,
+            unknown: metrics.route("unknown", "unknown"),
+        }
     }
 
-    /// The handler of `kind.verb`, or a `not_found` that lists what exists.
-    pub fn route(&self, kind: &str, verb: &str) -> Result<(Mode, Arc<dyn Handler>), ApiError> {
-        if let Some((mode, handler)) = self.routes.get(&(kind.to_owned(), verb.to_owned())) {
-            return Ok((*mode, handler.clone()));
+    /// The route `<kind>.<verb>`, or a `not_found` that lists what exists.
+    pub fn route(&self, kind: &str, verb: &str) -> Result<&Route, ApiError> {
+        let key = format!("{kind}.{verb}");
+        if let Some(route) = self.routes.get(&key) {
+            return Ok(route);
         }
-        let verbs: Vec<&str> = self
+        let mut verbs: Vec<&str> = self
             .routes
             .keys()
-            .filter(|(k, _)| k == kind)
-            .map(|(_, v)| v.as_str())
+            .filter_map(|k| k.split_once('.'))
+            .filter(|(k, _)| *k == kind)
+            .map(|(_, v)| v)
             .collect();
+        verbs.sort_unstable();
         if verbs.is_empty() {
-            let kinds: std::collections::BTreeSet<&str> =
-                self.routes.keys().map(|(k, _)| k.as_str()).collect();
+            let kinds: BTreeSet<&str> = self
+                .routes
+                .keys()
+                .filter_map(|k| k.split_once('.'))
+                .map(|(k, _)| k)
+                .collect();
             Err(ApiError::not_found(format!(
                 "unknown kind {kind:?}; known kinds: {}",
                 kinds.into_iter().collect::<Vec<_>>().join(", ")
@@ -294,5 +318,12 @@ impl Router {
                 verbs.join(", ")
             )))
         }
+    }
+
+    /// Where a request to `<kind>.<verb>` is counted.
+    pub fn metrics(&self, kind: &str, verb: &str) -> &RouteMetrics {
+        self.routes
+            .get(&format!("{kind}.{verb}"))
+            .map_or(&self.unknown, |r| &r.metrics)
     }
 }

@@ -15,7 +15,7 @@ use tracing::Instrument;
 use super::micro::Micro;
 use super::{ApiError, ERROR_CODE_HEADER, Mode, Router, parse_request};
 use crate::config::ApiConfig;
-use crate::metrics::{Metrics, OperationLabels, RouteLabels};
+use crate::metrics::Metrics;
 use crate::subject::Subjects;
 use crate::telemetry;
 
@@ -139,22 +139,9 @@ async fn handle(context: &ApiContext, message: Message) {
         .micro
         .record(kind, verb, started.elapsed(), result.as_ref().err());
     context
-        .metrics
-        .requests
-        .get_or_create(&RouteLabels {
-            kind: kind.to_owned(),
-            verb: verb.to_owned(),
-            code: code.to_owned(),
-        })
-        .inc();
-    context
-        .metrics
-        .request_seconds
-        .get_or_create(&OperationLabels {
-            kind: kind.to_owned(),
-            verb: verb.to_owned(),
-        })
-        .observe(started.elapsed().as_secs_f64());
+        .router
+        .metrics(kind, verb)
+        .record(code, started.elapsed());
     respond(&context.client, reply.as_str(), result).await;
 }
 
@@ -171,7 +158,7 @@ async fn dispatch(
             context.subjects.api("<kind>", "<verb>")
         )));
     }
-    let (_, handler) = context.router.route(kind, verb)?;
+    let handler = context.router.route(kind, verb)?.handler.clone();
     let request = parse_request(
         kind,
         verb,

@@ -183,7 +183,8 @@ async fn process(context: &ApiContext, message: jetstream::Message) {
     telemetry::continue_trace(&span, message.headers.as_ref());
     let mut command_id = None;
     let result = async {
-        let (mode, handler) = context.router.route(kind, verb)?;
+        let route = context.router.route(kind, verb)?;
+        let (mode, handler) = (route.mode, route.handler.clone());
         if !accepts_fire_and_forget(mode) {
             return Err(ApiError::invalid(format!(
                 "{kind}.{verb} is a query; send it as a request to {}",
@@ -209,6 +210,10 @@ async fn process(context: &ApiContext, message: jetstream::Message) {
     context
         .micro
         .record(kind, verb, started.elapsed(), result.as_ref().err());
+    context
+        .router
+        .metrics(kind, verb)
+        .record(code, started.elapsed());
     let retry = matches!(&result, Err(e) if e.code == ErrorKind::Unavailable);
     if let Err(err) = &result {
         span.in_scope(

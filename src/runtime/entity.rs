@@ -12,7 +12,7 @@ use tracing::{Instrument, Span};
 
 use super::{CommandError, CommandMeta, Outcome, Settings};
 use crate::domain::{Aggregate, Context as DomainContext, EntityId};
-use crate::metrics::{AppendLabels, Metrics};
+use crate::metrics::EntityMetrics;
 use crate::store::{Appended, Commit, Entity, EventStore, StoreError};
 
 pub type Reply<T> = oneshot::Sender<Result<T, CommandError>>;
@@ -55,7 +55,7 @@ pub struct EntityActor<A: Aggregate> {
     id: A::Id,
     store: EventStore,
     settings: Arc<Settings>,
-    metrics: Metrics,
+    metrics: Arc<EntityMetrics>,
     /// `None` until loaded, and again after a failure that leaves the state in doubt.
     entity: Option<Entity<A>>,
     /// Requests routed here and not yet finished; shared with the registry, which refuses new
@@ -68,7 +68,7 @@ impl<A: Aggregate> EntityActor<A> {
         id: A::Id,
         store: EventStore,
         settings: Arc<Settings>,
-        metrics: Metrics,
+        metrics: Arc<EntityMetrics>,
         pending: Arc<AtomicUsize>,
     ) -> Self {
         Self {
@@ -86,21 +86,12 @@ impl<A: Aggregate> Actor for EntityActor<A> {
     type Context = Context<Self>;
 
     fn started(&mut self, _: &mut Context<Self>) {
-        self.metrics
-            .activations
-            .get_or_create(&Metrics::kind(A::KIND))
-            .inc();
-        self.metrics
-            .active_entities
-            .get_or_create(&Metrics::kind(A::KIND))
-            .inc();
+        self.metrics.activations.inc();
+        self.metrics.active.inc();
     }
 
     fn stopped(&mut self, _: &mut Context<Self>) {
-        self.metrics
-            .active_entities
-            .get_or_create(&Metrics::kind(A::KIND))
-            .dec();
+        self.metrics.active.dec();
     }
 }
 
@@ -163,10 +154,7 @@ impl<A: Aggregate> Handler<Work<A>> for EntityActor<A> {
             move |entity, act, ctx| {
                 act.entity = entity;
                 if passivate {
-                    act.metrics
-                        .passivations
-                        .get_or_create(&Metrics::kind(A::KIND))
-                        .inc();
+                    act.metrics.passivations.inc();
                     ctx.stop();
                 } else {
                     act.pending.fetch_sub(1, Ordering::AcqRel);
@@ -197,21 +185,12 @@ async fn load<'a, A: Aggregate>(
 pub async fn execute<A: Aggregate>(
     store: &EventStore,
     settings: &Settings,
-    metrics: &Metrics,
+    metrics: &EntityMetrics,
     slot: &mut Option<Entity<A>>,
     id: &A::Id,
     command: &A::Command,
     meta: &CommandMeta,
 ) -> Result<Outcome<A::Reply>, CommandError> {
-    let count = |outcome: &str| {
-        metrics
-            .appends
-            .get_or_create(&AppendLabels {
-                kind: A::KIND.to_owned(),
-                outcome: outcome.to_owned(),
-            })
-            .inc();
-    };
     let mut attempts = 0;
     loop {
         attempts += 1;
@@ -251,7 +230,7 @@ pub async fn execute<A: Aggregate>(
                 seq,
                 duplicate: false,
             }) => {
-                count("ok");
+                metrics.appended.inc();
                 entity.record(seq, &meta.command_id, &events);
                 return Ok(Outcome {
                     reply: entity.state.reply(id, command),
@@ -264,14 +243,14 @@ pub async fn execute<A: Aggregate>(
                 duplicate: true,
             }) => {
                 // Stored by an earlier attempt this copy never saw: catch up, answer as then.
-                count("duplicate");
+                metrics.duplicates.inc();
                 store.catch_up(entity).await?;
                 if let Some(outcome) = first_reply::<A>(store, id, seq, command, meta).await? {
                     return Ok(outcome);
                 }
             }
             Err(StoreError::Conflict { .. }) => {
-                count("conflict");
+                metrics.conflicts.inc();
                 if attempts > settings.conflict_retries {
                     return Err(CommandError::Contended {
                         kind: A::KIND,
@@ -285,7 +264,7 @@ pub async fn execute<A: Aggregate>(
                 }
             }
             Err(err) => {
-                count("error");
+                metrics.append_errors.inc();
                 // The commit may or may not be stored: forget the state and reload it before
                 // the next command, which finds this one among the recent if it was stored.
                 *slot = None;

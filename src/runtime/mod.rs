@@ -20,6 +20,13 @@ pub use projection::{EntityTable, Projection, ProjectionActor, ProjectionHandle}
 pub use reaper::Reaper;
 pub use registry::{Entities, Registry};
 
+/// Stops an actor: projections and reapers on shutdown.
+pub struct Stop;
+
+impl actix::Message for Stop {
+    type Result = ();
+}
+
 /// A fresh, time-ordered command id, for callers that did not supply one.
 pub fn new_command_id() -> CommandId {
     uuid_command_id(uuid::Uuid::now_v7())

@@ -255,6 +255,14 @@ impl<P: Projection> StreamHandler<Result<StoredMessage, StoreError>> for Project
     }
 }
 
+impl<P: Projection> Handler<super::Stop> for ProjectionActor<P> {
+    type Result = ();
+
+    fn handle(&mut self, _: super::Stop, ctx: &mut Context<Self>) {
+        ctx.stop();
+    }
+}
+
 /// A read-only query on a projection; it also gets the projection's position.
 type Query<P, R> = Box<dyn FnOnce(&P, u64) -> R + Send>;
 
@@ -316,6 +324,11 @@ impl<P: Projection> ProjectionHandle<P> {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Stops following the stream.
+    pub fn stop(&self) {
+        self.addr.do_send(super::Stop);
     }
 
     pub fn is_ready(&self) -> bool {

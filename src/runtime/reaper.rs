@@ -117,3 +117,11 @@ impl<A: Aggregate> Handler<Poke> for Reaper<A> {
         self.tick(ctx);
     }
 }
+
+impl<A: Aggregate> Handler<super::Stop> for Reaper<A> {
+    type Result = ();
+
+    fn handle(&mut self, _: super::Stop, ctx: &mut Context<Self>) {
+        ctx.stop();
+    }
+}

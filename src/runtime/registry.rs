@@ -14,7 +14,7 @@ use tracing::Span;
 use super::entity::{EntityActor, Work};
 use super::{CommandError, CommandMeta, Outcome, Settings};
 use crate::domain::Aggregate;
-use crate::metrics::Metrics;
+use crate::metrics::{EntityMetrics, Metrics};
 use crate::store::EventStore;
 
 struct Slot<A: Aggregate> {
@@ -26,7 +26,7 @@ struct Slot<A: Aggregate> {
 pub struct Registry<A: Aggregate> {
     store: EventStore,
     settings: Arc<Settings>,
-    metrics: Metrics,
+    metrics: Arc<EntityMetrics>,
     actors: HashMap<A::Id, Slot<A>>,
 }
 
@@ -35,7 +35,7 @@ impl<A: Aggregate> Registry<A> {
         Self {
             store,
             settings,
-            metrics,
+            metrics: Arc::new(metrics.entity(A::KIND)),
             actors: HashMap::new(),
         }
     }
@@ -56,9 +56,9 @@ impl<A: Aggregate> Registry<A> {
         }
     }
 
-    /// Stops actors idle for `passivate_after`; they snapshot on the way out.
-    fn sweep(&mut self) {
-        let idle = self.settings.passivate_after;
+    /// Stops actors idle for at least `idle`; they snapshot on the way out. Returns how many.
+    fn passivate(&mut self, idle: Duration) -> usize {
+        let before = self.actors.len();
         self.actors.retain(|_, slot| {
             let keep = slot.pending.load(Ordering::Acquire) > 0 || slot.last_used.elapsed() < idle;
             if !keep {
@@ -67,6 +67,7 @@ impl<A: Aggregate> Registry<A> {
             }
             keep
         });
+        before - self.actors.len()
     }
 }
 
@@ -76,7 +77,9 @@ impl<A: Aggregate> Actor for Registry<A> {
     fn started(&mut self, ctx: &mut Context<Self>) {
         let every = (self.settings.passivate_after / 4)
             .clamp(Duration::from_millis(10), Duration::from_secs(30));
-        ctx.run_interval(every, |registry, _| registry.sweep());
+        ctx.run_interval(every, |registry, _| {
+            registry.passivate(registry.settings.passivate_after);
+        });
     }
 }
 
@@ -144,6 +147,42 @@ impl<A: Aggregate> Handler<ActiveCount> for Registry<A> {
 
     fn handle(&mut self, _: ActiveCount, _: &mut Context<Self>) -> usize {
         self.actors.len()
+    }
+}
+
+/// Passivates every actor idle for at least this long, now rather than at the next sweep.
+pub struct PassivateIdle(pub Duration);
+
+impl Message for PassivateIdle {
+    type Result = usize;
+}
+
+impl<A: Aggregate> Handler<PassivateIdle> for Registry<A> {
+    type Result = usize;
+
+    fn handle(&mut self, PassivateIdle(idle): PassivateIdle, _: &mut Context<Self>) -> usize {
+        self.passivate(idle)
+    }
+}
+
+/// Passivates every actor (they snapshot on the way out) and stops the registry; returns the
+/// actors so the caller can wait for them to finish.
+pub struct Drain<A: Aggregate>(std::marker::PhantomData<fn() -> A>);
+
+impl<A: Aggregate> Message for Drain<A> {
+    type Result = Vec<Addr<EntityActor<A>>>;
+}
+
+impl<A: Aggregate> Handler<Drain<A>> for Registry<A> {
+    type Result = MessageResult<Drain<A>>;
+
+    fn handle(&mut self, _: Drain<A>, ctx: &mut Context<Self>) -> Self::Result {
+        let actors: Vec<_> = self.actors.drain().map(|(_, slot)| slot.addr).collect();
+        for addr in &actors {
+            addr.do_send(Work::Passivate);
+        }
+        ctx.stop();
+        MessageResult(actors)
     }
 }
 
@@ -228,5 +267,26 @@ impl<A: Aggregate> Entities<A> {
     /// How many actors of this kind are in memory.
     pub async fn active(&self) -> usize {
         self.registry.send(ActiveCount).await.unwrap_or(0)
+    }
+
+    /// Stops every actor of this kind after the requests it holds, snapshotting each, and waits
+    /// for them for at most `grace`. Requests sent afterwards get `unavailable`.
+    pub async fn shutdown(&self, grace: Duration) {
+        let Ok(actors) = self
+            .registry
+            .send(Drain::<A>(std::marker::PhantomData))
+            .await
+        else {
+            return;
+        };
+        let deadline = Instant::now() + grace;
+        while actors.iter().any(Addr::connected) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Passivates the actors idle for at least `idle` now; returns how many were asked to stop.
+    pub async fn passivate_idle(&self, idle: Duration) -> usize {
+        self.registry.send(PassivateIdle(idle)).await.unwrap_or(0)
     }
 }

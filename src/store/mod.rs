@@ -195,6 +195,12 @@ impl StoredMessage {
 /// A handle on the event store; cheap to clone.
 #[derive(Clone, Debug)]
 pub struct EventStore {
+    // Cloned once per command: one reference count, not a dozen strings.
+    inner: std::sync::Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
     client: Client,
     js: jetstream::Context,
     subjects: Subjects,
@@ -222,52 +228,54 @@ impl EventStore {
             })?;
         let snapshots = SnapshotStore::open(&js, config).await?;
         Ok(Self {
-            client,
-            js,
-            subjects,
-            stream,
-            config: config.clone(),
-            snapshots,
-            timeout,
+            inner: std::sync::Arc::new(Inner {
+                client,
+                js,
+                subjects,
+                stream,
+                config: config.clone(),
+                snapshots,
+                timeout,
+            }),
         })
     }
 
     pub fn subjects(&self) -> &Subjects {
-        &self.subjects
+        &self.inner.subjects
     }
 
     pub fn stream_name(&self) -> &str {
-        &self.stream
+        &self.inner.stream
     }
 
     pub fn config(&self) -> &StoreConfig {
-        &self.config
+        &self.inner.config
     }
 
     pub fn snapshots(&self) -> &SnapshotStore {
-        &self.snapshots
+        &self.inner.snapshots
     }
 
     pub fn client(&self) -> &Client {
-        &self.client
+        &self.inner.client
     }
 
     pub fn jetstream(&self) -> &jetstream::Context {
-        &self.js
+        &self.inner.js
     }
 
     /// Appends one command's events as one message, if the entity's subject is still at
     /// `commit.expected`.
     pub async fn append<E: DomainEvent>(&self, commit: Commit<'_, E>) -> Result<Appended> {
-        let subject = self.subjects.event(commit.kind, commit.entity);
+        let subject = self.inner.subjects.event(commit.kind, commit.entity);
         let payload =
-            codec::encode_events(commit.events, self.config.encoding).map_err(|source| {
+            codec::encode_events(commit.events, self.inner.config.encoding).map_err(|source| {
                 StoreError::Encode {
                     subject: subject.clone(),
                     source,
                 }
             })?;
-        let headers = commit_headers(&commit, self.config.encoding);
+        let headers = commit_headers(&commit, self.inner.config.encoding);
         let message = jetstream::message::PublishMessage::build()
             .payload(payload)
             .headers(headers)
@@ -295,6 +303,7 @@ impl EventStore {
         // The one JetStream publish in Switchyard (see clippy.toml).
         #[allow(clippy::disallowed_methods)]
         let ack = self
+            .inner
             .js
             .send_publish(subject.clone(), message)
             .await
@@ -340,21 +349,23 @@ impl EventStore {
     /// more remain.
     async fn direct_batch(&self, subject: &str, seq: u64) -> Result<(Vec<StoredMessage>, bool)> {
         let read_error = |reason: String| StoreError::Read {
-            stream: self.stream.clone(),
+            stream: self.inner.stream.clone(),
             subject: subject.to_owned(),
             reason,
         };
-        let inbox = self.client.new_inbox();
+        let inbox = self.inner.client.new_inbox();
         let mut replies = self
+            .inner
             .client
             .subscribe(inbox.clone())
             .await
             .map_err(|e| read_error(e.to_string()))?;
         let request =
             serde_json::json!({ "seq": seq, "next_by_subj": subject, "batch": READ_BATCH });
-        self.client
+        self.inner
+            .client
             .publish_with_reply(
-                format!("$JS.API.DIRECT.GET.{}", self.stream),
+                format!("$JS.API.DIRECT.GET.{}", self.inner.stream),
                 inbox,
                 Bytes::from(request.to_string()),
             )
@@ -362,7 +373,7 @@ impl EventStore {
             .map_err(|e| read_error(e.to_string()))?;
         let mut out = Vec::new();
         loop {
-            let reply = tokio::time::timeout(self.timeout, replies.next())
+            let reply = tokio::time::timeout(self.inner.timeout, replies.next())
                 .await
                 .map_err(|_| read_error("timed out".to_owned()))?
                 .ok_or_else(|| read_error("subscription closed".to_owned()))?;
@@ -395,11 +406,12 @@ impl EventStore {
     /// One message by sequence, from the stream leader (read-after-write).
     pub async fn message(&self, seq: u64) -> Result<StoredMessage> {
         let stream = self
+            .inner
             .js
-            .get_stream_no_info(&self.stream)
+            .get_stream_no_info(&self.inner.stream)
             .await
             .map_err(|e| StoreError::Read {
-                stream: self.stream.clone(),
+                stream: self.inner.stream.clone(),
                 subject: format!("#{seq}"),
                 reason: e.to_string(),
             })?;
@@ -407,7 +419,7 @@ impl EventStore {
             .get_raw_message(seq)
             .await
             .map_err(|e| StoreError::Read {
-                stream: self.stream.clone(),
+                stream: self.inner.stream.clone(),
                 subject: format!("#{seq}"),
                 reason: e.to_string(),
             })?;
@@ -423,8 +435,9 @@ impl EventStore {
     /// The sequence of the last message in the stream (0 when empty).
     pub async fn last_sequence(&self) -> Result<u64> {
         let stream = self
+            .inner
             .js
-            .get_stream(&self.stream)
+            .get_stream(&self.inner.stream)
             .await
             .map_err(|e| self.info_error(e.to_string()))?;
         Ok(stream.cached_info().state.last_sequence)
@@ -432,7 +445,7 @@ impl EventStore {
 
     fn info_error(&self, reason: String) -> StoreError {
         StoreError::Read {
-            stream: self.stream.clone(),
+            stream: self.inner.stream.clone(),
             subject: ">".to_owned(),
             reason,
         }
@@ -448,13 +461,14 @@ impl EventStore {
         start: Start,
     ) -> Result<(BoxStream<'static, Result<StoredMessage>>, u64)> {
         let read_error = |reason: String| StoreError::Read {
-            stream: self.stream.clone(),
+            stream: self.inner.stream.clone(),
             subject: filter.to_owned(),
             reason,
         };
         let stream = self
+            .inner
             .js
-            .get_stream_no_info(&self.stream)
+            .get_stream_no_info(&self.inner.stream)
             .await
             .map_err(|e| read_error(e.to_string()))?;
         let deliver_policy = match start {
@@ -479,7 +493,7 @@ impl EventStore {
             .messages()
             .await
             .map_err(|e| read_error(e.to_string()))?;
-        let stream_name = self.stream.clone();
+        let stream_name = self.inner.stream.clone();
         let filter = filter.to_owned();
         let messages = messages
             .map(move |message| {

@@ -66,17 +66,26 @@ fn the_domain_does_no_io() {
 
 #[test]
 fn only_the_event_store_publishes_to_jetstream() {
-    // clippy.toml bans the JetStream publish methods; only src/store may allow the ban.
+    // clippy.toml bans the JetStream publish methods. Only the store lifts the ban for events; the
+    // benchmark's raw baseline and the CLI's fire-and-forget `call` (a publisher's command, not an
+    // event) are the other two places.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let allowed = [
+        root.join("src/store/mod.rs"),
+        root.join("src/bench/raw.rs"),
+        root.join("src/main.rs"),
+    ];
     for (path, text) in source("src") {
-        if text.contains("allow(clippy::disallowed_methods)") && text.contains("send_publish") {
+        let lifts_ban = text.contains("allow(clippy::disallowed_methods)");
+        let publishes = text.contains("send_publish") || text.contains("js.publish");
+        if lifts_ban && publishes {
             assert!(
-                path.starts_with(Path::new(env!("CARGO_MANIFEST_DIR")).join("src/store")),
+                allowed.contains(&path),
                 "{} publishes to JetStream",
                 path.display()
             );
         }
     }
-    let clippy =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("clippy.toml")).unwrap();
+    let clippy = std::fs::read_to_string(root.join("clippy.toml")).unwrap();
     assert!(clippy.contains("async_nats::jetstream::context::Context::send_publish"));
 }

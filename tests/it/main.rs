@@ -6,6 +6,7 @@
 mod api;
 mod architecture;
 mod audit;
+mod bench;
 mod crash;
 mod external;
 mod harness;

@@ -1,0 +1,922 @@
+//! `switchyard bench`: Switchyard's figures next to raw JetStream's, measured in the same run on
+//! the same server, with the targets of docs/PERFORMANCE.md. Timing lives here, never in tests;
+//! the test suite runs every scenario at a tiny size (`--smoke`) so this cannot rot.
+
+pub mod raw;
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use futures::StreamExt;
+use serde::Serialize;
+use serde_json::json;
+
+use crate::app::App;
+use crate::codec::{self, header};
+use crate::config::{Config, StoreConfig};
+use crate::domain::counter::{Added, Counter, CounterEvent, CounterId, Created};
+use crate::domain::{Aggregate, Principal, Timestamp};
+use crate::metrics::Metrics;
+use crate::nats_server::{self, NatsServer};
+use crate::runtime::{EntityTable, ProjectionHandle, new_command_id, system_clock};
+use crate::store::{Commit, EventStore};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scenario {
+    /// Commands per second through the whole path, against raw async publishes.
+    Throughput,
+    /// Command latency at low load and at 80% of the maximum, against raw publish-and-ack.
+    Latency,
+    /// Projection rebuild from the stream, against a raw ordered-consumer read.
+    Replay,
+    /// Loading one entity of 1,000 events, with a snapshot and without.
+    Activation,
+    /// Heap bytes per active entity actor and per passivated entity.
+    Memory,
+    /// Throughput and latency on a server with `sync_interval: always`.
+    Durable,
+}
+
+impl Scenario {
+    pub const ALL: [Scenario; 6] = [
+        Scenario::Throughput,
+        Scenario::Latency,
+        Scenario::Replay,
+        Scenario::Activation,
+        Scenario::Memory,
+        Scenario::Durable,
+    ];
+}
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// An existing server to use; otherwise the benchmark starts its own.
+    pub nats_url: Option<String>,
+    pub scenarios: Vec<Scenario>,
+    /// Entities the load is spread over.
+    pub entities: usize,
+    /// Requests outstanding at once in throughput runs.
+    pub in_flight: usize,
+    /// How long each throughput run lasts.
+    pub duration: Duration,
+    pub latency_samples: usize,
+    pub replay_events: usize,
+    pub memory_entities: usize,
+}
+
+impl Options {
+    pub fn full() -> Self {
+        Self {
+            nats_url: None,
+            scenarios: Scenario::ALL.to_vec(),
+            entities: 1_000,
+            in_flight: 256,
+            duration: Duration::from_secs(10),
+            latency_samples: 5_000,
+            replay_events: 1_000_000,
+            memory_entities: 100_000,
+        }
+    }
+
+    /// Every scenario at a tiny size: proves the benchmark runs, measures nothing.
+    pub fn smoke() -> Self {
+        Self {
+            nats_url: None,
+            scenarios: Scenario::ALL.to_vec(),
+            entities: 20,
+            in_flight: 8,
+            duration: Duration::from_millis(300),
+            latency_samples: 50,
+            replay_events: 500,
+            memory_entities: 200,
+        }
+    }
+}
+
+/// What a figure must reach, as a ratio to its baseline or an absolute bound.
+#[derive(Debug, Clone, Copy, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Target {
+    /// switchyard / raw >= this.
+    RatioAtLeast(f64),
+    /// switchyard / raw <= this.
+    RatioAtMost(f64),
+    /// switchyard <= this, in the row's unit.
+    AtMost(f64),
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    pub scenario: String,
+    pub metric: String,
+    pub unit: &'static str,
+    pub switchyard: f64,
+    pub raw: Option<f64>,
+    pub ratio: Option<f64>,
+    pub target: Option<Target>,
+    pub met: Option<bool>,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Report {
+    pub server: String,
+    pub release_build: bool,
+    pub rows: Vec<Row>,
+}
+
+impl Row {
+    /// A figure; `raw` is its baseline from the same run, `target` what it must reach.
+    pub fn new(
+        scenario: &str,
+        metric: &str,
+        unit: &'static str,
+        switchyard: f64,
+        raw: Option<f64>,
+        target: Option<Target>,
+    ) -> Self {
+        let ratio = raw.filter(|r| *r > 0.0).map(|r| switchyard / r);
+        let met = target.map(|t| match t {
+            Target::RatioAtLeast(min) => ratio.is_some_and(|r| r >= min),
+            Target::RatioAtMost(max) => ratio.is_some_and(|r| r <= max),
+            Target::AtMost(max) => switchyard <= max,
+        });
+        Row {
+            scenario: scenario.to_owned(),
+            metric: metric.to_owned(),
+            unit,
+            switchyard,
+            raw,
+            ratio,
+            target,
+            met,
+        }
+    }
+}
+
+impl Report {
+    fn add(&mut self, out: &mut dyn Write, row: Row) -> anyhow::Result<()> {
+        writeln!(out, "{}", format_row(&row))?;
+        out.flush()?;
+        self.rows.push(row);
+        Ok(())
+    }
+}
+
+fn number(value: f64) -> String {
+    if value >= 100.0 {
+        format!("{value:.0}")
+    } else if value >= 1.0 {
+        format!("{value:.2}")
+    } else {
+        format!("{value:.3}")
+    }
+}
+
+fn format_row(row: &Row) -> String {
+    let raw = row.raw.map_or("-".to_owned(), number);
+    let ratio = row.ratio.map_or("-".to_owned(), |r| format!("{r:.2}x"));
+    let target = match row.target {
+        Some(Target::RatioAtLeast(min)) => format!(">= {min}x"),
+        Some(Target::RatioAtMost(max)) => format!("<= {max}x"),
+        Some(Target::AtMost(max)) => format!("<= {}", number(max)),
+        None => String::new(),
+    };
+    let verdict = match row.met {
+        Some(true) => "met",
+        Some(false) => "MISSED",
+        None => "",
+    };
+    format!(
+        "{:<11} {:<34} {:>12} {:>12} {:<9} {:>8}  {:<9} {verdict}",
+        row.scenario,
+        row.metric,
+        number(row.switchyard),
+        raw,
+        row.unit,
+        ratio,
+        target
+    )
+}
+
+/// Latencies of one run, in arrival order.
+#[derive(Debug, Default)]
+pub struct Latencies(Vec<Duration>);
+
+impl Latencies {
+    pub fn with_capacity(n: usize) -> Self {
+        Self(Vec::with_capacity(n))
+    }
+
+    pub fn push(&mut self, latency: Duration) {
+        self.0.push(latency);
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The `q` quantile (0..=1) in milliseconds; nearest rank.
+    pub fn quantile_ms(&self, q: f64) -> f64 {
+        if self.0.is_empty() {
+            return f64::NAN;
+        }
+        let mut sorted = self.0.clone();
+        sorted.sort_unstable();
+        let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+        sorted[rank - 1].as_secs_f64() * 1000.0
+    }
+}
+
+/// A control plane for one scenario, with its own subject and stream prefixes.
+struct Bench {
+    app: App,
+    client: async_nats::Client,
+    config: Config,
+    url: String,
+}
+
+impl Bench {
+    async fn start(url: &str, name: &str, tweak: impl FnOnce(&mut Config)) -> anyhow::Result<Self> {
+        let mut config = Config::default();
+        config.nats.servers = vec![url.to_owned()];
+        config.nats.request_timeout = Duration::from_secs(30);
+        config.http.listen = "127.0.0.1:0".parse()?;
+        config.store.subject_prefix = format!("bench{name}");
+        config.store.stream_prefix = format!("BENCH{}", name.to_uppercase());
+        config.runtime.mailbox_capacity = 100_000;
+        config.runtime.passivate_after = Duration::from_secs(3600);
+        config.api.max_in_flight = 100_000;
+        config.api.queue_group = format!("bench{name}");
+        tweak(&mut config);
+        let app = App::start(&config, system_clock())
+            .await
+            .context("starting the control plane")?;
+        let client = async_nats::ConnectOptions::new()
+            .request_timeout(Some(Duration::from_secs(30)))
+            .connect(url)
+            .await?;
+        let started = Instant::now();
+        while !app.is_ready() {
+            anyhow::ensure!(
+                started.elapsed() < Duration::from_secs(60),
+                "control plane not ready"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(Self {
+            app,
+            client,
+            config,
+            url: url.to_owned(),
+        })
+    }
+
+    fn subject(&self, verb: &str) -> String {
+        format!("{}.api.counter.{verb}", self.config.store.subject_prefix)
+    }
+
+    fn body(id: usize, verb: &str) -> Bytes {
+        match verb {
+            "create" => Bytes::from(json!({"id": format!("c{id}")}).to_string()),
+            _ => Bytes::from(json!({"id": format!("c{id}"), "amount": 1}).to_string()),
+        }
+    }
+
+    async fn request(&self, verb: &str, id: usize) -> anyhow::Result<()> {
+        let reply = self
+            .client
+            .request(self.subject(verb), Self::body(id, verb))
+            .await?;
+        if let Some(code) = reply
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(async_nats::service::NATS_SERVICE_ERROR))
+        {
+            anyhow::bail!("{verb} c{id}: {}", code.as_str());
+        }
+        Ok(())
+    }
+
+    /// Creates counters `0..n`, `in_flight` at a time.
+    async fn create(&self, n: usize, in_flight: usize) -> anyhow::Result<()> {
+        futures::stream::iter(0..n)
+            .map(|i| self.request("create", i))
+            .buffer_unordered(in_flight.max(1))
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect()
+    }
+
+    /// Closed loop: `in_flight` callers send adds back to back for `duration`; commands/s.
+    async fn throughput(
+        &self,
+        entities: usize,
+        in_flight: usize,
+        duration: Duration,
+    ) -> anyhow::Result<f64> {
+        let subject = self.subject("add");
+        let bodies: Arc<Vec<Bytes>> =
+            Arc::new((0..entities).map(|i| Self::body(i, "add")).collect());
+        let started = Instant::now();
+        let callers: Vec<_> = (0..in_flight)
+            .map(|w| {
+                let client = self.client.clone();
+                let subject = subject.clone();
+                let bodies = bodies.clone();
+                tokio::spawn(async move {
+                    let mut done = 0u64;
+                    let mut k = 0;
+                    while started.elapsed() < duration {
+                        let body = bodies[(w + k * in_flight) % bodies.len()].clone();
+                        k += 1;
+                        let reply = client.request(subject.clone(), body).await?;
+                        anyhow::ensure!(
+                            reply.headers.as_ref().is_none_or(|h| h
+                                .get(async_nats::service::NATS_SERVICE_ERROR)
+                                .is_none()),
+                            "a command failed: {}",
+                            String::from_utf8_lossy(&reply.payload)
+                        );
+                        done += 1;
+                    }
+                    anyhow::Ok(done)
+                })
+            })
+            .collect();
+        let mut done = 0;
+        for caller in callers {
+            done += caller.await??;
+        }
+        Ok(done as f64 / started.elapsed().as_secs_f64())
+    }
+
+    /// One command at a time.
+    async fn sequential_latency(
+        &self,
+        entities: usize,
+        samples: usize,
+    ) -> anyhow::Result<Latencies> {
+        let mut latencies = Latencies::with_capacity(samples);
+        for i in 0..samples {
+            let started = Instant::now();
+            self.request("add", i % entities).await?;
+            latencies.push(started.elapsed());
+        }
+        Ok(latencies)
+    }
+
+    /// Open loop at `rate` commands/s, each latency measured from when it was due.
+    async fn open_loop_latency(
+        &self,
+        entities: usize,
+        rate: f64,
+        samples: usize,
+    ) -> anyhow::Result<Latencies> {
+        let subject = self.subject("add");
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let started = tokio::time::Instant::now();
+        for i in 0..samples {
+            let due = started + Duration::from_secs_f64(i as f64 / rate);
+            tokio::time::sleep_until(due).await;
+            let client = self.client.clone();
+            let subject = subject.clone();
+            let tx = tx.clone();
+            let body = Self::body(i % entities, "add");
+            tokio::spawn(async move {
+                let ok = client.request(subject, body).await.is_ok_and(|r| {
+                    r.headers
+                        .as_ref()
+                        .is_none_or(|h| h.get(async_nats::service::NATS_SERVICE_ERROR).is_none())
+                });
+                let _ = tx.send((due.elapsed(), ok));
+            });
+        }
+        drop(tx);
+        let mut latencies = Latencies::with_capacity(samples);
+        let mut failed = 0;
+        while let Some((latency, ok)) = rx.recv().await {
+            if ok {
+                latencies.push(latency)
+            } else {
+                failed += 1
+            }
+        }
+        anyhow::ensure!(failed == 0, "{failed} commands failed under open-loop load");
+        Ok(latencies)
+    }
+
+    async fn stop(self) {
+        self.app.shutdown().await;
+    }
+}
+
+/// Headers and payload shaped like one `counter.add` commit, for the raw baselines.
+fn commit_like() -> anyhow::Result<(Bytes, async_nats::HeaderMap)> {
+    let events = [CounterEvent::Added(Added {
+        amount: 1,
+        at: Timestamp::from_unix_nanos(1_700_000_000_000_000_000),
+    })];
+    let payload = codec::encode_events(&events, codec::Encoding::Bincode)?;
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(header::EVENT_TYPE, "counter.added");
+    headers.insert(header::SCHEMA_VERSION, "1");
+    headers.insert(header::ENTITY_VERSION, "1234");
+    headers.insert(header::COMMAND_ID, new_command_id().as_str());
+    headers.insert(header::PRINCIPAL, "anonymous");
+    headers.insert(header::RECORDED_AT, "2026-11-22T03:22:15.502207079Z");
+    headers.insert(header::CONTENT_TYPE, codec::BINCODE_CONTENT_TYPE);
+    Ok((payload, headers))
+}
+
+/// The raw baseline's stream and subjects, one per entity like the event stream.
+async fn raw_target(
+    client: &async_nats::Client,
+    name: &str,
+    entities: usize,
+) -> anyhow::Result<(async_nats::jetstream::Context, Vec<String>)> {
+    let js = async_nats::jetstream::ContextBuilder::new()
+        .timeout(Duration::from_secs(30))
+        .build(client.clone());
+    raw::stream(
+        &js,
+        &format!("RAW{}", name.to_uppercase()),
+        &format!("raw{name}.>"),
+    )
+    .await?;
+    Ok((
+        js,
+        (0..entities)
+            .map(|i| format!("raw{name}.evt.c{i}"))
+            .collect(),
+    ))
+}
+
+/// Runs the chosen scenarios, printing each figure as it is measured.
+pub async fn run(options: &Options, out: &mut dyn Write) -> anyhow::Result<Report> {
+    let mut servers = Vec::new();
+    let binary =
+        || nats_server::locate_or_install(&nats_server::tools_dir()).context("finding nats-server");
+    let url = match &options.nats_url {
+        Some(url) => url.clone(),
+        None => {
+            let server = NatsServer::start(nats_server::Options::new(binary()?))?;
+            let url = server.url();
+            servers.push(server);
+            url
+        }
+    };
+    let mut report = Report {
+        server: url.clone(),
+        release_build: !cfg!(debug_assertions),
+        rows: Vec::new(),
+    };
+    if cfg!(debug_assertions) {
+        writeln!(
+            out,
+            "note: a debug build; run `cargo run --release -- bench` for representative figures"
+        )?;
+    }
+    writeln!(
+        out,
+        "{:<11} {:<34} {:>12} {:>12} {:<9} {:>8}  {:<9} verdict",
+        "scenario", "metric", "switchyard", "raw", "unit", "ratio", "target"
+    )?;
+    let wants = |s: Scenario| options.scenarios.contains(&s);
+    let mut max_rate = None;
+    if wants(Scenario::Throughput) || wants(Scenario::Latency) {
+        max_rate = Some(
+            throughput_and_latency(
+                &url,
+                "tp",
+                "throughput",
+                options,
+                wants(Scenario::Latency),
+                &mut report,
+                out,
+            )
+            .await?,
+        );
+    }
+    if wants(Scenario::Replay) {
+        replay(&url, options, &mut report, out).await?;
+    }
+    if wants(Scenario::Activation) {
+        activation(&url, &mut report, out).await?;
+    }
+    if wants(Scenario::Memory) {
+        memory(&url, options, &mut report, out).await?;
+    }
+    if wants(Scenario::Durable) {
+        if options.nats_url.is_some() {
+            writeln!(
+                out,
+                "durable: skipped; it starts its own server with sync_interval: always"
+            )?;
+        } else {
+            let mut durable = nats_server::Options::new(binary()?);
+            durable.sync_always = true;
+            let server = NatsServer::start(durable)?;
+            let durable_options = Options {
+                duration: options.duration / 2,
+                latency_samples: options.latency_samples / 5,
+                ..options.clone()
+            };
+            throughput_and_latency(
+                &server.url(),
+                "dur",
+                "durable",
+                &durable_options,
+                true,
+                &mut report,
+                out,
+            )
+            .await?;
+            servers.push(server);
+        }
+    }
+    let _ = max_rate;
+    Ok(report)
+}
+
+async fn throughput_and_latency(
+    url: &str,
+    name: &str,
+    scenario: &str,
+    options: &Options,
+    latency: bool,
+    report: &mut Report,
+    out: &mut dyn Write,
+) -> anyhow::Result<f64> {
+    let bench = Bench::start(url, name, |_| {}).await?;
+    bench.create(options.entities, options.in_flight).await?;
+    // Warm up: every entity actor active, connections and allocations settled.
+    bench
+        .throughput(options.entities, options.in_flight, options.duration / 5)
+        .await?;
+    let rate = bench
+        .throughput(options.entities, options.in_flight, options.duration)
+        .await?;
+    let (js, subjects) = raw_target(&bench.client, name, options.entities).await?;
+    let (payload, headers) = commit_like()?;
+    let raw_rate = raw::async_publish_rate(
+        &js,
+        &subjects,
+        &payload,
+        &headers,
+        options.in_flight,
+        options.duration,
+    )
+    .await?;
+    let label = if scenario == "durable" {
+        "durable"
+    } else {
+        "throughput"
+    };
+    report.add(
+        out,
+        Row::new(
+            label,
+            &format!("commands/s ({} in flight)", options.in_flight),
+            "per s",
+            rate,
+            Some(raw_rate),
+            (scenario != "durable").then_some(Target::RatioAtLeast(0.5)),
+        ),
+    )?;
+    if latency {
+        let low = bench
+            .sequential_latency(options.entities, options.latency_samples)
+            .await?;
+        let raw_low = raw::sync_publish_latency(
+            &js,
+            &subjects,
+            &payload,
+            &headers,
+            options.latency_samples,
+            1 << 40,
+        )
+        .await?;
+        let label = if scenario == "durable" {
+            "durable"
+        } else {
+            "latency"
+        };
+        for (q, name) in [(0.5, "p50"), (0.99, "p99"), (0.999, "p99.9")] {
+            let target = (q == 0.99 && scenario != "durable").then_some(Target::RatioAtMost(3.0));
+            report.add(
+                out,
+                Row::new(
+                    label,
+                    &format!("low load {name}"),
+                    "ms",
+                    low.quantile_ms(q),
+                    Some(raw_low.quantile_ms(q)),
+                    target,
+                ),
+            )?;
+        }
+        let load = 0.8 * rate;
+        let samples =
+            ((load * options.duration.as_secs_f64() / 2.0) as usize).max(options.latency_samples);
+        let busy = bench
+            .open_loop_latency(options.entities, load, samples)
+            .await?;
+        let raw_busy = raw::open_loop_publish_latency(
+            &js,
+            &subjects,
+            &payload,
+            &headers,
+            load,
+            samples,
+            1 << 41,
+        )
+        .await?;
+        for (q, name) in [(0.5, "p50"), (0.99, "p99"), (0.999, "p99.9")] {
+            report.add(
+                out,
+                Row::new(
+                    label,
+                    &format!("at 80% ({load:.0}/s) {name}"),
+                    "ms",
+                    busy.quantile_ms(q),
+                    Some(raw_busy.quantile_ms(q)),
+                    None,
+                ),
+            )?;
+        }
+    }
+    bench.stop().await;
+    Ok(rate)
+}
+
+/// Appends `events` commits of one event each, spread over `entities` counters, through the
+/// event store (OCC per entity, entities in parallel). Returns the commits per second.
+async fn seed(store: &EventStore, entities: usize, events: usize) -> anyhow::Result<f64> {
+    let per_entity = events.div_ceil(entities);
+    let started = Instant::now();
+    futures::stream::iter(0..entities)
+        .map(|e| async move {
+            let id = CounterId::new(format!("c{e}"))?;
+            let mut last = 0;
+            for version in 1..=per_entity as u64 {
+                let event = if version == 1 {
+                    CounterEvent::Created(Created {
+                        limit: None,
+                        idle_ttl_ms: None,
+                        at: Timestamp::EPOCH,
+                    })
+                } else {
+                    CounterEvent::Added(Added {
+                        amount: 1,
+                        at: Timestamp::EPOCH,
+                    })
+                };
+                let command_id = new_command_id();
+                last = store
+                    .append(Commit {
+                        kind: Counter::KIND,
+                        entity: id.as_str(),
+                        expected: last,
+                        entity_version: version,
+                        command_id: &command_id,
+                        principal: &Principal::system(),
+                        recorded_at: Timestamp::EPOCH,
+                        events: &[event],
+                    })
+                    .await?
+                    .seq;
+            }
+            anyhow::Ok(())
+        })
+        .buffer_unordered(512)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<anyhow::Result<()>>()?;
+    Ok((per_entity * entities) as f64 / started.elapsed().as_secs_f64())
+}
+
+async fn open_store(url: &str, name: &str) -> anyhow::Result<EventStore> {
+    let client = async_nats::connect(url).await?;
+    let config = StoreConfig {
+        subject_prefix: format!("bench{name}"),
+        stream_prefix: format!("BENCH{}", name.to_uppercase()),
+        ..StoreConfig::default()
+    };
+    Ok(EventStore::open(client, &config, Duration::from_secs(30)).await?)
+}
+
+async fn replay(
+    url: &str,
+    options: &Options,
+    report: &mut Report,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    let store = open_store(url, "rp").await?;
+    let entities = options.entities.min(options.replay_events).max(1);
+    let seeding = seed(&store, entities, options.replay_events).await?;
+    let total = store.last_sequence().await?;
+    report.add(
+        out,
+        Row::new(
+            "replay",
+            "seeding: store appends (OCC) /s",
+            "per s",
+            seeding,
+            None,
+            None,
+        ),
+    )?;
+
+    let raw_rate = raw::ordered_read_rate(
+        store.jetstream(),
+        store.stream_name(),
+        &store.subjects().all_events(),
+        total,
+    )
+    .await?;
+    let started = Instant::now();
+    let table = ProjectionHandle::start(
+        EntityTable::<Counter>::default(),
+        store.clone(),
+        Metrics::new(),
+    );
+    let mut ready = table.readiness();
+    while !*ready.borrow_and_update() {
+        ready.changed().await?;
+    }
+    let rate = total as f64 / started.elapsed().as_secs_f64();
+    let rows = table.ask(|t, _| t.len()).await?;
+    anyhow::ensure!(
+        rows == entities,
+        "the rebuilt table has {rows} rows, expected {entities}"
+    );
+    report.add(
+        out,
+        Row::new(
+            "replay",
+            &format!("projection rebuild, {total} events"),
+            "events/s",
+            rate,
+            Some(raw_rate),
+            Some(Target::RatioAtLeast(0.8)),
+        ),
+    )?;
+    Ok(())
+}
+
+async fn activation(url: &str, report: &mut Report, out: &mut dyn Write) -> anyhow::Result<()> {
+    let store = open_store(url, "act").await?;
+    seed(&store, 1, 900).await?;
+    let id = CounterId::new("c0")?;
+    let mut entity = store.load::<Counter>(&id).await?;
+    store.save_snapshot(&mut entity).await;
+    // 100 more after the snapshot: 1,000 events in all.
+    let mut last = entity.last_seq;
+    for version in 901..=1000u64 {
+        let command_id = new_command_id();
+        last = store
+            .append(Commit {
+                kind: Counter::KIND,
+                entity: id.as_str(),
+                expected: last,
+                entity_version: version,
+                command_id: &command_id,
+                principal: &Principal::system(),
+                recorded_at: Timestamp::EPOCH,
+                events: &[CounterEvent::Added(Added {
+                    amount: 1,
+                    at: Timestamp::EPOCH,
+                })],
+            })
+            .await?
+            .seq;
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let mut with_snapshot = Vec::new();
+    let mut full = Vec::new();
+    let mut raw_read = Vec::new();
+    let subject = store.subjects().event(Counter::KIND, id.as_str());
+    for _ in 0..21 {
+        let started = Instant::now();
+        let loaded = store.load::<Counter>(&id).await?;
+        with_snapshot.push(started.elapsed().as_secs_f64() * 1000.0);
+        anyhow::ensure!(loaded.version == 1000, "loaded version {}", loaded.version);
+        let started = Instant::now();
+        let replayed = store.load_as_of::<Counter>(&id, u64::MAX).await?;
+        full.push(started.elapsed().as_secs_f64() * 1000.0);
+        anyhow::ensure!(
+            replayed.state == loaded.state,
+            "snapshot plus tail differs from the full replay"
+        );
+        let started = Instant::now();
+        let messages = store.read_subject(&subject, 1, None).await?;
+        raw_read.push(started.elapsed().as_secs_f64() * 1000.0);
+        anyhow::ensure!(messages.len() == 1000);
+    }
+    report.add(
+        out,
+        Row::new(
+            "activation",
+            "1,000 events: snapshot + 100 tail",
+            "ms",
+            median(with_snapshot),
+            Some(median(full.clone())),
+            None,
+        ),
+    )?;
+    report.add(
+        out,
+        Row::new(
+            "activation",
+            "1,000 events: full replay",
+            "ms",
+            median(full),
+            Some(median(raw_read)),
+            None,
+        ),
+    )?;
+    Ok(())
+}
+
+async fn memory(
+    url: &str,
+    options: &Options,
+    report: &mut Report,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    use crate::alloc::live_bytes;
+    let bench = Bench::start(url, "mem", |_| {}).await?;
+    let n = options.memory_entities;
+    let base = live_bytes();
+    bench.create(n, options.in_flight).await?;
+    let table = bench.app.services().counter_table.clone();
+    let started = Instant::now();
+    while table.ask(|t, _| t.len()).await? < n {
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(120),
+            "the table did not catch up"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let counters = bench.app.services().counters.clone();
+    let active_count = counters.active().await;
+    let active = live_bytes();
+    counters.passivate_idle(Duration::ZERO).await;
+    while counters.active().await > 0 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Let the stopped actors' futures and mailboxes be dropped.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let passive = live_bytes();
+    let per_active = active.saturating_sub(passive) as f64 / active_count.max(1) as f64;
+    let per_passive = passive.saturating_sub(base) as f64 / n as f64;
+    report.add(
+        out,
+        Row::new(
+            "memory",
+            &format!("per active entity actor ({active_count})"),
+            "bytes",
+            per_active,
+            None,
+            Some(Target::AtMost(4096.0)),
+        ),
+    )?;
+    report.add(
+        out,
+        Row::new(
+            "memory",
+            &format!("per passivated entity ({n})"),
+            "bytes",
+            per_passive,
+            None,
+            Some(Target::AtMost(1024.0)),
+        ),
+    )?;
+    report.add(
+        out,
+        Row::new(
+            "memory",
+            "resident set after the run",
+            "MiB",
+            crate::alloc::resident_bytes() as f64 / (1 << 20) as f64,
+            None,
+            None,
+        ),
+    )?;
+    let _ = &bench.url;
+    bench.stop().await;
+    Ok(())
+}
