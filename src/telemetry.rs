@@ -10,8 +10,10 @@ use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use serde::{Deserialize, Serialize};
+use tracing::Level;
 use tracing::Span;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::filter::Targets;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer, Registry};
@@ -121,9 +123,13 @@ pub fn install(
             .with_writer(std::io::stderr)
             .boxed(),
     };
-    let otel = provider
-        .as_ref()
-        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("switchyard")));
+    // Switchyard's own spans are at debug level: without an exporter nothing is interested in
+    // them and they cost nothing on the hot path; with one, the trace layer takes all of them.
+    let otel = provider.as_ref().map(|p| {
+        tracing_opentelemetry::layer()
+            .with_tracer(p.tracer("switchyard"))
+            .with_filter(Targets::new().with_target("switchyard", Level::DEBUG))
+    });
     Registry::default()
         .with(otel)
         .with(logs.with_filter(filter))

@@ -5,10 +5,10 @@ use std::collections::{BTreeSet, HashMap};
 use std::marker::PhantomData;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use futures::future::BoxFuture;
 use schemars::{JsonSchema, Schema, SchemaGenerator};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use super::catalog::{Served, Services};
 use super::{ApiError, ApiRequest, body_as};
@@ -18,7 +18,7 @@ use crate::runtime::{Entities, EntityTable, ProjectionHandle};
 
 /// Handles one route's requests.
 pub trait Handler: Send + Sync + 'static {
-    fn handle(&self, request: ApiRequest) -> BoxFuture<'static, Result<Value, ApiError>>;
+    fn handle(&self, request: ApiRequest) -> BoxFuture<'static, Result<Bytes, ApiError>>;
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -93,8 +93,8 @@ pub struct ListReply<I, V> {
 pub const MAX_PAGE: usize = 1000;
 const DEFAULT_PAGE: usize = 100;
 
-fn json(value: impl Serialize) -> Result<Value, ApiError> {
-    serde_json::to_value(value).map_err(|e| {
+fn json(value: impl Serialize) -> Result<Bytes, ApiError> {
+    serde_json::to_vec(&value).map(Bytes::from).map_err(|e| {
         ApiError::new(
             crate::domain::ErrorKind::Internal,
             format!("cannot encode reply: {e}"),
@@ -108,7 +108,7 @@ struct CommandRoute<C: CommandRequest> {
 }
 
 impl<C: CommandRequest> Handler for CommandRoute<C> {
-    fn handle(&self, request: ApiRequest) -> BoxFuture<'static, Result<Value, ApiError>> {
+    fn handle(&self, request: ApiRequest) -> BoxFuture<'static, Result<Bytes, ApiError>> {
         let entities = self.entities.clone();
         Box::pin(async move {
             let body: C = body_as(&request)?;
@@ -152,7 +152,7 @@ impl<A: Aggregate> Handler for GetRoute<A>
 where
     A::Id: serde::de::DeserializeOwned,
 {
-    fn handle(&self, request: ApiRequest) -> BoxFuture<'static, Result<Value, ApiError>> {
+    fn handle(&self, request: ApiRequest) -> BoxFuture<'static, Result<Bytes, ApiError>> {
         let entities = self.entities.clone();
         Box::pin(async move {
             let body: GetRequest<A::Id> = body_as(&request)?;
@@ -200,7 +200,7 @@ impl<A: Aggregate> Handler for ListRoute<A>
 where
     A::Id: serde::de::DeserializeOwned + Serialize,
 {
-    fn handle(&self, request: ApiRequest) -> BoxFuture<'static, Result<Value, ApiError>> {
+    fn handle(&self, request: ApiRequest) -> BoxFuture<'static, Result<Bytes, ApiError>> {
         let table = self.table.clone();
         Box::pin(async move {
             let body: ListRequest<A::Id> = body_as(&request)?;

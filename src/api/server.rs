@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 use async_nats::{Client, HeaderMap, Message};
 use bytes::Bytes;
 use futures::StreamExt;
-use serde_json::Value;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tracing::Instrument;
@@ -15,6 +14,7 @@ use tracing::Instrument;
 use super::micro::Micro;
 use super::{ApiError, ERROR_CODE_HEADER, Mode, Router, parse_request};
 use crate::config::ApiConfig;
+use crate::domain::ErrorKind;
 use crate::metrics::Metrics;
 use crate::subject::Subjects;
 use crate::telemetry;
@@ -113,7 +113,7 @@ async fn handle(context: &ApiContext, message: Message) {
         .subjects
         .parse_route(message.subject.as_str(), "api")
         .map_or(("", ""), |(k, v)| (k, v));
-    let span = tracing::info_span!(
+    let span = tracing::debug_span!(
         "api",
         otel.name = %message.subject,
         otel.kind = "server",
@@ -133,7 +133,13 @@ async fn handle(context: &ApiContext, message: Message) {
     };
     span.record("code", code);
     if let Err(err) = &result {
-        span.in_scope(|| tracing::info!(code, message = %err.message, "request refused"));
+        // The caller gets every refusal; only our own failures are worth an operator's eye.
+        span.in_scope(|| match err.code {
+            ErrorKind::Unavailable | ErrorKind::Internal => {
+                tracing::warn!(kind, verb, code, message = %err.message, "request failed")
+            }
+            _ => tracing::debug!(kind, verb, code, message = %err.message, "request refused"),
+        });
     }
     context
         .micro
@@ -150,7 +156,7 @@ async fn dispatch(
     kind: &str,
     verb: &str,
     message: &Message,
-) -> Result<Value, ApiError> {
+) -> Result<Bytes, ApiError> {
     if kind.is_empty() {
         return Err(ApiError::not_found(format!(
             "{} is not an API subject; use {}",
@@ -172,7 +178,7 @@ async fn dispatch(
 }
 
 /// Sends a reply: the JSON result, or the typed error in the body and in the micro headers.
-pub async fn respond(client: &Client, reply: &str, result: Result<Value, ApiError>) {
+pub async fn respond(client: &Client, reply: &str, result: Result<Bytes, ApiError>) {
     let (headers, body) = encode_reply(result);
     if let Err(err) = client
         .publish_with_headers(reply.to_owned(), headers, body)
@@ -185,7 +191,7 @@ pub async fn respond(client: &Client, reply: &str, result: Result<Value, ApiErro
     }
 }
 
-pub fn encode_reply(result: Result<Value, ApiError>) -> (HeaderMap, Bytes) {
+pub fn encode_reply(result: Result<Bytes, ApiError>) -> (HeaderMap, Bytes) {
     let mut headers = HeaderMap::new();
     headers.insert("Content-Type", "application/json");
     let body = match result {
@@ -199,10 +205,10 @@ pub fn encode_reply(result: Result<Value, ApiError>) -> (HeaderMap, Bytes) {
                 error.code.status().to_string().as_str(),
             );
             headers.insert(ERROR_CODE_HEADER, error.code.as_str());
-            serde_json::to_value(error.body()).unwrap_or(Value::Null)
+            Bytes::from(serde_json::to_vec(&error.body()).unwrap_or_default())
         }
     };
-    (headers, Bytes::from(body.to_string()))
+    (headers, body)
 }
 
 /// Whether a route may be sent fire-and-forget.

@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, AckKind, consumer, stream};
+use bytes::Bytes;
 use futures::StreamExt;
-use serde_json::Value;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tracing::Instrument;
@@ -170,7 +170,7 @@ async fn process(context: &ApiContext, message: jetstream::Message) {
         .subjects
         .parse_route(message.subject.as_str(), "cmd")
         .map_or(("", ""), |(k, v)| (k, v));
-    let span = tracing::info_span!(
+    let span = tracing::debug_span!(
         "cmd",
         otel.name = %message.subject,
         otel.kind = "consumer",
@@ -216,9 +216,12 @@ async fn process(context: &ApiContext, message: jetstream::Message) {
         .record(code, started.elapsed());
     let retry = matches!(&result, Err(e) if e.code == ErrorKind::Unavailable);
     if let Err(err) = &result {
-        span.in_scope(
-            || tracing::warn!(seq, code, message = %err.message, "fire-and-forget command refused"),
-        );
+        span.in_scope(|| match err.code {
+            ErrorKind::Unavailable | ErrorKind::Internal => {
+                tracing::warn!(seq, kind, verb, code, message = %err.message, "fire-and-forget command failed")
+            }
+            _ => tracing::info!(seq, kind, verb, code, message = %err.message, "fire-and-forget command refused"),
+        });
     }
     publish_result(
         context,
@@ -269,7 +272,7 @@ async fn publish_result(
     context: &ApiContext,
     command_id: Option<&str>,
     seq: u64,
-    result: Result<Value, ApiError>,
+    result: Result<Bytes, ApiError>,
 ) {
     let subject = match command_id {
         Some(id) => context.subjects.result(id),

@@ -17,6 +17,9 @@ use crate::store::{Appended, Commit, Entity, EventStore, StoreError};
 
 pub type Reply<T> = oneshot::Sender<Result<T, CommandError>>;
 
+/// Events since the last snapshot that make a passivating actor write one.
+const PASSIVATION_SNAPSHOT_AFTER: u64 = 16;
+
 /// A request to one entity.
 pub enum Work<A: Aggregate> {
     Execute {
@@ -113,7 +116,7 @@ impl<A: Aggregate> Handler<Work<A>> for EntityActor<A> {
                     span,
                     reply,
                 } => {
-                    let span = tracing::info_span!(parent: &span, "entity.execute", kind = A::KIND, id = %id, command_id = %meta.command_id);
+                    let span = tracing::debug_span!(parent: &span, "entity.execute", kind = A::KIND, id = %id, command_id = %meta.command_id);
                     let result = execute(
                         &store,
                         &settings,
@@ -140,9 +143,13 @@ impl<A: Aggregate> Handler<Work<A>> for EntityActor<A> {
                     let _ = reply.send(result);
                 }
                 Work::Passivate => {
+                    // Snapshot on the way out only when the tail is long enough to be worth
+                    // skipping at the next activation; a handful of events replays faster than a
+                    // KV round trip is written.
                     if let Some(loaded) = entity.as_mut()
                         && settings.snapshot_every > 0
-                        && loaded.snapshot_stale()
+                        && loaded
+                            .snapshot_due(PASSIVATION_SNAPSHOT_AFTER.min(settings.snapshot_every))
                     {
                         store.save_snapshot(loaded).await;
                     }

@@ -223,8 +223,7 @@ impl<P: Projection> StreamHandler<Result<StoredMessage, StoreError>> for Project
         // Live, a projection's update continues the trace of the command that caused it; while
         // rebuilding it makes no spans at all (a replay must not join months-old traces).
         let span = if self.catching_up.is_none() {
-            let span =
-                tracing::info_span!("projection.apply", projection = %self.name, seq = message.seq);
+            let span = tracing::debug_span!("projection.apply", projection = %self.name, seq = message.seq);
             telemetry::continue_trace(&span, Some(&message.headers));
             span
         } else {

@@ -72,7 +72,7 @@ impl<A: Aggregate> Reaper<A> {
                     };
                     // A new trace, linked to the command that made the entity due: the expiry
                     // happens long after that request ended.
-                    let span = tracing::info_span!("reaper", kind = A::KIND, id = %id);
+                    let span = tracing::debug_span!("reaper", kind = A::KIND, id = %id);
                     telemetry::link_traceparent(&span, traceparent.as_deref());
                     let result = entities.execute(id.clone(), command, meta).instrument(span).await;
                     match result {

@@ -28,6 +28,8 @@ pub struct Registry<A: Aggregate> {
     settings: Arc<Settings>,
     metrics: Arc<EntityMetrics>,
     actors: HashMap<A::Id, Slot<A>>,
+    /// Passivated actors that may still be finishing (a snapshot); forgotten once stopped.
+    stopping: Vec<Addr<EntityActor<A>>>,
 }
 
 impl<A: Aggregate> Registry<A> {
@@ -37,6 +39,7 @@ impl<A: Aggregate> Registry<A> {
             settings,
             metrics: Arc::new(metrics.entity(A::KIND)),
             actors: HashMap::new(),
+            stopping: Vec::new(),
         }
     }
 
@@ -58,12 +61,15 @@ impl<A: Aggregate> Registry<A> {
 
     /// Stops actors idle for at least `idle`; they snapshot on the way out. Returns how many.
     fn passivate(&mut self, idle: Duration) -> usize {
+        self.stopping.retain(Addr::connected);
         let before = self.actors.len();
+        let stopping = &mut self.stopping;
         self.actors.retain(|_, slot| {
             let keep = slot.pending.load(Ordering::Acquire) > 0 || slot.last_used.elapsed() < idle;
             if !keep {
                 // Queued behind nothing: no request reaches it once it is out of the map.
                 slot.addr.do_send(Work::Passivate);
+                stopping.push(slot.addr.clone());
             }
             keep
         });
@@ -135,7 +141,7 @@ impl<A: Aggregate> Handler<Route<A>> for Registry<A> {
     }
 }
 
-/// How many entity actors are in memory.
+/// How many entity actors are in memory, including passivated ones still stopping.
 pub struct ActiveCount;
 
 impl Message for ActiveCount {
@@ -146,7 +152,8 @@ impl<A: Aggregate> Handler<ActiveCount> for Registry<A> {
     type Result = usize;
 
     fn handle(&mut self, _: ActiveCount, _: &mut Context<Self>) -> usize {
-        self.actors.len()
+        self.stopping.retain(Addr::connected);
+        self.actors.len() + self.stopping.len()
     }
 }
 
@@ -177,10 +184,11 @@ impl<A: Aggregate> Handler<Drain<A>> for Registry<A> {
     type Result = MessageResult<Drain<A>>;
 
     fn handle(&mut self, _: Drain<A>, ctx: &mut Context<Self>) -> Self::Result {
-        let actors: Vec<_> = self.actors.drain().map(|(_, slot)| slot.addr).collect();
+        let mut actors: Vec<_> = self.actors.drain().map(|(_, slot)| slot.addr).collect();
         for addr in &actors {
             addr.do_send(Work::Passivate);
         }
+        actors.append(&mut self.stopping);
         ctx.stop();
         MessageResult(actors)
     }

@@ -104,11 +104,6 @@ impl<A: Aggregate> Entity<A> {
         every > 0 && self.version >= self.snapshot.map_or(0, |s| s.version) + every
     }
 
-    /// Whether there is anything newer than the stored snapshot.
-    pub fn snapshot_stale(&self) -> bool {
-        self.version > self.snapshot.map_or(0, |s| s.version)
-    }
-
     fn from_snapshot(id: A::Id, record: &SnapshotRecord, revision: u64) -> Option<Self> {
         if record.state_version != A::SNAPSHOT_VERSION {
             return None;
