@@ -160,7 +160,7 @@ fn main() -> ExitCode {
     let system = actix_rt::System::with_tokio_rt(|| {
         tokio::runtime::Builder::new_multi_thread()
             .enable_all()
-            .thread_name("switchyard")
+            .thread_name("tokio-worker")
             .build()
             .unwrap_or_else(|err| {
                 eprintln!("error: cannot start the async runtime: {err}");

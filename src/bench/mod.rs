@@ -240,7 +240,6 @@ struct Bench {
     app: App,
     client: async_nats::Client,
     config: Config,
-    url: String,
 }
 
 impl Bench {
@@ -275,7 +274,6 @@ impl Bench {
             app,
             client,
             config,
-            url: url.to_owned(),
         })
     }
 
@@ -419,6 +417,53 @@ impl Bench {
     }
 }
 
+/// CPU time used by this process and by the server over a window, per operation.
+struct CpuWindow {
+    server_pid: Option<u32>,
+    ours: Option<Duration>,
+    server: Option<Duration>,
+}
+
+impl CpuWindow {
+    fn start(server_pid: Option<u32>) -> Self {
+        Self {
+            server_pid,
+            ours: cpu_time(None),
+            server: server_pid.and_then(|p| cpu_time(Some(p))),
+        }
+    }
+
+    /// Microseconds of CPU per operation: `(this process, the server)`; NaN where unknown.
+    fn per_op(&self, ops: f64) -> (f64, f64) {
+        let per = |before: Option<Duration>, pid: Option<u32>| match (before, cpu_time(pid)) {
+            (Some(before), Some(after)) if ops > 0.0 => {
+                after.saturating_sub(before).as_secs_f64() * 1e6 / ops
+            }
+            _ => f64::NAN,
+        };
+        let server = if self.server_pid.is_some() {
+            per(self.server, self.server_pid)
+        } else {
+            f64::NAN
+        };
+        (per(self.ours, None), server)
+    }
+}
+
+/// User plus system CPU time of a process (this one if `None`), from `/proc`.
+fn cpu_time(pid: Option<u32>) -> Option<Duration> {
+    let path = pid.map_or_else(
+        || "/proc/self/stat".to_owned(),
+        |p| format!("/proc/{p}/stat"),
+    );
+    let text = std::fs::read_to_string(path).ok()?;
+    // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
+    let fields: Vec<&str> = text.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // Linux reports these in USER_HZ, 100 per second.
+    Some(Duration::from_millis(ticks * 10))
+}
+
 /// Headers and payload shaped like one `counter.add` commit, for the raw baselines.
 fn commit_like() -> anyhow::Result<(Bytes, async_nats::HeaderMap)> {
     let events = [CounterEvent::Added(Added {
@@ -491,20 +536,20 @@ pub async fn run(options: &Options, out: &mut dyn Write) -> anyhow::Result<Repor
         "scenario", "metric", "switchyard", "raw", "unit", "ratio", "target"
     )?;
     let wants = |s: Scenario| options.scenarios.contains(&s);
-    let mut max_rate = None;
+    let server_pid = servers.first().and_then(NatsServer::pid);
     if wants(Scenario::Throughput) || wants(Scenario::Latency) {
-        max_rate = Some(
-            throughput_and_latency(
-                &url,
-                "tp",
-                "throughput",
-                options,
-                wants(Scenario::Latency),
-                &mut report,
-                out,
-            )
-            .await?,
-        );
+        let latency = wants(Scenario::Latency);
+        throughput_and_latency(
+            &url,
+            server_pid,
+            "tp",
+            "throughput",
+            options,
+            latency,
+            &mut report,
+            out,
+        )
+        .await?;
     }
     if wants(Scenario::Replay) {
         replay(&url, options, &mut report, out).await?;
@@ -532,6 +577,7 @@ pub async fn run(options: &Options, out: &mut dyn Write) -> anyhow::Result<Repor
             };
             throughput_and_latency(
                 &server.url(),
+                server.pid(),
                 "dur",
                 "durable",
                 &durable_options,
@@ -543,30 +589,34 @@ pub async fn run(options: &Options, out: &mut dyn Write) -> anyhow::Result<Repor
             servers.push(server);
         }
     }
-    let _ = max_rate;
     Ok(report)
 }
 
+#[allow(clippy::too_many_arguments)] // one call per server; a struct would only rename them
 async fn throughput_and_latency(
     url: &str,
+    server_pid: Option<u32>,
     name: &str,
     scenario: &str,
     options: &Options,
     latency: bool,
     report: &mut Report,
     out: &mut dyn Write,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<()> {
     let bench = Bench::start(url, name, |_| {}).await?;
     bench.create(options.entities, options.in_flight).await?;
     // Warm up: every entity actor active, connections and allocations settled.
     bench
         .throughput(options.entities, options.in_flight, options.duration / 5)
         .await?;
+    let cpu = CpuWindow::start(server_pid);
     let rate = bench
         .throughput(options.entities, options.in_flight, options.duration)
         .await?;
+    let (ours, server) = cpu.per_op(rate * options.duration.as_secs_f64());
     let (js, subjects) = raw_target(&bench.client, name, options.entities).await?;
     let (payload, headers) = commit_like()?;
+    let cpu = CpuWindow::start(server_pid);
     let raw_rate = raw::async_publish_rate(
         &js,
         &subjects,
@@ -576,6 +626,7 @@ async fn throughput_and_latency(
         options.duration,
     )
     .await?;
+    let (raw_ours, raw_server) = cpu.per_op(raw_rate * options.duration.as_secs_f64());
     let label = if scenario == "durable" {
         "durable"
     } else {
@@ -590,6 +641,33 @@ async fn throughput_and_latency(
             rate,
             Some(raw_rate),
             (scenario != "durable").then_some(Target::RatioAtLeast(0.5)),
+        ),
+    )?;
+    let label_cpu = if scenario == "durable" {
+        "durable"
+    } else {
+        "throughput"
+    };
+    report.add(
+        out,
+        Row::new(
+            label_cpu,
+            "CPU per command: this process",
+            "us",
+            ours,
+            Some(raw_ours),
+            None,
+        ),
+    )?;
+    report.add(
+        out,
+        Row::new(
+            label_cpu,
+            "CPU per command: nats-server",
+            "us",
+            server,
+            Some(raw_server),
+            None,
         ),
     )?;
     if latency {
@@ -655,7 +733,7 @@ async fn throughput_and_latency(
         }
     }
     bench.stop().await;
-    Ok(rate)
+    Ok(())
 }
 
 /// Appends `events` commits of one event each, spread over `entities` counters, through the
@@ -857,10 +935,14 @@ async fn memory(
     report: &mut Report,
     out: &mut dyn Write,
 ) -> anyhow::Result<()> {
-    use crate::alloc::live_bytes;
+    use crate::alloc::{counted_bytes, start_counting, stop_counting};
+    // Live heap bytes, counted by the allocator while this scenario runs; a short settle lets
+    // in-flight replies and stopped actors be dropped before each reading.
+    let settle = || tokio::time::sleep(Duration::from_millis(300));
     let bench = Bench::start(url, "mem", |_| {}).await?;
     let n = options.memory_entities;
-    let base = live_bytes();
+    settle().await;
+    start_counting();
     bench.create(n, options.in_flight).await?;
     let table = bench.app.services().counter_table.clone();
     let started = Instant::now();
@@ -873,16 +955,17 @@ async fn memory(
     }
     let counters = bench.app.services().counters.clone();
     let active_count = counters.active().await;
-    let active = live_bytes();
+    settle().await;
+    let active = counted_bytes();
     counters.passivate_idle(Duration::ZERO).await;
     while counters.active().await > 0 {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // Let the stopped actors' futures and mailboxes be dropped.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let passive = live_bytes();
-    let per_active = active.saturating_sub(passive) as f64 / active_count.max(1) as f64;
-    let per_passive = passive.saturating_sub(base) as f64 / n as f64;
+    settle().await;
+    let passive = counted_bytes();
+    stop_counting();
+    let per_active = (active - passive).max(0) as f64 / active_count.max(1) as f64;
+    let per_passive = passive.max(0) as f64 / n as f64;
     report.add(
         out,
         Row::new(
@@ -916,7 +999,6 @@ async fn memory(
             None,
         ),
     )?;
-    let _ = &bench.url;
     bench.stop().await;
     Ok(())
 }

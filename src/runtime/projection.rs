@@ -315,7 +315,8 @@ impl<P: Projection> ProjectionHandle<P> {
             ready,
         };
         Self {
-            addr: actor.start(),
+            // Its own thread: a rebuild or a busy stream never delays entity actors.
+            addr: ProjectionActor::start_in_arbiter(&actix::Arbiter::new().handle(), |_| actor),
             ready: watch,
             name,
         }

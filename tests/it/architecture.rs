@@ -89,3 +89,17 @@ fn only_the_event_store_publishes_to_jetstream() {
     let clippy = std::fs::read_to_string(root.join("clippy.toml")).unwrap();
     assert!(clippy.contains("async_nats::jetstream::context::Context::send_publish"));
 }
+
+#[test]
+fn unsafe_code_lives_only_in_the_allocator() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for (path, text) in source("src") {
+        if text.contains("allow(unsafe_code)") {
+            assert_eq!(
+                path,
+                root.join("src/alloc.rs"),
+                "unsafe code outside the allocator"
+            );
+        }
+    }
+}
