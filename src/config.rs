@@ -144,6 +144,21 @@ pub struct RuntimeConfig {
     /// How often reapers look for due work.
     #[serde(with = "humantime_serde")]
     pub reaper_interval: Duration,
+    /// Threads for NATS I/O and request handling; 0 means one per core but one, which is left
+    /// to the actix arbiter that runs the entity actors.
+    pub worker_threads: usize,
+}
+
+impl RuntimeConfig {
+    /// The worker threads to start: `worker_threads`, or one per core but one (at least one).
+    pub fn worker_threads(&self) -> usize {
+        match self.worker_threads {
+            0 => {
+                std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1))
+            }
+            n => n,
+        }
+    }
 }
 
 impl Default for RuntimeConfig {
@@ -153,6 +168,7 @@ impl Default for RuntimeConfig {
             passivate_after: Duration::from_secs(120),
             conflict_retries: 5,
             reaper_interval: Duration::from_secs(1),
+            worker_threads: 0,
         }
     }
 }

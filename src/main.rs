@@ -157,8 +157,20 @@ struct SchemaArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let config = match Config::load(cli.config.as_deref()) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!(
+                "error: loading the configuration: {:#}",
+                anyhow::Error::from(err)
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    let workers = config.runtime.worker_threads();
     let system = actix_rt::System::with_tokio_rt(|| {
         tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
             .enable_all()
             .thread_name("tokio-worker")
             .build()
@@ -167,7 +179,7 @@ fn main() -> ExitCode {
                 std::process::exit(1)
             })
     });
-    match system.block_on(run(cli)) {
+    match system.block_on(run(cli, config)) {
         Ok(code) => code,
         Err(err) => {
             eprintln!("error: {err:#}");
@@ -176,8 +188,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let config = Config::load(cli.config.as_deref()).context("loading the configuration")?;
+async fn run(cli: Cli, config: Config) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Serve => {
             let telemetry = telemetry::init(&config.log)?;

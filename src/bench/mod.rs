@@ -815,13 +815,6 @@ async fn replay(
         ),
     )?;
 
-    let raw_rate = raw::ordered_read_rate(
-        store.jetstream(),
-        store.stream_name(),
-        &store.subjects().all_events(),
-        total,
-    )
-    .await?;
     let started = Instant::now();
     let table = ProjectionHandle::start(
         EntityTable::<Counter>::default(),
@@ -838,6 +831,31 @@ async fn replay(
         rows == entities,
         "the rebuilt table has {rows} rows, expected {entities}"
     );
+    table.stop();
+    // The layer under the projection: the store's reader, messages not decoded.
+    let started = Instant::now();
+    let (mut messages, pending) = store
+        .follow(
+            &store.subjects().all_events(),
+            crate::store::Start::Sequence(1),
+        )
+        .await?;
+    for _ in 0..pending {
+        messages
+            .next()
+            .await
+            .ok_or_else(|| anyhow::anyhow!("the stream ended early"))??;
+    }
+    let follow_rate = pending as f64 / started.elapsed().as_secs_f64();
+    drop(messages);
+    // The same messages, read raw with an ordered consumer and not decoded.
+    let raw_rate = raw::ordered_read_rate(
+        store.jetstream(),
+        store.stream_name(),
+        &store.subjects().all_events(),
+        total,
+    )
+    .await?;
     report.add(
         out,
         Row::new(
@@ -847,6 +865,17 @@ async fn replay(
             rate,
             Some(raw_rate),
             Some(Target::RatioAtLeast(0.8)),
+        ),
+    )?;
+    report.add(
+        out,
+        Row::new(
+            "replay",
+            "store reader, not decoded",
+            "events/s",
+            follow_rate,
+            Some(raw_rate),
+            None,
         ),
     )?;
     Ok(())

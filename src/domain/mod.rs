@@ -94,7 +94,15 @@ pub struct Context {
 /// The state derives serde only for snapshots, which are disposable: change the state's shape
 /// and bump `SNAPSHOT_VERSION`, and old snapshots are ignored in favour of a full replay.
 pub trait Aggregate:
-    Default + Clone + std::fmt::Debug + Serialize + DeserializeOwned + Send + Unpin + 'static
+    Default
+    + Clone
+    + PartialEq
+    + std::fmt::Debug
+    + Serialize
+    + DeserializeOwned
+    + Send
+    + Unpin
+    + 'static
 {
     /// The entity kind, a subject token: `[a-z][a-z0-9_]*`.
     const KIND: &'static str;

@@ -8,6 +8,7 @@ use std::ops::Bound;
 use std::time::Duration;
 
 use actix::prelude::*;
+use futures::StreamExt;
 use tokio::sync::watch;
 
 use crate::domain::{Aggregate, EntityId, Timestamp};
@@ -15,9 +16,14 @@ use crate::metrics::{Metrics, ProjectionLabels};
 use crate::store::{EventStore, Start, StoreError, StoredMessage};
 use crate::subject::Subjects;
 use crate::telemetry;
+use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
 
 /// How long to wait before following the stream again after it failed.
 const RESUBSCRIBE_AFTER: Duration = Duration::from_millis(500);
+/// The most messages applied per wake-up of a projection actor.
+const CHUNK: usize = 1024;
+/// Chunks read ahead of the actor.
+const CHUNKS_AHEAD: usize = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProjectionError {
@@ -131,20 +137,25 @@ impl<A: Aggregate> Projection for EntityTable<A> {
                 subject: message.subject.clone(),
             })?;
         let events = message.decode::<A::Event>()?;
-        let row = self.rows.entry(id.clone()).or_insert_with(|| Row {
-            state: A::default(),
-            version: 0,
-            traceparent: None,
-        });
+        let row = match self.rows.get_mut(&id) {
+            Some(row) => row,
+            None => self.rows.entry(id.clone()).or_insert_with(|| Row {
+                state: A::default(),
+                version: 0,
+                traceparent: None,
+            }),
+        };
         for event in &events {
             row.state.apply(event);
         }
         row.version += events.len() as u64;
-        row.traceparent = message
-            .header(crate::codec::header::TRACEPARENT)
-            .map(str::to_owned);
-        // Entities that no longer exist cost nothing; their history stays in the stream.
-        if row.state.view(&id).is_none() && row.state.due(&id, Timestamp::EPOCH).is_none() {
+        let traceparent = message.header(crate::codec::header::TRACEPARENT);
+        if row.traceparent.as_deref() != traceparent {
+            row.traceparent = traceparent.map(str::to_owned);
+        }
+        // Entities back in their initial state (deleted) cost nothing; their history stays in
+        // the stream.
+        if row.state == A::default() {
             self.rows.remove(&id);
         }
         Ok(())
@@ -155,12 +166,17 @@ pub struct ProjectionActor<P: Projection> {
     projection: P,
     name: String,
     store: EventStore,
-    metrics: Metrics,
     /// Stream sequence of the last message applied.
     position: u64,
     /// Messages still to apply before the projection has caught up; `None` once it has.
     catching_up: Option<u64>,
     ready: watch::Sender<bool>,
+    position_gauge: Gauge,
+    errors: Counter,
+    /// Set once asked to stop, so the end of the stream is not taken for a failure.
+    stopping: bool,
+    /// Where the stream is read: the multi-threaded runtime, not this actor's arbiter.
+    reader: tokio::runtime::Handle,
 }
 
 impl<P: Projection> ProjectionActor<P> {
@@ -169,13 +185,29 @@ impl<P: Projection> ProjectionActor<P> {
         let filter = self.projection.filter(store.subjects());
         let from = self.position + 1;
         let follow = async move { store.follow(&filter, Start::Sequence(from)).await };
-        ctx.spawn(follow.into_actor(self).map(|result, act, ctx| match result {
+        let reader = self.reader.clone();
+        ctx.spawn(follow.into_actor(self).map(move |result, act, ctx| match result {
             Ok((stream, pending)) => {
                 if act.catching_up.is_some() {
                     act.catching_up = Some(pending);
                     act.check_caught_up();
                 }
-                ctx.add_stream(stream);
+                // The consumer is read on the runtime's workers, a chunk ahead of the actor, so
+                // the next pull is never waiting on an apply. The reader ends when the actor
+                // drops the receiving end.
+                let (chunks, received) = tokio::sync::mpsc::channel(CHUNKS_AHEAD);
+                reader.spawn(async move {
+                    let mut ready = stream.ready_chunks(CHUNK);
+                    while let Some(chunk) = ready.next().await {
+                        if chunks.send(chunk).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+                let received = futures::stream::unfold(received, |mut received| async move {
+                    received.recv().await.map(|chunk| (chunk, received))
+                });
+                ctx.add_stream(received);
             }
             Err(err) => {
                 tracing::warn!(projection = %act.name, error = &err as &dyn std::error::Error, "cannot follow the event stream; retrying");
@@ -191,12 +223,6 @@ impl<P: Projection> ProjectionActor<P> {
             self.ready.send_replace(true);
         }
     }
-
-    fn labels(&self) -> ProjectionLabels {
-        ProjectionLabels {
-            projection: self.name.clone(),
-        }
-    }
 }
 
 impl<P: Projection> Actor for ProjectionActor<P> {
@@ -207,8 +233,8 @@ impl<P: Projection> Actor for ProjectionActor<P> {
     }
 }
 
-impl<P: Projection> StreamHandler<Result<StoredMessage, StoreError>> for ProjectionActor<P> {
-    fn handle(&mut self, item: Result<StoredMessage, StoreError>, _: &mut Context<Self>) {
+impl<P: Projection> ProjectionActor<P> {
+    fn apply(&mut self, item: Result<StoredMessage, StoreError>) {
         let message = match item {
             Ok(message) => message,
             Err(err) => {
@@ -231,24 +257,32 @@ impl<P: Projection> StreamHandler<Result<StoredMessage, StoreError>> for Project
         };
         let _applying = span.enter();
         if let Err(err) = self.projection.apply(self.store.subjects(), &message) {
-            self.metrics
-                .projection_errors
-                .get_or_create(&self.labels())
-                .inc();
+            self.errors.inc();
             tracing::error!(projection = %self.name, seq = message.seq, subject = %message.subject, error = &err as &dyn std::error::Error, "skipping a message the projection cannot apply");
         }
         self.position = message.seq;
-        self.metrics
-            .projection_position
-            .get_or_create(&self.labels())
-            .set(i64::try_from(self.position).unwrap_or(i64::MAX));
         if let Some(left) = self.catching_up.as_mut() {
             *left = left.saturating_sub(1);
             self.check_caught_up();
         }
     }
+}
+
+/// Messages arrive in chunks of what is ready: one wake-up of the actor per chunk, not per
+/// message, which is what a rebuild of a million events needs.
+impl<P: Projection> StreamHandler<Vec<Result<StoredMessage, StoreError>>> for ProjectionActor<P> {
+    fn handle(&mut self, chunk: Vec<Result<StoredMessage, StoreError>>, _: &mut Context<Self>) {
+        for item in chunk {
+            self.apply(item);
+        }
+        self.position_gauge
+            .set(i64::try_from(self.position).unwrap_or(i64::MAX));
+    }
 
     fn finished(&mut self, ctx: &mut Context<Self>) {
+        if self.stopping {
+            return;
+        }
         tracing::warn!(projection = %self.name, position = self.position, "event stream ended; following again");
         ctx.run_later(RESUBSCRIBE_AFTER, |act, ctx| act.follow(ctx));
     }
@@ -258,6 +292,7 @@ impl<P: Projection> Handler<super::Stop> for ProjectionActor<P> {
     type Result = ();
 
     fn handle(&mut self, _: super::Stop, ctx: &mut Context<Self>) {
+        self.stopping = true;
         ctx.stop();
     }
 }
@@ -305,14 +340,20 @@ impl<P: Projection> ProjectionHandle<P> {
     pub fn start(projection: P, store: EventStore, metrics: Metrics) -> Self {
         let (ready, watch) = watch::channel(false);
         let name = projection.name();
+        let labels = ProjectionLabels {
+            projection: name.clone(),
+        };
         let actor = ProjectionActor {
             projection,
             name: name.clone(),
             store,
-            metrics,
             position: 0,
             catching_up: Some(u64::MAX),
             ready,
+            position_gauge: metrics.projection_position.get_or_create_owned(&labels),
+            errors: metrics.projection_errors.get_or_create_owned(&labels),
+            stopping: false,
+            reader: tokio::runtime::Handle::current(),
         };
         Self {
             // Its own thread: a rebuild or a busy stream never delays entity actors.
