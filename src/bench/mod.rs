@@ -450,6 +450,26 @@ impl CpuWindow {
     }
 }
 
+/// CPU time of this process's threads whose name starts with `prefix`, from `/proc`.
+fn thread_cpu(prefix: &str) -> Duration {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return Duration::ZERO;
+    };
+    tasks
+        .flatten()
+        .filter(|task| {
+            std::fs::read_to_string(task.path().join("comm")).is_ok_and(|c| c.starts_with(prefix))
+        })
+        .filter_map(|task| {
+            let text = std::fs::read_to_string(task.path().join("stat")).ok()?;
+            let fields: Vec<&str> = text.rsplit_once(')')?.1.split_whitespace().collect();
+            let ticks: u64 =
+                fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+            Some(Duration::from_millis(ticks * 10))
+        })
+        .sum()
+}
+
 /// User plus system CPU time of a process (this one if `None`), from `/proc`.
 fn cpu_time(pid: Option<u32>) -> Option<Duration> {
     let path = pid.map_or_else(
@@ -816,6 +836,7 @@ async fn replay(
     )?;
 
     let started = Instant::now();
+    let (arbiters, workers) = (thread_cpu("actix-rt|system"), thread_cpu("tokio-worker"));
     let table = ProjectionHandle::start(
         EntityTable::<Counter>::default(),
         store.clone(),
@@ -825,7 +846,10 @@ async fn replay(
     while !*ready.borrow_and_update() {
         ready.changed().await?;
     }
-    let rate = total as f64 / started.elapsed().as_secs_f64();
+    let elapsed = started.elapsed().as_secs_f64();
+    let rate = total as f64 / elapsed;
+    let arbiter_busy = (thread_cpu("actix-rt|system") - arbiters).as_secs_f64() / elapsed;
+    let workers_busy = (thread_cpu("tokio-worker") - workers).as_secs_f64() / elapsed;
     let rows = table.ask(|t, _| t.len()).await?;
     anyhow::ensure!(
         rows == entities,
@@ -865,6 +889,28 @@ async fn replay(
             rate,
             Some(raw_rate),
             Some(Target::RatioAtLeast(0.8)),
+        ),
+    )?;
+    report.add(
+        out,
+        Row::new(
+            "replay",
+            "rebuild: projection thread busy",
+            "%",
+            arbiter_busy * 100.0,
+            None,
+            None,
+        ),
+    )?;
+    report.add(
+        out,
+        Row::new(
+            "replay",
+            "rebuild: reader threads busy",
+            "%",
+            workers_busy * 100.0,
+            None,
+            None,
         ),
     )?;
     report.add(

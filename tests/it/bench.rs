@@ -35,8 +35,10 @@ fn every_benchmark_scenario_runs_at_smoke_size() {
         let mine: Vec<&Value> = rows.iter().filter(|r| r["scenario"] == scenario).collect();
         assert!(!mine.is_empty(), "no {scenario} rows:\n{stdout}");
         assert!(
-            mine.iter()
-                .all(|r| r["switchyard"].as_f64().is_some_and(|v| v > 0.0)),
+            // Thread-busy shares are sampled in 10 ms ticks and may round to 0 at this size.
+            mine.iter().all(|r| r["switchyard"]
+                .as_f64()
+                .is_some_and(|v| v > 0.0 || (r["unit"] == "%" && v == 0.0))),
             "{scenario}: {mine:?}"
         );
     }
