@@ -68,7 +68,13 @@ impl App {
         let store =
             EventStore::open(client.clone(), &config.store, config.nats.request_timeout).await?;
         let metrics = Metrics::new();
-        let services = Services::start(&store, &config.runtime, clock.clone(), &metrics);
+        let services = Services::start(
+            &store,
+            &config.runtime,
+            &config.switchboard,
+            clock.clone(),
+            &metrics,
+        );
         let specs = routes();
         let started = (clock)().to_offset_date_time();
         let micro = Arc::new(Micro::new(

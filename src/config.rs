@@ -18,6 +18,7 @@ pub struct Config {
     pub nats: NatsConfig,
     pub store: StoreConfig,
     pub runtime: RuntimeConfig,
+    pub switchboard: SwitchboardConfig,
     pub api: ApiConfig,
     pub http: HttpConfig,
     pub log: LogConfig,
@@ -131,6 +132,31 @@ impl StoreConfig {
     }
 }
 
+/// Meeting points and switch pods.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SwitchboardConfig {
+    /// How often the reconciler looks for port leases without their meeting point and
+    /// meeting points without their lease.
+    #[serde(with = "humantime_serde")]
+    pub reconcile_interval: Duration,
+    /// The reconciler leaves alone anything younger than this: longer than a reservation takes.
+    #[serde(with = "humantime_serde")]
+    pub reconcile_grace: Duration,
+    /// Pods a reservation tries, least loaded first, before it gives up.
+    pub reserve_attempts: usize,
+}
+
+impl Default for SwitchboardConfig {
+    fn default() -> Self {
+        Self {
+            reconcile_interval: Duration::from_secs(10),
+            reconcile_grace: Duration::from_secs(30),
+            reserve_attempts: 3,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RuntimeConfig {
@@ -238,7 +264,12 @@ impl Config {
             figment = figment.merge(Toml::file(path));
         }
         // Variables for the tools rather than the control plane are not configuration.
-        let env = Env::prefixed("SWITCHYARD_").ignore(&["config", "tools_dir", "nats_server"]);
+        let env = Env::prefixed("SWITCHYARD_").ignore(&[
+            "config",
+            "tools_dir",
+            "nats_server",
+            "failpoints",
+        ]);
         figment = figment.merge(env.split("__"));
         figment
             .extract()

@@ -60,6 +60,7 @@ pub struct Metrics {
     pub projection_errors: Family<ProjectionLabels, Counter>,
     pub work_queue: Family<OutcomeLabels, Counter>,
     pub reaped: Family<KindLabels, Counter>,
+    pub repairs: Family<KindLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -121,6 +122,12 @@ impl Metrics {
         );
         let reaped = Family::<KindLabels, Counter>::default();
         registry.register("reaped", "Commands sent by reapers", reaped.clone());
+        let repairs = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "repairs",
+            "Repairs made by reconcilers, by kind of repair",
+            repairs.clone(),
+        );
         Self {
             registry: Arc::new(registry),
             requests,
@@ -133,6 +140,7 @@ impl Metrics {
             projection_errors,
             work_queue,
             reaped,
+            repairs,
         }
     }
 

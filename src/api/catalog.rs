@@ -9,12 +9,14 @@ use serde_json::Value;
 
 use super::routes::{self, RouteSpec};
 use crate::codec::{self, Encoding, StoredEvent};
-use crate::config::RuntimeConfig;
+use crate::config::{RuntimeConfig, SwitchboardConfig};
 use crate::domain::counter::{AddToCounter, Counter, CreateCounter, DeleteCounter};
+use crate::domain::switchboard::{MeetingPoint, Pod};
 use crate::domain::{Aggregate, DomainEvent, EntityId, EventType, IdError};
 use crate::metrics::Metrics;
 use crate::runtime::{Clock, Entities, EntityTable, ProjectionHandle, Reaper, Settings, Stop};
 use crate::store::{EventStore, StoreError};
+use crate::switchboard::{self, Switchboard};
 
 /// The running actors the routes are bound to.
 #[derive(Clone)]
@@ -22,6 +24,8 @@ pub struct Services {
     pub counters: Entities<Counter>,
     pub counter_table: ProjectionHandle<EntityTable<Counter>>,
     counter_reaper: actix::Addr<Reaper<Counter>>,
+    pub switchboard: Switchboard,
+    switchboard_timers: switchboard::Timers,
 }
 
 /// An aggregate the API serves: where its actors and read model are.
@@ -39,9 +43,27 @@ impl Served for Counter {
     }
 }
 
+impl Served for Pod {
+    fn entities(services: &Services) -> &Entities<Self> {
+        &services.switchboard.pods
+    }
+    fn table(services: &Services) -> &ProjectionHandle<EntityTable<Self>> {
+        &services.switchboard.pod_table
+    }
+}
+
+impl Served for MeetingPoint {
+    fn entities(services: &Services) -> &Entities<Self> {
+        &services.switchboard.meeting_points
+    }
+    fn table(services: &Services) -> &ProjectionHandle<EntityTable<Self>> {
+        &services.switchboard.meeting_point_table
+    }
+}
+
 /// Every route the API serves.
 pub fn routes() -> Vec<RouteSpec> {
-    vec![
+    let mut routes = vec![
         routes::command::<CreateCounter>(
             "Create a counter at zero, with an optional limit and idle TTL",
         ),
@@ -49,7 +71,9 @@ pub fn routes() -> Vec<RouteSpec> {
         routes::command::<DeleteCounter>("Delete a counter; deleting a missing one succeeds"),
         routes::get::<Counter>("Read one counter"),
         routes::list::<Counter>("List counters in id order, a page at a time"),
-    ]
+    ];
+    routes.extend(switchboard::routes::specs());
+    routes
 }
 
 impl Services {
@@ -57,6 +81,7 @@ impl Services {
     pub fn start(
         store: &EventStore,
         runtime: &RuntimeConfig,
+        switchboard: &SwitchboardConfig,
         clock: Clock,
         metrics: &Metrics,
     ) -> Self {
@@ -67,6 +92,13 @@ impl Services {
             snapshot_every: store.config().snapshot_every,
             clock: clock.clone(),
         });
+        let (switchboard, switchboard_timers) = Switchboard::start(
+            store,
+            &settings,
+            runtime.reaper_interval,
+            switchboard,
+            metrics,
+        );
         let counters = Entities::<Counter>::start(store.clone(), settings, metrics.clone());
         let counter_table = ProjectionHandle::start(
             EntityTable::<Counter>::default(),
@@ -84,6 +116,8 @@ impl Services {
             counters,
             counter_table,
             counter_reaper,
+            switchboard,
+            switchboard_timers,
         }
     }
 
@@ -91,15 +125,20 @@ impl Services {
     pub async fn shutdown(&self, grace: std::time::Duration) {
         self.counter_reaper.do_send(Stop);
         self.counter_table.stop();
-        self.counters.shutdown(grace).await;
+        futures::join!(
+            self.counters.shutdown(grace),
+            self.switchboard.shutdown(&self.switchboard_timers, grace)
+        );
     }
 
     /// The read models, by name, and whether each has caught up: for `/readyz`.
     pub fn readiness(&self) -> Vec<(String, tokio::sync::watch::Receiver<bool>)> {
-        vec![(
+        let mut ready = vec![(
             self.counter_table.name().to_owned(),
             self.counter_table.readiness(),
-        )]
+        )];
+        ready.extend(self.switchboard.readiness());
+        ready
     }
 }
 
@@ -176,5 +215,9 @@ impl KindSpec {
 
 /// Every entity kind, for readers of the log.
 pub fn kinds() -> Vec<KindSpec> {
-    vec![KindSpec::of::<Counter>()]
+    vec![
+        KindSpec::of::<Counter>(),
+        KindSpec::of::<Pod>(),
+        KindSpec::of::<MeetingPoint>(),
+    ]
 }

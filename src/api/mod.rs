@@ -27,13 +27,17 @@ pub const COMMAND_ID_HEADER: &str = "Switchyard-Command-Id";
 pub const PRINCIPAL_HEADER: &str = "Switchyard-Principal";
 /// The error code, for clients that read only headers.
 pub const ERROR_CODE_HEADER: &str = "Switchyard-Error";
+/// The error reason, when there is one.
+pub const ERROR_REASON_HEADER: &str = "Switchyard-Error-Reason";
 
-/// A typed API error: its code is one of [`ErrorKind`], its message is for humans.
+/// A typed API error: its code is one of [`ErrorKind`], its message is for humans, and an
+/// optional reason narrows the code for programs (`unavailable` + `no_pods`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{code}: {message}")]
 pub struct ApiError {
     pub code: ErrorKind,
     pub message: String,
+    pub reason: Option<&'static str>,
 }
 
 impl ApiError {
@@ -41,7 +45,14 @@ impl ApiError {
         Self {
             code,
             message: message.into(),
+            reason: None,
         }
+    }
+
+    /// Narrows the code with a machine-readable reason, a `snake_case` word.
+    pub fn with_reason(mut self, reason: &'static str) -> Self {
+        self.reason = Some(reason);
+        self
     }
 
     pub fn invalid(message: impl Into<String>) -> Self {
@@ -61,6 +72,7 @@ impl ApiError {
             error: ErrorDetail {
                 code: self.code,
                 message: self.message.clone(),
+                reason: self.reason.map(str::to_owned),
             },
         }
     }
@@ -82,6 +94,9 @@ pub struct ErrorBody {
 pub struct ErrorDetail {
     pub code: ErrorKind,
     pub message: String,
+    /// Narrows `code` where programs need more, e.g. `no_pods`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// A request, parsed from its NATS message but not yet from its route's body type.

@@ -30,6 +30,9 @@ pub enum Mode {
     Query,
 }
 
+/// Binds a route to the running services.
+pub type Bind = Box<dyn Fn(&Services) -> Arc<dyn Handler> + Send + Sync>;
+
 /// A route, described without the services it will run on.
 pub struct RouteSpec {
     pub kind: &'static str,
@@ -38,7 +41,7 @@ pub struct RouteSpec {
     pub summary: &'static str,
     pub request_schema: fn(&mut SchemaGenerator) -> Schema,
     pub reply_schema: fn(&mut SchemaGenerator) -> Schema,
-    pub bind: fn(&Services) -> Arc<dyn Handler>,
+    pub bind: Bind,
 }
 
 impl std::fmt::Debug for RouteSpec {
@@ -93,7 +96,7 @@ pub struct ListReply<I, V> {
 pub const MAX_PAGE: usize = 1000;
 const DEFAULT_PAGE: usize = 100;
 
-fn json(value: impl Serialize) -> Result<Bytes, ApiError> {
+pub fn json(value: impl Serialize) -> Result<Bytes, ApiError> {
     serde_json::to_vec(&value).map(Bytes::from).map_err(|e| {
         ApiError::new(
             crate::domain::ErrorKind::Internal,
@@ -135,12 +138,12 @@ where
         summary,
         request_schema: |g| g.root_schema_for::<C>(),
         reply_schema: |g| g.root_schema_for::<CommandReply<<C::Aggregate as Aggregate>::Reply>>(),
-        bind: |services| {
+        bind: Box::new(|services| {
             Arc::new(CommandRoute::<C> {
                 entities: C::Aggregate::entities(services).clone(),
                 _request: PhantomData,
             })
-        },
+        }),
     }
 }
 
@@ -184,11 +187,11 @@ where
         summary,
         request_schema: |g| g.root_schema_for::<GetRequest<A::Id>>(),
         reply_schema: |g| g.root_schema_for::<GetReply<A::View>>(),
-        bind: |services| {
+        bind: Box::new(|services| {
             Arc::new(GetRoute::<A> {
                 entities: A::entities(services).clone(),
             })
-        },
+        }),
     }
 }
 
@@ -244,11 +247,48 @@ where
         summary,
         request_schema: |g| g.root_schema_for::<ListRequest<A::Id>>(),
         reply_schema: |g| g.root_schema_for::<ListReply<A::Id, A::View>>(),
-        bind: |services| {
+        bind: Box::new(|services| {
             Arc::new(ListRoute::<A> {
                 table: A::table(services).clone(),
             })
-        },
+        }),
+    }
+}
+
+/// A route served by `run`, for requests that are more than one command to one entity
+/// (a reservation across a pod and a meeting point) or queries with their own shape.
+pub fn custom<Req: JsonSchema, Rep: JsonSchema, S: Clone + Send + Sync + 'static>(
+    kind: &'static str,
+    verb: &'static str,
+    mode: Mode,
+    summary: &'static str,
+    state: fn(&Services) -> S,
+    run: fn(S, ApiRequest) -> BoxFuture<'static, Result<Bytes, ApiError>>,
+) -> RouteSpec {
+    RouteSpec {
+        kind,
+        verb,
+        mode,
+        summary,
+        request_schema: |g| g.root_schema_for::<Req>(),
+        reply_schema: |g| g.root_schema_for::<Rep>(),
+        bind: Box::new(move |services| {
+            Arc::new(CustomRoute {
+                state: state(services),
+                run,
+            })
+        }),
+    }
+}
+
+struct CustomRoute<S> {
+    state: S,
+    run: fn(S, ApiRequest) -> BoxFuture<'static, Result<Bytes, ApiError>>,
+}
+
+impl<S: Clone + Send + Sync + 'static> Handler for CustomRoute<S> {
+    fn handle(&self, request: ApiRequest) -> BoxFuture<'static, Result<Bytes, ApiError>> {
+        (self.run)(self.state.clone(), request)
     }
 }
 

@@ -12,7 +12,7 @@ use tokio::task::JoinHandle;
 use tracing::Instrument;
 
 use super::micro::Micro;
-use super::{ApiError, ERROR_CODE_HEADER, Mode, Router, parse_request};
+use super::{ApiError, ERROR_CODE_HEADER, ERROR_REASON_HEADER, Mode, Router, parse_request};
 use crate::config::ApiConfig;
 use crate::domain::ErrorKind;
 use crate::metrics::Metrics;
@@ -205,6 +205,9 @@ pub fn encode_reply(result: Result<Bytes, ApiError>) -> (HeaderMap, Bytes) {
                 error.code.status().to_string().as_str(),
             );
             headers.insert(ERROR_CODE_HEADER, error.code.as_str());
+            if let Some(reason) = error.reason {
+                headers.insert(ERROR_REASON_HEADER, reason);
+            }
             Bytes::from(serde_json::to_vec(&error.body()).unwrap_or_default())
         }
     };

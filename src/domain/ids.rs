@@ -26,6 +26,11 @@ pub enum IdError {
     ControlCharacter { what: &'static str, at: usize },
     #[error("{what} must not start or end with white space")]
     SurroundingWhitespace { what: &'static str },
+    #[error("{what} must be {rule}")]
+    Pattern {
+        what: &'static str,
+        rule: &'static str,
+    },
 }
 
 /// Checks the rules every id shares: non-empty, bounded, printable, no surrounding white space.

@@ -82,6 +82,16 @@ impl<A: Aggregate> EntityTable<A> {
         self.rows.get(id)
     }
 
+    /// Entities in id order from `start`.
+    pub fn range(&self, start: Bound<&A::Id>) -> impl Iterator<Item = (&A::Id, &Row<A>)> {
+        self.rows.range((start, Bound::Unbounded))
+    }
+
+    /// Every entity, in id order, including those whose view is `None`.
+    pub fn rows(&self) -> impl Iterator<Item = (&A::Id, &Row<A>)> {
+        self.rows.iter()
+    }
+
     pub fn len(&self) -> usize {
         self.rows.len()
     }
