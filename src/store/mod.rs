@@ -443,6 +443,31 @@ impl EventStore {
         Ok(stream.cached_info().state.last_sequence)
     }
 
+    /// The sequence of the last message on `filter`, wildcards allowed (0 when there is none):
+    /// where a read model of those subjects must be to have seen everything written so far.
+    pub async fn last_sequence_of(&self, filter: &str) -> Result<u64> {
+        let read_error = |reason: String| StoreError::Read {
+            stream: self.inner.stream.clone(),
+            subject: filter.to_owned(),
+            reason,
+        };
+        let stream = self
+            .inner
+            .js
+            .get_stream_no_info(&self.inner.stream)
+            .await
+            .map_err(|e| read_error(e.to_string()))?;
+        match stream.get_last_raw_message_by_subject(filter).await {
+            Ok(message) => Ok(message.sequence),
+            Err(err)
+                if err.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
+            {
+                Ok(0)
+            }
+            Err(err) => Err(read_error(err.to_string())),
+        }
+    }
+
     fn info_error(&self, reason: String) -> StoreError {
         StoreError::Read {
             stream: self.inner.stream.clone(),

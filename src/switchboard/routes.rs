@@ -13,7 +13,7 @@ use futures::future::BoxFuture;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::Switchboard;
+use super::{Switchboard, placement};
 use crate::api::routes::{
     self, CommandReply, GetReply, ListReply, MAX_PAGE, Mode, RouteSpec, json,
 };
@@ -26,7 +26,7 @@ use crate::domain::switchboard::{
     PortRange, Username,
 };
 use crate::domain::{Aggregate, CommandRequest, ErrorKind};
-use crate::runtime::{CommandMeta, derived_command_id, error_chain};
+use crate::runtime::{CommandMeta, derived_command_id, error_chain, new_command_id};
 
 /// The reason on `unavailable` when no pod takes meeting points.
 pub const NO_PODS: &str = "no_pods";
@@ -446,6 +446,52 @@ fn get_meeting_point(
     })
 }
 
+/// The least loaded valid pods as the pod read model sees them, the first one held.
+async fn choose(board: &Switchboard) -> Result<Option<placement::Choice>, ApiError> {
+    let now = (board.clock)();
+    let (loads, position) = board
+        .pod_table
+        .ask(move |table, position| {
+            let loads: Vec<(PodName, usize)> = table
+                .rows()
+                .filter_map(|(pod, row)| row.state.view(pod))
+                .filter(|view| view.is_valid(now))
+                .map(|view| (view.name, view.meeting_points))
+                .collect();
+            (loads, position)
+        })
+        .await
+        .map_err(|e| read_model_down(Pod::KIND, e))?;
+    Ok(board.placement.choose(loads, position))
+}
+
+/// How long a reservation waits for the pod read model to reach the end of the log.
+const CATCH_UP: Duration = Duration::from_secs(2);
+
+/// Waits (bounded) until the pod read model has applied everything in the log now.
+async fn catch_up(board: &Switchboard) -> Result<(), ApiError> {
+    let pods = board.store.subjects().events_of_kind(Pod::KIND);
+    let last = board.store.last_sequence_of(&pods).await.map_err(|e| {
+        ApiError::unavailable(format!(
+            "cannot read the log's position: {}",
+            error_chain(&e)
+        ))
+    })?;
+    let deadline = tokio::time::Instant::now() + CATCH_UP;
+    while tokio::time::Instant::now() < deadline {
+        let position = board
+            .pod_table
+            .ask(|_, position| position)
+            .await
+            .map_err(|e| read_model_down(Pod::KIND, e))?;
+        if position >= last {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(())
+}
+
 /// The id of one step of a multi-entity command: the same command, the same step, the same id.
 fn step(meta: &CommandMeta, step: &str, entity: &str) -> CommandMeta {
     CommandMeta {
@@ -471,30 +517,20 @@ fn reserve(board: Switchboard, request: ApiRequest) -> BoxFuture<'static, Result
         let machine = body.machine;
 
         // 1. A port on the least loaded pod that takes one.
-        let now = (board.clock)();
-        let (loads, position) = board
-            .pod_table
-            .ask(move |table, position| {
-                let loads: Vec<(PodName, usize)> = table
-                    .rows()
-                    .filter_map(|(pod, row)| row.state.view(pod))
-                    .filter(|view| view.is_valid(now))
-                    .map(|view| (view.name, view.meeting_points))
-                    .collect();
-                (loads, position)
-            })
-            .await
-            .map_err(|e| read_model_down(Pod::KIND, e))?;
-        let no_pods = || {
-            ApiError::unavailable(
-                "no pod takes meeting points: none is registered, kept alive and not draining",
-            )
-            .with_reason(NO_PODS)
+        let choice = match choose(&board).await? {
+            Some(choice) => choice,
+            // The read model trails the log: a pod registered a moment ago may not be in it
+            // yet. Before answering `no_pods`, let it catch up with the log as it is now.
+            None => {
+                catch_up(&board).await?;
+                choose(&board).await?.ok_or_else(|| {
+                    ApiError::unavailable(
+                        "no pod takes meeting points: none is registered, kept alive and not draining",
+                    )
+                    .with_reason(NO_PODS)
+                })?
+            }
         };
-        let choice = board
-            .placement
-            .choose(loads, position)
-            .ok_or_else(no_pods)?;
         let mut hold = choice.hold;
         let mut refusals = Vec::new();
         let mut leased = None;
@@ -508,7 +544,13 @@ fn reserve(board: Switchboard, request: ApiRequest) -> BoxFuture<'static, Result
                 machine: machine.clone(),
                 lease: lease.clone(),
             };
-            let meta = step(&request.meta, "lease", pod.as_str());
+            // A fresh id: the pod recognises a retried lease by its lease id against its
+            // current state, so a retry after the reconciler released the port leases anew
+            // instead of being answered from history with a port no longer held.
+            let meta = CommandMeta {
+                command_id: new_command_id(),
+                principal: request.meta.principal.clone(),
+            };
             match board.pods.execute(pod.clone(), command, meta).await {
                 Ok(outcome) => match outcome.reply.port {
                     Some(port) => {

@@ -1,7 +1,8 @@
 """An external Switchyard client written with nats-py, as a publisher in another language would.
 
 Creates a counter, adds to it, provokes a typed error, reads the counter back, and queues a
-fire-and-forget command through JetStream. Prints one JSON line per reply: {"body", "headers"}.
+fire-and-forget command through JetStream; then registers a switch pod, reserves a meeting
+point for a machine and reads it back. Prints one JSON line per reply: {"body", "headers"}.
 
 Usage: python nats_py_client.py NATS_URL
 """
@@ -33,6 +34,13 @@ async def main(url: str) -> None:
         json.dumps({"id": "py/counter.1", "amount": 1, "command_id": "py-ff-1"}).encode(),
     )
     print(json.dumps({"queued": {"stream": ack.stream, "seq": ack.seq}}))
+
+    await call("pod.add", {"pod": "py-pod-0"})
+    await call(
+        "meeting_point.reserve",
+        {"machine": "skia-rpi-001.example.com", "username": "chrome-bot"},
+    )
+    await call("meeting_point.get", {"machine": "skia-rpi-001.example.com"})
     await nc.drain()
 
 

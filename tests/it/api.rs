@@ -160,6 +160,7 @@ async fn bad_input_gets_a_typed_error_and_writes_nothing() {
                 code,
                 message,
                 status,
+                ..
             } => {
                 assert_eq!(code, "invalid", "{what}: {message}");
                 assert_eq!(status, "400", "{what}");

@@ -15,12 +15,17 @@ use switchyard::store::EventStore;
 use crate::harness::{self, Reply, connect, request, start_nats, wait_for};
 
 /// `switchyard serve` as a child process, killed on drop.
-struct Switchyard {
+pub struct Switchyard {
     child: Child,
 }
 
 impl Switchyard {
     fn spawn(nats_url: &str, log: &std::path::Path) -> Self {
+        Self::spawn_with(nats_url, log, &[])
+    }
+
+    /// With extra environment variables: configuration, failpoints.
+    pub fn spawn_with(nats_url: &str, log: &std::path::Path, env: &[(&str, &str)]) -> Self {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -32,6 +37,7 @@ impl Switchyard {
             .env("SWITCHYARD_HTTP__LISTEN", "127.0.0.1:0")
             .env("SWITCHYARD_RUNTIME__MAILBOX_CAPACITY", "2000")
             .env("SWITCHYARD_LOG__FILTER", "warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -39,7 +45,12 @@ impl Switchyard {
         Self { child }
     }
 
-    fn kill_9(&mut self) {
+    /// Whether the process has ended by itself.
+    pub fn has_exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
+    pub fn kill_9(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -51,7 +62,7 @@ impl Drop for Switchyard {
     }
 }
 
-async fn wait_serving(client: &async_nats::Client) {
+pub async fn wait_serving(client: &async_nats::Client) {
     wait_for("switchyard to answer", Duration::from_secs(20), || async {
         match tokio::time::timeout(
             Duration::from_millis(500),

@@ -38,7 +38,7 @@ async fn a_nats_py_client_sends_commands_and_reads_replies() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(lines.len(), 5, "{stdout}");
+    assert_eq!(lines.len(), 8, "{stdout}");
 
     assert_eq!(lines[0]["body"]["result"]["counter"]["id"], "py/counter.1");
     assert_eq!(lines[1]["body"]["result"]["counter"]["value"], 2);
@@ -48,6 +48,11 @@ async fn a_nats_py_client_sends_commands_and_reads_replies() {
     assert_eq!(lines[2]["headers"]["Switchyard-Error"], "capacity");
     assert_eq!(lines[3]["body"]["result"]["value"], 2);
     assert_eq!(lines[4]["queued"]["stream"], "SWITCHYARD_COMMANDS");
+    assert_eq!(lines[5]["body"]["result"]["pod"]["name"], "py-pod-0");
+    let reserved = &lines[6]["body"]["result"];
+    assert_eq!(reserved["pod"], "py-pod-0");
+    assert_eq!(reserved["username"], "chrome-bot");
+    assert_eq!(&lines[7]["body"]["result"], reserved);
 
     // The principal it named is on the event; the queued command is applied.
     wait_for("the queued command", Duration::from_secs(5), || async {

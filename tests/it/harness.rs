@@ -132,6 +132,8 @@ pub enum Reply {
         code: String,
         message: String,
         status: String,
+        /// `error.reason`, which must agree with `Switchyard-Error-Reason`.
+        reason: Option<String>,
     },
 }
 
@@ -141,6 +143,22 @@ impl Reply {
         match self {
             Reply::Ok(value) => value,
             Reply::Err { code, message, .. } => panic!("expected success, got {code}: {message}"),
+        }
+    }
+
+    /// `code` or `code/reason`.
+    #[track_caller]
+    pub fn code_and_reason(self) -> String {
+        match self {
+            Reply::Ok(value) => panic!("expected an error, got {value}"),
+            Reply::Err {
+                code, reason: None, ..
+            } => code,
+            Reply::Err {
+                code,
+                reason: Some(reason),
+                ..
+            } => format!("{code}/{reason}"),
         }
     }
 
@@ -198,10 +216,17 @@ impl Reply {
                     .as_str()
                     .unwrap_or_default()
                     .to_owned();
+                let reason = value["error"]["reason"].as_str().map(str::to_owned);
+                assert_eq!(
+                    reason,
+                    header("Switchyard-Error-Reason"),
+                    "body and header agree on the reason"
+                );
                 Reply::Err {
                     code,
                     message,
                     status,
+                    reason,
                 }
             }
             None => Reply::Ok(value),

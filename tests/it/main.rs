@@ -11,4 +11,5 @@ mod crash;
 mod external;
 mod harness;
 mod store;
+mod switchboard;
 mod traces;

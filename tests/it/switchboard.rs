@@ -1,0 +1,636 @@
+//! Switch pods and meeting points against a real nats-server: the twelve operations with every
+//! error code, 200 concurrent reservations over three pods, expiry and drain under a manual
+//! clock, and kill -9 between the two steps of a reservation.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use switchyard::domain::Timestamp;
+
+use crate::crash::{Switchyard, wait_serving};
+use crate::harness::{
+    Reply, TestApp, call, request, start_app, start_app_with_clock, start_nats, wait_for,
+};
+
+const FINGERPRINT: &str = "SHA256:uNiVztksCsDhcc0u9e8BujQXVUpKZIDTMczCvj3tD2s";
+
+async fn add_pod(test: &TestApp, pod: &str) -> Value {
+    call(
+        test,
+        "pod.add",
+        json!({"pod": pod, "ssh_address": "127.0.0.1:2222", "host_key_fingerprint": FINGERPRINT}),
+    )
+    .await
+    .ok()
+}
+
+async fn count(test: &TestApp, pod: &str) -> u64 {
+    call(test, "pod.count_meeting_points", json!({"pod": pod}))
+        .await
+        .ok()["result"]["meeting_points"]
+        .as_u64()
+        .unwrap()
+}
+
+async fn valid(test: &TestApp, pod: &str) -> bool {
+    call(test, "pod.is_valid", json!({"pod": pod})).await.ok()["result"]["valid"]
+        .as_bool()
+        .unwrap()
+}
+
+/// Waits until `route`'s read model has applied `sequence`, then returns the listing.
+async fn listed(test: &TestApp, route: &str, body: Value, sequence: u64) -> Value {
+    wait_for(
+        &format!("{route} at {sequence}"),
+        Duration::from_secs(5),
+        || {
+            let body = body.clone();
+            async move {
+                let listed = call(test, route, body).await.ok();
+                (listed["position"].as_u64().unwrap() >= sequence).then_some(listed)
+            }
+        },
+    )
+    .await
+}
+
+fn names(listing: &Value, field: &str) -> Vec<String> {
+    listing["result"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v[field].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[actix_rt::test]
+async fn pod_operations_and_their_errors() {
+    let test = start_app(|_| {}).await;
+    let added = add_pod(&test, "switch-pod-0").await;
+    assert_eq!(added["result"]["pod"]["status"], "active");
+    assert_eq!(
+        added["result"]["pod"]["ports"],
+        json!({"first": 10000, "last": 19999})
+    );
+    assert_eq!(added["result"]["pod"]["keepalive_ms"], 300_000);
+    assert_eq!(added["result"]["pod"]["host_key_fingerprint"], FINGERPRINT);
+
+    assert_eq!(
+        call(&test, "pod.add", json!({"pod": "switch-pod-0"}))
+            .await
+            .code(),
+        "already_exists"
+    );
+    assert_eq!(
+        call(&test, "pod.keep_alive", json!({"pod": "nope"}))
+            .await
+            .code(),
+        "not_found"
+    );
+    for bad in [
+        json!({"pod": ""}),
+        json!({"pod": "a\u{1}b"}),
+        json!({"pod": " padded"}),
+        json!({"pod": "p", "keepalive_ms": 1}),
+        json!({"pod": "p", "ports": {"first": 20, "last": 10}}),
+        json!({"pod": "p", "ports": {"first": 0, "last": 10}}),
+        json!({"pod": "p", "ssh_address": "no-port"}),
+        json!({"pod": "p", "host_key_fingerprint": "MD5:00"}),
+        json!({"pod": "p", "surprise": true}),
+    ] {
+        assert_eq!(
+            call(&test, "pod.add", bad.clone()).await.code(),
+            "invalid",
+            "{bad}"
+        );
+    }
+    assert_eq!(
+        call(&test, "pod.get", json!({"pod": "p"})).await.code(),
+        "not_found",
+        "rejected adds wrote nothing"
+    );
+
+    let kept = call(&test, "pod.keep_alive", json!({"pod": "switch-pod-0"}))
+        .await
+        .ok();
+    assert_eq!(kept["version"], 2);
+    assert!(valid(&test, "switch-pod-0").await);
+    assert!(!valid(&test, "nope").await);
+    assert_eq!(count(&test, "switch-pod-0").await, 0);
+    let unknown = call(&test, "pod.count_meeting_points", json!({"pod": "nope"}))
+        .await
+        .ok();
+    assert_eq!(
+        unknown["result"],
+        json!({"pod": "nope", "meeting_points": 0, "status": null})
+    );
+    let got = call(&test, "pod.get", json!({"pod": "switch-pod-0"}))
+        .await
+        .ok();
+    assert_eq!(got["result"]["ssh_address"], "127.0.0.1:2222");
+
+    let second = add_pod(&test, "switch-pod-1").await;
+    // Where the pod read model must be to have seen every pod: other kinds do not count.
+    call(&test, "counter.create", json!({"id": "unrelated"}))
+        .await
+        .ok();
+    let store = test.app.store();
+    let pods = store.subjects().events_of_kind("pod");
+    assert_eq!(
+        store.last_sequence_of(&pods).await.unwrap(),
+        second["sequence"].as_u64().unwrap()
+    );
+    let none = store.subjects().events_of_kind("nothing");
+    assert_eq!(store.last_sequence_of(&none).await.unwrap(), 0);
+    let listing = listed(
+        &test,
+        "pod.list",
+        json!({}),
+        second["sequence"].as_u64().unwrap(),
+    )
+    .await;
+    assert_eq!(names(&listing, "name"), ["switch-pod-0", "switch-pod-1"]);
+    let page = call(&test, "pod.list", json!({"limit": 1})).await.ok();
+    assert_eq!(page["next"], "switch-pod-0");
+    assert_eq!(
+        call(&test, "pod.list", json!({"limit": 0})).await.code(),
+        "invalid"
+    );
+
+    // Removing a pod without meeting points: gone at once; removing again succeeds.
+    let removed = call(&test, "pod.remove", json!({"pod": "switch-pod-0"}))
+        .await
+        .ok();
+    assert_eq!(removed["result"]["pod"], Value::Null);
+    assert!(!valid(&test, "switch-pod-0").await);
+    call(&test, "pod.remove", json!({"pod": "switch-pod-0"}))
+        .await
+        .ok();
+    call(&test, "pod.remove", json!({"pod": "never-was"}))
+        .await
+        .ok();
+    let listing = listed(
+        &test,
+        "pod.list",
+        json!({}),
+        removed["sequence"].as_u64().unwrap(),
+    )
+    .await;
+    assert_eq!(names(&listing, "name"), ["switch-pod-1"]);
+    // A pod that went may register again.
+    add_pod(&test, "switch-pod-0").await;
+}
+
+#[actix_rt::test]
+async fn meeting_point_operations_and_their_errors() {
+    let test = start_app(|_| {}).await;
+    let machine = "skia-rpi-001.example.com";
+    let reserve = json!({"machine": machine, "username": "chrome-bot"});
+    assert_eq!(
+        call(&test, "meeting_point.reserve", reserve.clone())
+            .await
+            .code_and_reason(),
+        "unavailable/no_pods"
+    );
+    let pod = add_pod(&test, "switch-pod-0").await;
+    listed(
+        &test,
+        "pod.list",
+        json!({}),
+        pod["sequence"].as_u64().unwrap(),
+    )
+    .await;
+
+    for bad in [
+        json!({"machine": machine, "username": "-rf"}),
+        json!({"machine": machine, "username": "a b"}),
+        json!({"machine": "", "username": "root"}),
+        json!({"machine": machine}),
+        json!({"machine": machine, "username": "root", "keepalive_ms": 0}),
+    ] {
+        assert_eq!(
+            call(&test, "meeting_point.reserve", bad.clone())
+                .await
+                .code(),
+            "invalid",
+            "{bad}"
+        );
+    }
+    assert_eq!(
+        count(&test, "switch-pod-0").await,
+        0,
+        "rejected reservations lease nothing"
+    );
+
+    let first = call(&test, "meeting_point.reserve", reserve.clone())
+        .await
+        .ok();
+    let mp = &first["result"];
+    assert_eq!(mp["machine"], machine);
+    assert_eq!(mp["pod"], "switch-pod-0");
+    assert_eq!(mp["username"], "chrome-bot");
+    let port = mp["port"].as_u64().unwrap();
+    assert!((10000..=19999).contains(&port));
+    let got = call(&test, "meeting_point.get", json!({"machine": machine}))
+        .await
+        .ok();
+    assert_eq!(got["result"], first["result"]);
+    assert_eq!(count(&test, "switch-pod-0").await, 1);
+
+    assert_eq!(
+        call(&test, "meeting_point.get", json!({"machine": "other"}))
+            .await
+            .code(),
+        "not_found"
+    );
+    call(
+        &test,
+        "meeting_point.keep_alive",
+        json!({"machine": machine}),
+    )
+    .await
+    .ok();
+    call(
+        &test,
+        "meeting_point.keep_alive",
+        json!({"machine": machine, "pod": "switch-pod-0", "port": port}),
+    )
+    .await
+    .ok();
+    assert_eq!(
+        call(
+            &test,
+            "meeting_point.keep_alive",
+            json!({"machine": "other"})
+        )
+        .await
+        .code(),
+        "not_found"
+    );
+    assert_eq!(
+        call(
+            &test,
+            "meeting_point.keep_alive",
+            json!({"machine": machine, "pod": "switch-pod-9"})
+        )
+        .await
+        .code(),
+        "not_found"
+    );
+
+    // Reserving again replaces the meeting point and gives the old port back.
+    let second = call(&test, "meeting_point.reserve", reserve.clone())
+        .await
+        .ok();
+    assert_ne!(second["result"]["port"], first["result"]["port"]);
+    assert_eq!(count(&test, "switch-pod-0").await, 1);
+
+    // A retry with the same command id: the same reply, no second lease or event.
+    let with_id = json!({"machine": "rack4/rpi-2", "username": "root", "command_id": "r-1"});
+    let once = call(&test, "meeting_point.reserve", with_id.clone())
+        .await
+        .ok();
+    let before = test.app.store().last_sequence().await.unwrap();
+    let again = call(&test, "meeting_point.reserve", with_id).await.ok();
+    assert_eq!(once, again);
+    assert_eq!(test.app.store().last_sequence().await.unwrap(), before);
+    assert_eq!(count(&test, "switch-pod-0").await, 2);
+
+    let listing = listed(
+        &test,
+        "meeting_point.list",
+        json!({"pod": "switch-pod-0"}),
+        again["sequence"].as_u64().unwrap(),
+    )
+    .await;
+    assert_eq!(names(&listing, "machine"), ["rack4/rpi-2", machine]);
+    let other_pod = call(&test, "meeting_point.list", json!({"pod": "switch-pod-9"}))
+        .await
+        .ok();
+    assert_eq!(other_pod["result"], json!([]));
+
+    // Clearing: only the named one, idempotent, and the port comes back.
+    let stale = call(
+        &test,
+        "meeting_point.clear",
+        json!({"machine": machine, "port": first["result"]["port"]}),
+    )
+    .await
+    .ok();
+    assert_eq!(stale["result"]["cleared"], Value::Null);
+    let cleared = call(&test, "meeting_point.clear", json!({"machine": machine}))
+        .await
+        .ok();
+    assert_eq!(cleared["result"]["cleared"], second["result"]);
+    let again = call(&test, "meeting_point.clear", json!({"machine": machine}))
+        .await
+        .ok();
+    assert_eq!(again["result"]["cleared"], Value::Null);
+    assert_eq!(
+        call(&test, "meeting_point.get", json!({"machine": machine}))
+            .await
+            .code(),
+        "not_found"
+    );
+    assert_eq!(count(&test, "switch-pod-0").await, 1);
+
+    // Every operation is counted in /metrics, errors included.
+    let (_, metrics) = crate::harness::http_get(test.app.http_addr(), "/metrics").await;
+    assert!(
+        metrics.contains(r#"kind="meeting_point",verb="reserve",code="ok""#)
+            && metrics.contains(r#"kind="meeting_point",verb="reserve",code="unavailable""#)
+            && metrics.contains(r#"kind="pod",verb="add",code="already_exists""#),
+        "{metrics}"
+    );
+}
+
+#[actix_rt::test]
+async fn two_hundred_concurrent_reservations_over_three_pods_never_share_a_port() {
+    let test = start_app(|config| config.runtime.mailbox_capacity = 512).await;
+    let mut last = 0;
+    for pod in ["pod-a", "pod-b", "pod-c"] {
+        last = add_pod(&test, pod).await["sequence"].as_u64().unwrap();
+    }
+    listed(&test, "pod.list", json!({}), last).await;
+    let replies = futures::future::join_all((0..200).map(|i| {
+        let client = test.client.clone();
+        async move {
+            let body = json!({"machine": format!("m{i:03}.example.com"), "username": "chrome-bot"});
+            request(&client, "meeting_point.reserve", body.to_string(), None).await
+        }
+    }))
+    .await;
+    let mut places = HashSet::new();
+    let mut per_pod: HashMap<String, usize> = HashMap::new();
+    for reply in replies {
+        let mp = reply.ok()["result"].clone();
+        let pod = mp["pod"].as_str().unwrap().to_owned();
+        assert!(
+            places.insert((pod.clone(), mp["port"].as_u64().unwrap())),
+            "{mp}"
+        );
+        *per_pod.entry(pod).or_default() += 1;
+    }
+    assert_eq!(places.len(), 200);
+    let (min, max) = (
+        per_pod.values().min().unwrap(),
+        per_pod.values().max().unwrap(),
+    );
+    assert!(
+        per_pod.len() == 3 && max - min <= 1,
+        "load spread: {per_pod:?}"
+    );
+    for (pod, n) in &per_pod {
+        assert_eq!(count(&test, pod).await, *n as u64);
+    }
+}
+
+/// A clock the test moves by hand.
+fn manual_clock() -> (switchyard::runtime::Clock, Arc<Mutex<Timestamp>>) {
+    let now = Arc::new(Mutex::new(Timestamp::from_unix_nanos(
+        1_800_000_000_000_000_000,
+    )));
+    let read = now.clone();
+    (Arc::new(move || *read.lock().unwrap()), now)
+}
+
+fn advance(now: &Mutex<Timestamp>, by: Duration) {
+    let mut now = now.lock().unwrap();
+    *now = now.saturating_add(by);
+}
+
+#[actix_rt::test]
+async fn pods_and_meeting_points_expire_and_removal_drains() {
+    let (clock, now) = manual_clock();
+    let test = start_app_with_clock(
+        |config| {
+            config.switchboard.reconcile_interval = Duration::from_millis(50);
+            config.switchboard.reconcile_grace = Duration::from_secs(1);
+        },
+        clock,
+    )
+    .await;
+    let seconds = |n| Duration::from_secs(n);
+    for pod in ["short-lived", "steady"] {
+        call(
+            &test,
+            "pod.add",
+            json!({"pod": pod, "keepalive_ms": 10_000}),
+        )
+        .await
+        .ok();
+    }
+    let pod_of = |reply: &Value| reply["result"]["pod"].as_str().unwrap().to_owned();
+    let on_first = call(
+        &test,
+        "meeting_point.reserve",
+        json!({"machine": "m1", "username": "root", "keepalive_ms": 60_000}),
+    )
+    .await
+    .ok();
+    let doomed_pod = pod_of(&on_first);
+
+    // The doomed pod misses its keep-alives; the other keeps up. At 2 periods it expires,
+    // and its meeting point (kept alive itself) is cleared with it.
+    advance(&now, seconds(15));
+    let steady = if doomed_pod == "steady" {
+        "short-lived"
+    } else {
+        "steady"
+    };
+    call(&test, "pod.keep_alive", json!({"pod": steady}))
+        .await
+        .ok();
+    call(&test, "meeting_point.keep_alive", json!({"machine": "m1"}))
+        .await
+        .ok();
+    assert!(valid(&test, &doomed_pod).await, "not yet: 15 s of 20");
+    advance(&now, seconds(5));
+    wait_for("the silent pod to expire", seconds(5), || async {
+        call(&test, "pod.get", json!({"pod": doomed_pod}))
+            .await
+            .code_or_none("not_found")
+    })
+    .await;
+    wait_for("its meeting point to be cleared", seconds(5), || async {
+        call(&test, "meeting_point.get", json!({"machine": "m1"}))
+            .await
+            .code_or_none("not_found")
+    })
+    .await;
+    assert!(valid(&test, steady).await);
+
+    // A meeting point not kept alive for two periods expires, and its port comes back.
+    call(
+        &test,
+        "meeting_point.reserve",
+        json!({"machine": "m2", "username": "root", "keepalive_ms": 10_000}),
+    )
+    .await
+    .ok();
+    assert_eq!(count(&test, steady).await, 1);
+    advance(&now, seconds(10));
+    call(&test, "pod.keep_alive", json!({"pod": steady}))
+        .await
+        .ok();
+    advance(&now, seconds(10));
+    call(&test, "pod.keep_alive", json!({"pod": steady}))
+        .await
+        .ok();
+    wait_for(
+        "the meeting point to expire and free its port",
+        seconds(5),
+        || async { (count(&test, steady).await == 0).then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        call(&test, "meeting_point.get", json!({"machine": "m2"}))
+            .await
+            .code(),
+        "not_found"
+    );
+
+    // Drain: a removed pod with a meeting point stays (invalid, unlisted) until it clears.
+    call(
+        &test,
+        "meeting_point.reserve",
+        json!({"machine": "m3", "username": "root"}),
+    )
+    .await
+    .ok();
+    let removed = call(&test, "pod.remove", json!({"pod": steady})).await.ok();
+    assert_eq!(removed["result"]["pod"]["status"], "draining");
+    assert!(!valid(&test, steady).await);
+    assert_eq!(count(&test, steady).await, 1);
+    let sequence = removed["sequence"].as_u64().unwrap();
+    assert_eq!(
+        listed(&test, "pod.list", json!({}), sequence).await["result"],
+        json!([])
+    );
+    let all = listed(&test, "pod.list", json!({"all": true}), sequence).await;
+    assert_eq!(names(&all, "name"), [steady]);
+    assert_eq!(
+        call(
+            &test,
+            "meeting_point.reserve",
+            json!({"machine": "m4", "username": "root"})
+        )
+        .await
+        .code_and_reason(),
+        "unavailable/no_pods"
+    );
+    call(&test, "meeting_point.clear", json!({"machine": "m3"}))
+        .await
+        .ok();
+    assert_eq!(
+        call(&test, "pod.get", json!({"pod": steady})).await.code(),
+        "not_found",
+        "drained, then gone"
+    );
+}
+
+impl Reply {
+    /// `Some(())` if this is the error `code`.
+    fn code_or_none(self, code: &str) -> Option<()> {
+        matches!(self, Reply::Err { code: c, .. } if c == code).then_some(())
+    }
+}
+
+#[tokio::test]
+async fn kill_9_between_lease_and_meeting_point_leaks_nothing() {
+    let nats = start_nats();
+    let logs = tempfile::tempdir().unwrap();
+    let log = logs.path().join("switchyard.log");
+    let client = async_nats::ConnectOptions::new()
+        .request_timeout(Some(Duration::from_secs(2)))
+        .connect(nats.url())
+        .await
+        .unwrap();
+    let fast = [
+        ("SWITCHYARD_SWITCHBOARD__RECONCILE_INTERVAL", "100ms"),
+        ("SWITCHYARD_SWITCHBOARD__RECONCILE_GRACE", "1s"),
+    ];
+    let mut crashing = fast.to_vec();
+    crashing.push(("SWITCHYARD_FAILPOINTS", "reserve.after_lease"));
+    let mut switchyard = Switchyard::spawn_with(&nats.url(), &log, &crashing);
+    wait_serving(&client).await;
+    request(&client, "pod.add", json!({"pod": "p0"}).to_string(), None)
+        .await
+        .ok();
+    let body = json!({"machine": "m1", "username": "root", "command_id": "reserve-1"});
+    let reply = client
+        .request("sy.api.meeting_point.reserve", body.to_string().into())
+        .await;
+    assert!(
+        reply.is_err(),
+        "the process died before replying: {reply:?}"
+    );
+    wait_for(
+        "the process to die at the failpoint",
+        Duration::from_secs(5),
+        || std::future::ready(switchyard.has_exited().then_some(())),
+    )
+    .await;
+    drop(switchyard);
+
+    let _restarted = Switchyard::spawn_with(&nats.url(), &log, &fast);
+    wait_serving(&client).await;
+    let counted = request(
+        &client,
+        "pod.count_meeting_points",
+        json!({"pod": "p0"}).to_string(),
+        None,
+    )
+    .await
+    .ok();
+    assert_eq!(
+        counted["result"]["meeting_points"], 1,
+        "the lease was taken before the crash"
+    );
+    wait_for(
+        "the reconciler to release the orphaned port",
+        Duration::from_secs(10),
+        || async {
+            let counted = request(
+                &client,
+                "pod.count_meeting_points",
+                json!({"pod": "p0"}).to_string(),
+                None,
+            )
+            .await
+            .ok();
+            (counted["result"]["meeting_points"] == 0).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        request(
+            &client,
+            "meeting_point.get",
+            json!({"machine": "m1"}).to_string(),
+            None
+        )
+        .await
+        .code(),
+        "not_found",
+        "no meeting point without its lease"
+    );
+    // The caller's retry completes the reservation.
+    let retried = request(&client, "meeting_point.reserve", body.to_string(), None)
+        .await
+        .ok();
+    assert_eq!(retried["result"]["pod"], "p0");
+    let counted = request(
+        &client,
+        "pod.count_meeting_points",
+        json!({"pod": "p0"}).to_string(),
+        None,
+    )
+    .await
+    .ok();
+    assert_eq!(counted["result"]["meeting_points"], 1);
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(log.contains("failpoint reserve.after_lease"), "{log}");
+}
