@@ -6,6 +6,8 @@ pub mod api;
 pub mod app;
 pub mod audit;
 pub mod bench;
+pub mod cli;
+pub mod client;
 pub mod codec;
 pub mod config;
 pub mod domain;

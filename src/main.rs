@@ -47,6 +47,33 @@ enum Command {
     /// Measure throughput, latency, replay, activation and memory next to raw JetStream
     /// (build with --release for figures that mean something).
     Bench(BenchArgs),
+    /// Switch pods: add, keep-alive, remove, get, is-valid, count-meeting-points, list.
+    Pod {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: switchyard::cli::PodCommand,
+    },
+    /// Meeting points: reserve, clear, get, keep-alive, list.
+    #[command(name = "mp", alias = "meeting-point")]
+    MeetingPoint {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: switchyard::cli::MeetingPointCommand,
+    },
+}
+
+/// How a client command reaches the control plane and prints its answer.
+#[derive(clap::Args)]
+struct ClientArgs {
+    /// NATS server URL; defaults to the configured servers.
+    #[arg(long, short, global = true)]
+    server: Option<String>,
+    #[arg(long, value_enum, default_value_t = switchyard::cli::Output::Table, global = true)]
+    format: switchyard::cli::Output,
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration, global = true)]
+    timeout: Duration,
 }
 
 #[derive(clap::Args)]
@@ -208,6 +235,19 @@ async fn run(cli: Cli, config: Config) -> anyhow::Result<ExitCode> {
             quiet_logs()?;
             call(config, args).await
         }
+        Command::Pod { client, command } => {
+            quiet_logs()?;
+            let (api, format) = api_client(config, &client).await?;
+            let status = switchyard::cli::pod(&api, command, format, &mut std::io::stdout()).await;
+            client_status(status)
+        }
+        Command::MeetingPoint { client, command } => {
+            quiet_logs()?;
+            let (api, format) = api_client(config, &client).await?;
+            let status =
+                switchyard::cli::meeting_point(&api, command, format, &mut std::io::stdout()).await;
+            client_status(status)
+        }
         Command::Audit(args) => {
             quiet_logs()?;
             audit(config, args).await?;
@@ -351,6 +391,34 @@ async fn call(mut config: Config, args: CallArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+async fn api_client(
+    mut config: Config,
+    args: &ClientArgs,
+) -> anyhow::Result<(switchyard::client::ApiClient, switchyard::cli::Output)> {
+    if let Some(server) = &args.server {
+        config.nats.servers = vec![server.clone()];
+    }
+    let client = connect(&config.nats).await?;
+    let api =
+        switchyard::client::ApiClient::new(client, &config.store.subject_prefix, args.timeout);
+    Ok((api, args.format))
+}
+
+/// 0 on success (or the status the command chose), 2 for an error answered by the control
+/// plane, 1 when it could not be reached.
+fn client_status(
+    status: Result<switchyard::cli::Status, switchyard::client::ClientError>,
+) -> anyhow::Result<ExitCode> {
+    match status {
+        Ok(status) => Ok(ExitCode::from(status)),
+        Err(err @ switchyard::client::ClientError::Api { .. }) => {
+            eprintln!("error: {err}");
+            Ok(ExitCode::from(2))
+        }
+        Err(err) => Err(err.into()),
+    }
 }
 
 /// An RFC 3339 time, or a duration meaning "this long ago".

@@ -33,7 +33,7 @@ pub const NO_PODS: &str = "no_pods";
 const DEFAULT_PAGE: usize = 100;
 
 /// `pod.add`: register a pod; adding an active pod again is `already_exists`.
-#[derive(Debug, Deserialize, JsonSchema)]
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AddPod {
     pub pod: PodName,
@@ -67,7 +67,7 @@ impl CommandRequest for AddPod {
 }
 
 /// `pod.keep_alive`: the pod is still there; `not_found` if it is not registered.
-#[derive(Debug, Deserialize, JsonSchema)]
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct KeepAlivePod {
     pub pod: PodName,
@@ -84,7 +84,7 @@ impl CommandRequest for KeepAlivePod {
 
 /// `pod.remove`: stop giving the pod new meeting points; it is gone once its last one clears.
 /// Removing a missing pod succeeds.
-#[derive(Debug, Deserialize, JsonSchema)]
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RemovePod {
     pub pod: PodName,
@@ -100,7 +100,7 @@ impl CommandRequest for RemovePod {
 }
 
 /// Names one pod, for `pod.get`, `pod.is_valid` and `pod.count_meeting_points`.
-#[derive(Debug, Deserialize, JsonSchema)]
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PodRequest {
     pub pod: PodName,
@@ -123,7 +123,7 @@ pub struct PodMeetingPoints {
 }
 
 /// `pod.list`: pods that take meeting points, in name order, a page at a time.
-#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[derive(Debug, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ListPods {
     /// Also list draining and expired-but-not-yet-reaped pods.
@@ -136,7 +136,7 @@ pub struct ListPods {
 
 /// `meeting_point.reserve`: a meeting point for `machine` on the least loaded valid pod,
 /// replacing the machine's previous one.
-#[derive(Debug, Deserialize, JsonSchema)]
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReserveMeetingPoint {
     pub machine: MachineId,
@@ -148,7 +148,7 @@ pub struct ReserveMeetingPoint {
 }
 
 /// Names a machine's meeting point, optionally only if it is still the given one.
-#[derive(Debug, Deserialize, JsonSchema)]
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MeetingPointRequest {
     pub machine: MachineId,
@@ -189,14 +189,14 @@ pub struct ClearReply {
 }
 
 /// Names a machine, for `meeting_point.get`.
-#[derive(Debug, Deserialize, JsonSchema)]
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MachineRequest {
     pub machine: MachineId,
 }
 
 /// `meeting_point.list`: meeting points in machine order, a page at a time.
-#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[derive(Debug, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ListMeetingPoints {
     /// Only those on this pod.

@@ -634,3 +634,105 @@ async fn kill_9_between_lease_and_meeting_point_leaks_nothing() {
     let log = std::fs::read_to_string(&log).unwrap();
     assert!(log.contains("failpoint reserve.after_lease"), "{log}");
 }
+
+/// Runs `switchyard ARGS --server URL`: (exit status, stdout, stderr).
+async fn cli(test: &TestApp, args: &[&str]) -> (i32, String, String) {
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(args)
+        .args(["--server", &test.server.url()])
+        .output()
+        .await
+        .expect("switchyard runs");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[actix_rt::test]
+async fn the_pod_and_mp_commands_drive_every_operation() {
+    let test = start_app(|_| {}).await;
+    let (status, out, err) = cli(
+        &test,
+        &[
+            "pod",
+            "add",
+            "cli-pod",
+            "--ports",
+            "20000-20009",
+            "--keepalive",
+            "1m",
+        ],
+    )
+    .await;
+    assert_eq!(status, 0, "{err}");
+    assert!(
+        out.starts_with("POD") && out.contains("cli-pod") && out.contains("20000-20009"),
+        "{out}"
+    );
+    let (status, _, err) = cli(&test, &["pod", "add", "cli-pod"]).await;
+    assert_eq!(status, 2);
+    assert!(err.contains("already_exists"), "{err}");
+    assert_eq!(cli(&test, &["pod", "keep-alive", "cli-pod"]).await.0, 0);
+    assert_eq!(
+        cli(&test, &["pod", "is-valid", "cli-pod"]).await.1.trim(),
+        "true"
+    );
+    assert_eq!(cli(&test, &["pod", "is-valid", "nope"]).await.0, 3);
+
+    let (status, out, err) = cli(
+        &test,
+        &[
+            "mp",
+            "reserve",
+            "skia-rpi-001.example.com",
+            "--user",
+            "chrome-bot",
+            "--format",
+            "json",
+        ],
+    )
+    .await;
+    assert_eq!(status, 0, "{err}");
+    let reserved: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(reserved["pod"], "cli-pod");
+    assert_eq!(reserved["port"], 20000);
+    let (_, out, _) = cli(
+        &test,
+        &["mp", "get", "skia-rpi-001.example.com", "--format", "json"],
+    )
+    .await;
+    assert_eq!(serde_json::from_str::<Value>(out.trim()).unwrap(), reserved);
+    assert_eq!(
+        cli(&test, &["mp", "keep-alive", "skia-rpi-001.example.com"])
+            .await
+            .0,
+        0
+    );
+    assert_eq!(
+        cli(&test, &["pod", "count-meeting-points", "cli-pod"])
+            .await
+            .1
+            .trim(),
+        "1"
+    );
+    wait_for("both listings", Duration::from_secs(5), || async {
+        let pods = cli(&test, &["pod", "list"]).await.1;
+        let points = cli(&test, &["mp", "list", "--pod", "cli-pod"]).await.1;
+        (pods.contains("cli-pod") && points.contains("skia-rpi-001.example.com")).then_some(())
+    })
+    .await;
+    let (status, out, _) = cli(&test, &["mp", "clear", "skia-rpi-001.example.com"]).await;
+    assert_eq!(status, 0);
+    assert!(out.contains("cleared"), "{out}");
+    let (status, _, err) = cli(&test, &["mp", "get", "skia-rpi-001.example.com"]).await;
+    assert_eq!(status, 2);
+    assert!(err.contains("not_found"), "{err}");
+    let (status, _, err) = cli(&test, &["mp", "reserve", "m", "--user=-bad"]).await;
+    assert_ne!(status, 0);
+    assert!(err.contains("user name"), "{err}");
+    let (status, out, _) = cli(&test, &["pod", "remove", "cli-pod"]).await;
+    assert_eq!(status, 0);
+    assert!(out.contains("gone"), "{out}");
+}
