@@ -71,6 +71,10 @@ pub enum MeetingPointCommand {
         user: Username,
         #[arg(long, value_parser = humantime::parse_duration)]
         keepalive: Option<Duration>,
+        /// The SSH public key the machine logs in to its pod with, e.g.
+        /// "$(cat ~/.ssh/id_ed25519.pub)"; the pod forwards the port only to this key.
+        #[arg(long)]
+        public_key: Option<String>,
         /// Retries with the same id are the same reservation.
         #[arg(long)]
         command_id: Option<String>,
@@ -206,12 +210,14 @@ pub async fn meeting_point(
             machine,
             user,
             keepalive,
+            public_key,
             command_id,
         } => {
             let body = ReserveMeetingPoint {
                 machine,
                 username: user,
                 keepalive_ms: keepalive.map(millis),
+                public_key,
             };
             let reply: CommandReply<MeetingPointView> = api
                 .call_with_id("meeting_point.reserve", &body, command_id.as_deref())

@@ -21,3 +21,4 @@ pub mod store;
 pub mod subject;
 pub mod switchboard;
 pub mod telemetry;
+pub mod tunnel;

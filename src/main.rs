@@ -54,6 +54,12 @@ enum Command {
         #[command(subcommand)]
         command: switchyard::cli::PodCommand,
     },
+    /// Run a switch pod: register it, keep it alive, and serve the SSH tunnels of its machines.
+    /// SIGTERM drains (exits once its meeting points reach zero); SIGINT exits at once.
+    PodAgent(PodAgentArgs),
+    /// Make a test machine reachable: reserve a meeting point, tunnel its port to the local
+    /// sshd through the pod, keep it alive, move off pods that drain; SIGINT/SIGTERM clear it.
+    MachineAgent(MachineAgentArgs),
     /// Meeting points: reserve, clear, get, keep-alive, list.
     #[command(name = "mp", alias = "meeting-point")]
     MeetingPoint {
@@ -74,6 +80,78 @@ struct ClientArgs {
     format: switchyard::cli::Output,
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration, global = true)]
     timeout: Duration,
+}
+
+/// How an agent reaches the control plane.
+#[derive(clap::Args)]
+struct AgentClientArgs {
+    /// NATS server URL; defaults to the configured servers.
+    #[arg(long, short)]
+    server: Option<String>,
+    /// How long one call to the control plane may take.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+}
+
+#[derive(clap::Args)]
+struct PodAgentArgs {
+    /// The pod's name (usually the Kubernetes pod name).
+    #[arg(long, env = "SWITCHYARD_POD_NAME")]
+    name: switchyard::domain::switchboard::PodName,
+    /// Where the SSH server for machines listens.
+    #[arg(long, default_value = "0.0.0.0:2222")]
+    listen: SocketAddr,
+    /// The HOST:PORT machines dial, published in the registration (default: --listen, with
+    /// the bound port).
+    #[arg(long)]
+    advertise: Option<String>,
+    /// The address meeting-point ports listen on for clients.
+    #[arg(long, default_value = "0.0.0.0")]
+    forward_bind: std::net::IpAddr,
+    /// The SSH host key (OpenSSH format), created if missing; without it, a new key per run.
+    #[arg(long)]
+    host_key: Option<PathBuf>,
+    /// How often the pod keeps itself alive; it expires after two missed periods.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    keepalive: Duration,
+    /// Ports it leases to meeting points, FIRST-LAST (default 10000-19999).
+    #[arg(long)]
+    ports: Option<switchyard::domain::switchboard::PortRange>,
+    /// Keep-alives that may fail in a row before the agent removes the pod and exits.
+    #[arg(long, default_value_t = 3)]
+    max_keepalive_failures: u32,
+    /// How often a draining pod counts its meeting points.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    drain_poll: Duration,
+    #[command(flatten)]
+    client: AgentClientArgs,
+}
+
+#[derive(clap::Args)]
+struct MachineAgentArgs {
+    /// The machine's id, e.g. skia-rpi-001.example.com.
+    #[arg(long)]
+    machine: switchyard::domain::switchboard::MachineId,
+    /// The account clients log in as on the machine.
+    #[arg(long)]
+    user: switchyard::domain::switchboard::Username,
+    /// The machine's sshd, which clients reach through the meeting point.
+    #[arg(long, default_value = "127.0.0.1:22")]
+    target: String,
+    /// The machine's SSH key for logging in to pods (OpenSSH format), created if missing;
+    /// without it, a new key per run (the meeting point names whichever key is used).
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// How often the meeting point is kept alive; it expires after two missed periods.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    keepalive: Duration,
+    /// The first wait before starting over after a failure; doubles up to --max-retry-delay.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    retry_delay: Duration,
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    max_retry_delay: Duration,
+    #[command(flatten)]
+    client: AgentClientArgs,
 }
 
 #[derive(clap::Args)]
@@ -248,6 +326,42 @@ async fn run(cli: Cli, config: Config) -> anyhow::Result<ExitCode> {
                 switchyard::cli::meeting_point(&api, command, format, &mut std::io::stdout()).await;
             client_status(status)
         }
+        Command::PodAgent(args) => {
+            let telemetry = telemetry::init(&config.log)?;
+            let api = agent_client(config, &args.client, "pod-agent").await?;
+            let agent = switchyard::tunnel::pod_agent::PodAgentConfig {
+                name: args.name,
+                listen: args.listen,
+                advertise: args.advertise,
+                forward_bind: args.forward_bind,
+                host_key: args.host_key,
+                keepalive: args.keepalive,
+                ports: args.ports,
+                max_keepalive_failures: args.max_keepalive_failures.max(1),
+                drain_poll: args.drain_poll,
+            };
+            let result = switchyard::tunnel::pod_agent::run(api, agent).await;
+            telemetry.shutdown();
+            result?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::MachineAgent(args) => {
+            let telemetry = telemetry::init(&config.log)?;
+            let api = agent_client(config, &args.client, "machine-agent").await?;
+            let agent = switchyard::tunnel::machine_agent::MachineAgentConfig {
+                machine: args.machine,
+                username: args.user,
+                target: args.target,
+                key: args.key,
+                keepalive: args.keepalive,
+                retry_delay: args.retry_delay,
+                max_retry_delay: args.max_retry_delay.max(args.retry_delay),
+            };
+            let result = switchyard::tunnel::machine_agent::run(api, agent).await;
+            telemetry.shutdown();
+            result?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Audit(args) => {
             quiet_logs()?;
             audit(config, args).await?;
@@ -404,6 +518,23 @@ async fn api_client(
     let api =
         switchyard::client::ApiClient::new(client, &config.store.subject_prefix, args.timeout);
     Ok((api, args.format))
+}
+
+/// A client for an agent, which waits for NATS rather than failing when it starts first.
+async fn agent_client(
+    mut config: Config,
+    args: &AgentClientArgs,
+    principal: &str,
+) -> anyhow::Result<switchyard::client::ApiClient> {
+    if let Some(server) = &args.server {
+        config.nats.servers = vec![server.clone()];
+    }
+    config.nats.retry_on_initial_connect = true;
+    let client = connect(&config.nats).await?;
+    Ok(
+        switchyard::client::ApiClient::new(client, &config.store.subject_prefix, args.timeout)
+            .with_principal(principal),
+    )
 }
 
 /// 0 on success (or the status the command chose), 2 for an error answered by the control

@@ -23,10 +23,11 @@ use crate::domain::switchboard::pod::{PodStatus, ReleaseReason};
 use crate::domain::switchboard::{
     self as board, DEFAULT_PORTS, LeaseId, MEETING_POINT_KEEPALIVE, MachineId, MeetingPoint,
     MeetingPointCommand, MeetingPointView, POD_KEEPALIVE, Pod, PodCommand, PodName, PodView,
-    PortRange, Username,
+    PortRange, SshPublicKey, Username,
 };
 use crate::domain::{Aggregate, CommandRequest, ErrorKind};
 use crate::runtime::{CommandMeta, derived_command_id, error_chain, new_command_id};
+use crate::tunnel::keys;
 
 /// The reason on `unavailable` when no pod takes meeting points.
 pub const NO_PODS: &str = "no_pods";
@@ -145,6 +146,11 @@ pub struct ReserveMeetingPoint {
     /// How often the machine will call `meeting_point.keep_alive`; 300000 (5 minutes) by
     /// default. The meeting point expires after two missed periods.
     pub keepalive_ms: Option<u64>,
+    /// The SSH public key the machine will log in to its pod with, as in an authorized_keys
+    /// line (`ssh-ed25519 AAAA... comment`). A pod forwards the meeting point's port only to a
+    /// machine holding this key; without one, no machine can open the tunnel.
+    #[serde(default)]
+    pub public_key: Option<String>,
 }
 
 /// Names a machine's meeting point, optionally only if it is still the given one.
@@ -501,6 +507,16 @@ fn step(meta: &CommandMeta, step: &str, entity: &str) -> CommandMeta {
 }
 
 /// Whether a pod's refusal of a lease means "try the next pod".
+/// Parses a caller's OpenSSH public key into the canonical form meeting points record.
+fn public_key(text: &str) -> Result<SshPublicKey, ApiError> {
+    let invalid = |err: &dyn std::error::Error| {
+        ApiError::invalid(format!("public_key: {}", error_chain(err)))
+    };
+    let parsed = keys::parse_public(text).map_err(|e| invalid(&e))?;
+    let canonical = keys::canonical(&parsed).map_err(|e| invalid(&e))?;
+    SshPublicKey::new(canonical).map_err(|e| invalid(&e))
+}
+
 fn try_next_pod(kind: ErrorKind) -> bool {
     matches!(
         kind,
@@ -513,6 +529,7 @@ fn reserve(board: Switchboard, request: ApiRequest) -> BoxFuture<'static, Result
         let body: ReserveMeetingPoint = body_as(&request)?;
         let keepalive = board::keepalive(body.keepalive_ms, MEETING_POINT_KEEPALIVE)
             .map_err(|e| ApiError::invalid(e.to_string()))?;
+        let public_key = body.public_key.as_deref().map(public_key).transpose()?;
         let lease = request.meta.command_id.clone();
         let machine = body.machine;
 
@@ -585,6 +602,7 @@ fn reserve(board: Switchboard, request: ApiRequest) -> BoxFuture<'static, Result
         let command = MeetingPointCommand::Reserve {
             place,
             username: body.username,
+            public_key,
             keepalive,
         };
         let outcome = match board

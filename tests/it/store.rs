@@ -465,3 +465,41 @@ fn the_golden_fixture_is_what_bincode_writes() {
     assert_eq!(&GOLDEN_CREATED_V1[19..], &data[..], "data bytes");
     assert_eq!(usize::from(GOLDEN_CREATED_V1[18]), data.len());
 }
+
+#[test]
+fn a_meeting_point_reserved_before_keys_existed_is_upcast_without_one() {
+    use switchyard::codec::{Bincode, Json};
+    use switchyard::domain::event::{DomainEvent, Format};
+    use switchyard::domain::switchboard::MeetingPointEvent;
+    use switchyard::domain::switchboard::meeting_point::ReservedEventV1;
+
+    let v1: ReservedEventV1 = serde_json::from_value(serde_json::json!({
+        "place": {"pod": "switch-pod-0", "port": 10000, "lease": "l1"},
+        "username": "chrome-bot",
+        "keepalive_ms": 300000,
+        "replaced": null,
+        "at": "2026-11-22T10:00:00Z"
+    }))
+    .unwrap();
+    for bytes in [Bincode::encode(&v1).unwrap(), Json::encode(&v1).unwrap()] {
+        let format_is_json = bytes.first() == Some(&b'{');
+        let event = if format_is_json {
+            MeetingPointEvent::decode::<Json>("meeting_point.reserved", 1, &bytes)
+        } else {
+            MeetingPointEvent::decode::<Bincode>("meeting_point.reserved", 1, &bytes)
+        }
+        .unwrap();
+        let MeetingPointEvent::Reserved(reserved) = event else {
+            panic!("decoded as {event:?}");
+        };
+        assert_eq!(reserved.public_key, None);
+        assert_eq!(reserved.place.port, 10000);
+        assert_eq!(reserved.keepalive_ms, 300_000);
+        let upcast = MeetingPointEvent::Reserved(reserved);
+        assert_eq!(
+            upcast.event_type().version,
+            2,
+            "re-encoded at the current version"
+        );
+    }
+}

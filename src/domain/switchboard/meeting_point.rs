@@ -6,7 +6,7 @@ use std::time::Duration;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{LeaseId, MISSED_KEEPALIVES, MachineId, PodName, Username, millis};
+use super::{LeaseId, MISSED_KEEPALIVES, MachineId, PodName, SshPublicKey, Username, millis};
 use crate::domain::{Aggregate, Context, ErrorKind, Rejection, Timestamp};
 use crate::event_set;
 
@@ -21,6 +21,8 @@ pub enum MeetingPoint {
 pub struct Reserved {
     pub place: Place,
     pub username: Username,
+    /// The key the machine logs in to its pod with.
+    pub public_key: Option<SshPublicKey>,
     pub keepalive: Duration,
     pub reserved_at: Timestamp,
     pub last_seen: Timestamp,
@@ -69,6 +71,7 @@ pub enum MeetingPointCommand {
     Reserve {
         place: Place,
         username: Username,
+        public_key: Option<SshPublicKey>,
         keepalive: Duration,
     },
     KeepAlive {
@@ -85,7 +88,7 @@ pub enum MeetingPointCommand {
 
 event_set! {
     pub enum MeetingPointEvent {
-        Reserved(ReservedEvent) = "meeting_point.reserved" @ 1,
+        Reserved(ReservedEvent) = "meeting_point.reserved" @ 2 older { 1 => ReservedEventV1 },
         KeptAlive(KeptAlive) = "meeting_point.kept_alive" @ 1,
         Cleared(Cleared) = "meeting_point.cleared" @ 1,
     }
@@ -96,10 +99,37 @@ event_set! {
 pub struct ReservedEvent {
     pub place: Place,
     pub username: Username,
+    /// The SSH public key the machine logs in to its pod with (OpenSSH one-line form); a pod
+    /// forwards the meeting point's port only to a machine holding it.
+    pub public_key: Option<SshPublicKey>,
     pub keepalive_ms: u64,
     /// The meeting point this one replaces.
     pub replaced: Option<Place>,
     pub at: Timestamp,
+}
+
+/// `meeting_point.reserved` as written before meeting points named the machine's key.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ReservedEventV1 {
+    pub place: Place,
+    pub username: Username,
+    pub keepalive_ms: u64,
+    /// The meeting point this one replaces.
+    pub replaced: Option<Place>,
+    pub at: Timestamp,
+}
+
+impl From<ReservedEventV1> for ReservedEvent {
+    fn from(old: ReservedEventV1) -> Self {
+        ReservedEvent {
+            place: old.place,
+            username: old.username,
+            public_key: None,
+            keepalive_ms: old.keepalive_ms,
+            replaced: old.replaced,
+            at: old.at,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -156,6 +186,9 @@ pub struct MeetingPointView {
     pub pod: PodName,
     pub port: u16,
     pub username: Username,
+    /// The SSH public key the machine logs in to its pod with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key: Option<SshPublicKey>,
     /// The reservation that leased the port.
     pub lease: LeaseId,
     pub keepalive_ms: u64,
@@ -184,7 +217,7 @@ impl Reserved {
 
 impl Aggregate for MeetingPoint {
     const KIND: &'static str = "meeting_point";
-    const SNAPSHOT_VERSION: u16 = 1;
+    const SNAPSHOT_VERSION: u16 = 2;
 
     type Id = MachineId;
     type Command = MeetingPointCommand;
@@ -206,6 +239,7 @@ impl Aggregate for MeetingPoint {
                 MeetingPointCommand::Reserve {
                     place,
                     username,
+                    public_key,
                     keepalive,
                 },
             ) => {
@@ -218,6 +252,7 @@ impl Aggregate for MeetingPoint {
                 Ok(vec![MeetingPointEvent::Reserved(ReservedEvent {
                     place: place.clone(),
                     username: username.clone(),
+                    public_key: public_key.clone(),
                     keepalive_ms: millis(*keepalive),
                     replaced,
                     at,
@@ -274,6 +309,7 @@ impl Aggregate for MeetingPoint {
                 *self = MeetingPoint::Present(Reserved {
                     place: reserved.place.clone(),
                     username: reserved.username.clone(),
+                    public_key: reserved.public_key.clone(),
                     keepalive: Duration::from_millis(reserved.keepalive_ms),
                     reserved_at: reserved.at,
                     last_seen: reserved.at,
@@ -310,6 +346,7 @@ impl Aggregate for MeetingPoint {
             pod: r.place.pod.clone(),
             port: r.place.port,
             username: r.username.clone(),
+            public_key: r.public_key.clone(),
             lease: r.place.lease.clone(),
             keepalive_ms: millis(r.keepalive),
             reserved_at: r.reserved_at,
@@ -353,6 +390,7 @@ mod tests {
         MeetingPointCommand::Reserve {
             place,
             username: Username::new("chrome-bot").unwrap(),
+            public_key: None,
             keepalive: Duration::from_secs(10),
         }
     }

@@ -123,6 +123,80 @@ impl JsonSchema for Username {
     }
 }
 
+/// A machine's SSH public key in canonical OpenSSH one-line form, `<type> <base64>` (no
+/// comment). The API adapter parses what callers send and canonicalizes it; this type checks
+/// only the shape, so the domain needs no cryptography.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct SshPublicKey(String);
+
+/// The longest public key accepted (a 16384-bit RSA key is about 2.8 KB).
+pub const MAX_PUBLIC_KEY: usize = 8192;
+
+impl SshPublicKey {
+    pub fn new(value: impl Into<String>) -> Result<Self, IdError> {
+        let value = value.into();
+        let what = "SSH public key";
+        super::ids::validate_text(what, &value, MAX_PUBLIC_KEY)?;
+        let shape_ok = value.split_once(' ').is_some_and(|(kind, blob)| {
+            !kind.is_empty()
+                && kind
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '@' | '.'))
+                && !blob.is_empty()
+                && blob
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '/' | '='))
+        });
+        if shape_ok {
+            Ok(Self(value))
+        } else {
+            Err(IdError::Pattern {
+                what,
+                rule: "`<type> <base64>`, as in an authorized_keys line without its comment",
+            })
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for SshPublicKey {
+    type Error = IdError;
+    fn try_from(value: String) -> Result<Self, IdError> {
+        Self::new(value)
+    }
+}
+
+impl From<SshPublicKey> for String {
+    fn from(key: SshPublicKey) -> String {
+        key.0
+    }
+}
+
+impl std::fmt::Display for SshPublicKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl JsonSchema for SshPublicKey {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "SshPublicKey".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "description": "An SSH public key in OpenSSH one-line form, `<type> <base64>`.",
+            "minLength": 3,
+            "maxLength": MAX_PUBLIC_KEY,
+            "pattern": "^[A-Za-z0-9@.-]+ [A-Za-z0-9+/=]+$"
+        })
+    }
+}
+
 /// Identifies one port lease: the id of the reservation that took it. A meeting point names
 /// its lease, so a lease and a meeting point match only if they come from the same reservation.
 pub type LeaseId = super::CommandId;
@@ -217,6 +291,23 @@ mod tests {
         }
         for bad in ["", "-x", "1abc", "a b", "a/b", "ü", &"a".repeat(33)] {
             assert!(Username::new(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn public_keys_are_checked_for_shape() {
+        let ok = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGq0";
+        assert_eq!(SshPublicKey::new(ok).unwrap().as_str(), ok);
+        for bad in [
+            "",
+            "ssh-ed25519",
+            "ssh-ed25519 ",
+            " ssh-ed25519 AAAA",
+            "ssh-ed25519 AA AA",
+            "a b!",
+            "ssh-ed25519 AAAA comment",
+        ] {
+            assert!(SshPublicKey::new(bad).is_err(), "{bad:?}");
         }
     }
 
