@@ -13,3 +13,4 @@ mod harness;
 mod store;
 mod switchboard;
 mod traces;
+mod tunnel;

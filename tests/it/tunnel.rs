@@ -1,0 +1,605 @@
+//! The tunnel end to end, with real peers: OpenSSH's `sshd` plays the test machine's sshd, the
+//! `switchyard pod-agent` and `machine-agent` run as processes, and OpenSSH's `ssh` client
+//! connects through the meeting point, or plays a machine asking for a remote forward.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::{Value, json};
+
+use crate::crash::{Switchyard, wait_serving};
+use crate::harness::{TestApp, call, connect, start_app, start_nats, wait_for};
+
+const LIMIT: Duration = Duration::from_secs(20);
+
+/// A free TCP port on loopback (free when asked; tests pick distinct ones).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn run(program: &str, args: &[&str]) -> std::process::Output {
+    Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|err| panic!("{program} runs: {err} (scripts/setup installs OpenSSH)"))
+}
+
+/// An ed25519 key pair made by `ssh-keygen`: (private key path, public key line).
+fn keygen(dir: &Path, name: &str) -> (PathBuf, String) {
+    let path = dir.join(name);
+    let out = run(
+        "ssh-keygen",
+        &[
+            "-q",
+            "-t",
+            "ed25519",
+            "-N",
+            "",
+            "-C",
+            name,
+            "-f",
+            path.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "ssh-keygen: {out:?}");
+    let public = std::fs::read_to_string(path.with_extension("pub")).unwrap();
+    (path, public.trim().to_owned())
+}
+
+fn current_user() -> String {
+    let out = run("id", &["-un"]);
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+/// OpenSSH's sshd on a free loopback port, with its own host key and one authorized client
+/// key; killed on drop.
+struct Sshd {
+    child: Child,
+    port: u16,
+    dir: tempfile::TempDir,
+    client_key: PathBuf,
+    host_public_key: String,
+    user: String,
+}
+
+impl Sshd {
+    async fn start() -> Self {
+        let binary = ["/usr/sbin/sshd", "/usr/local/sbin/sshd"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .expect("OpenSSH's sshd (Debian openssh-server; scripts/setup installs it)");
+        // OpenSSH's privilege separation directory, missing where the service never ran.
+        let _ = std::fs::create_dir_all("/run/sshd");
+        let dir = tempfile::tempdir().unwrap();
+        let (host_key, host_public_key) = keygen(dir.path(), "host_key");
+        let (client_key, client_public) = keygen(dir.path(), "client_key");
+        let authorized = dir.path().join("authorized_keys");
+        std::fs::write(&authorized, format!("{client_public}\n")).unwrap();
+        let port = free_port();
+        let config = dir.path().join("sshd_config");
+        std::fs::write(
+            &config,
+            format!(
+                "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\n\
+                 PidFile none\nStrictModes no\nUsePAM no\nPasswordAuthentication no\n\
+                 KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n",
+                host_key.display(),
+                authorized.display()
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(dir.path().join("sshd.log")).unwrap();
+        let child = Command::new(binary)
+            .args(["-D", "-e", "-f"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("sshd starts");
+        let sshd = Sshd {
+            child,
+            port,
+            dir,
+            client_key,
+            host_public_key,
+            user: current_user(),
+        };
+        wait_for("sshd to listen", LIMIT, || async {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .ok()
+                .map(drop)
+        })
+        .await;
+        sshd
+    }
+
+    fn target(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// `ssh` to this machine's sshd through `port` on loopback, checking that the host key
+    /// answering is this sshd's: stdout, or the failure.
+    async fn ssh_through(&self, port: u16, command: &str) -> Result<String, String> {
+        let known_hosts = self.dir.path().join(format!("known_hosts_{port}"));
+        std::fs::write(
+            &known_hosts,
+            format!("[127.0.0.1]:{port} {}\n", self.host_public_key),
+        )
+        .unwrap();
+        let out = ssh()
+            .args(["-o", "StrictHostKeyChecking=yes", "-o"])
+            .arg(format!("UserKnownHostsFile={}", known_hosts.display()))
+            .arg("-i")
+            .arg(&self.client_key)
+            .args([
+                "-p",
+                &port.to_string(),
+                "-l",
+                &self.user,
+                "127.0.0.1",
+                command,
+            ])
+            .output()
+            .await
+            .unwrap();
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The OpenSSH client, ignoring any user configuration and agent.
+fn ssh() -> tokio::process::Command {
+    let mut command = tokio::process::Command::new("ssh");
+    command
+        .args([
+            "-F",
+            "/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+        ])
+        .args([
+            "-o",
+            "IdentityAgent=none",
+            "-o",
+            "ConnectTimeout=5",
+            "-o",
+            "LogLevel=ERROR",
+        ])
+        .kill_on_drop(true);
+    command
+}
+
+/// A `switchyard` agent process; killed on drop.
+struct Agent {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Agent {
+    fn spawn(nats_url: &str, log: PathBuf, args: &[&str]) -> Self {
+        let file = std::fs::File::create(&log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(args)
+            .args(["--server", nats_url, "--timeout", "2s"])
+            .env("SWITCHYARD_LOG__FILTER", "info,russh=warn")
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("the agent starts");
+        Agent { child, log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn signal(&self, signal: Signal) {
+        let pid = Pid::from_raw(i32::try_from(self.child.id()).unwrap());
+        kill(pid, signal).unwrap();
+    }
+
+    async fn exited(&mut self, what: &str) -> ExitStatus {
+        let log = self.log.clone();
+        wait_for(what, LIMIT, || {
+            let status = self.child.try_wait().unwrap();
+            async move { status }
+        })
+        .await;
+        let status = self.child.wait().unwrap();
+        eprintln!("{}:\n{}", log.display(), self.log());
+        status
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A pod-agent whose meeting points all get `port`.
+fn pod_agent(nats_url: &str, dir: &Path, name: &str, port: u16, extra: &[&str]) -> Agent {
+    let ports = format!("{port}-{port}");
+    let mut args = vec![
+        "pod-agent",
+        "--name",
+        name,
+        "--listen",
+        "127.0.0.1:0",
+        "--forward-bind",
+        "127.0.0.1",
+        "--ports",
+        &ports,
+        "--keepalive",
+        "300ms",
+        "--drain-poll",
+        "100ms",
+    ];
+    args.extend_from_slice(extra);
+    Agent::spawn(nats_url, dir.join(format!("{name}.log")), &args)
+}
+
+fn machine_agent(nats_url: &str, dir: &Path, machine: &str, sshd: &Sshd) -> Agent {
+    let target = sshd.target();
+    Agent::spawn(
+        nats_url,
+        dir.join(format!("{machine}.log")),
+        &[
+            "machine-agent",
+            "--machine",
+            machine,
+            "--user",
+            &sshd.user,
+            "--target",
+            &target,
+            "--keepalive",
+            "300ms",
+            "--retry-delay",
+            "100ms",
+        ],
+    )
+}
+
+async fn pod(test: &TestApp, pod: &str) -> Option<Value> {
+    match call(test, "pod.get", json!({"pod": pod})).await {
+        crate::harness::Reply::Ok(reply) => Some(reply["result"].clone()),
+        crate::harness::Reply::Err { .. } => None,
+    }
+}
+
+async fn wait_valid(test: &TestApp, name: &str) -> Value {
+    wait_for(&format!("pod {name} to be valid"), LIMIT, || async {
+        let valid = call(test, "pod.is_valid", json!({"pod": name})).await.ok()["result"]["valid"]
+            .as_bool()
+            .unwrap();
+        if valid { pod(test, name).await } else { None }
+    })
+    .await
+}
+
+async fn meeting_point(test: &TestApp, machine: &str) -> Option<Value> {
+    match call(test, "meeting_point.get", json!({"machine": machine})).await {
+        crate::harness::Reply::Ok(reply) => Some(reply["result"].clone()),
+        crate::harness::Reply::Err { .. } => None,
+    }
+}
+
+/// Waits until a client gets through `port` to the machine's sshd.
+async fn wait_reachable(sshd: &Sshd, port: u16) -> String {
+    wait_for(
+        &format!("the machine to answer on port {port}"),
+        LIMIT,
+        || async {
+            sshd.ssh_through(port, "echo hello-from-the-machine")
+                .await
+                .ok()
+        },
+    )
+    .await
+}
+
+#[actix_rt::test]
+async fn a_client_reaches_the_machines_sshd_through_the_meeting_point() {
+    let test = start_app(|_| {}).await;
+    let url = test.server.url();
+    let sshd = Sshd::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+
+    let mut pod_agent = pod_agent(&url, dir.path(), "switch-pod-0", port, &[]);
+    let registered = wait_valid(&test, "switch-pod-0").await;
+    assert!(
+        registered["host_key_fingerprint"]
+            .as_str()
+            .unwrap()
+            .starts_with("SHA256:")
+    );
+    let machine = "skia-rpi-001.example.com";
+    let mut machine_agent = machine_agent(&url, dir.path(), machine, &sshd);
+
+    let output = wait_reachable(&sshd, port).await;
+    assert_eq!(output.trim(), "hello-from-the-machine");
+    let mp = meeting_point(&test, machine).await.unwrap();
+    assert_eq!(mp["pod"], "switch-pod-0");
+    assert_eq!(mp["port"], port);
+    assert_eq!(mp["username"].as_str().unwrap(), sshd.user);
+    assert!(
+        mp["public_key"]
+            .as_str()
+            .unwrap()
+            .starts_with("ssh-ed25519 ")
+    );
+
+    // Two clients at once, each its own channel through the one SSH connection.
+    let (a, b) = tokio::join!(
+        sshd.ssh_through(port, "echo first"),
+        sshd.ssh_through(port, "echo second")
+    );
+    assert_eq!((a.unwrap().trim(), b.unwrap().trim()), ("first", "second"));
+
+    // The machine-agent clears its meeting point when stopped.
+    machine_agent.signal(Signal::SIGTERM);
+    assert!(
+        machine_agent
+            .exited("the machine-agent to stop")
+            .await
+            .success()
+    );
+    assert_eq!(meeting_point(&test, machine).await, None);
+    assert!(
+        sshd.ssh_through(port, "true").await.is_err(),
+        "the port is closed"
+    );
+
+    // SIGINT: the pod is removed and the agent exits at once.
+    pod_agent.signal(Signal::SIGINT);
+    assert!(pod_agent.exited("the pod-agent to stop").await.success());
+    assert_eq!(pod(&test, "switch-pod-0").await, None);
+}
+
+/// Runs `ssh -N -R <remote>:<sshd>` to the pod as `machine` with `key`, until it exits or
+/// `limit` passes: `Some((status, stderr))` if it exited.
+async fn openssh_machine(
+    pod_ssh: &str,
+    machine: &str,
+    key: &Path,
+    remote: u16,
+    target: &str,
+    limit: Duration,
+) -> Result<(ExitStatus, String), tokio::process::Child> {
+    let (host, port) = pod_ssh.rsplit_once(':').unwrap();
+    let mut child = ssh()
+        .args([
+            "-N",
+            "-o",
+            "ExitOnForwardFailure=yes",
+            "-o",
+            "StrictHostKeyChecking=no",
+        ])
+        .args(["-o", "UserKnownHostsFile=/dev/null", "-i"])
+        .arg(key)
+        .arg("-R")
+        .arg(format!("{remote}:{target}"))
+        .args(["-p", port, "-l", machine, host])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    match tokio::time::timeout(limit, child.wait()).await {
+        Ok(status) => {
+            let mut stderr = String::new();
+            use tokio::io::AsyncReadExt;
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut stderr)
+                .await
+                .unwrap();
+            Ok((status.unwrap(), stderr))
+        }
+        Err(_) => Err(child),
+    }
+}
+
+#[actix_rt::test]
+async fn openssh_as_a_machine_may_forward_its_own_port_and_no_other() {
+    let test = start_app(|_| {}).await;
+    let url = test.server.url();
+    let sshd = Sshd::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _pod_agent = pod_agent(&url, dir.path(), "switch-pod-0", port, &[]);
+    let pod = wait_valid(&test, "switch-pod-0").await;
+    let pod_ssh = pod["ssh_address"].as_str().unwrap().to_owned();
+
+    let machine = "skia-rpi-002.example.com";
+    let (key, public) = keygen(dir.path(), "machine_key");
+    let reserved = call(
+        &test,
+        "meeting_point.reserve",
+        json!({"machine": machine, "username": sshd.user, "public_key": public}),
+    )
+    .await
+    .ok();
+    assert_eq!(reserved["result"]["port"], port);
+    let target = sshd.target();
+
+    // Another port than its meeting point's: refused, and OpenSSH says so.
+    let other = free_port();
+    let (status, stderr) = openssh_machine(&pod_ssh, machine, &key, other, &target, LIMIT)
+        .await
+        .expect("ssh gives up on a refused forward");
+    assert!(!status.success());
+    assert!(stderr.contains("remote port forwarding failed"), "{stderr}");
+
+    // A key the meeting point does not name: the login itself is refused.
+    let (stranger, _) = keygen(dir.path(), "stranger_key");
+    let (status, stderr) = openssh_machine(&pod_ssh, machine, &stranger, port, &target, LIMIT)
+        .await
+        .expect("ssh gives up when its key is refused");
+    assert!(!status.success());
+    assert!(stderr.contains("Permission denied"), "{stderr}");
+
+    // Its own port: accepted, and clients reach the machine through it.
+    let forwarding = openssh_machine(
+        &pod_ssh,
+        machine,
+        &key,
+        port,
+        &target,
+        Duration::from_millis(500),
+    )
+    .await;
+    let Err(_forwarding) = forwarding else {
+        panic!("ssh -R of its own port exited: {forwarding:?}");
+    };
+    let output = wait_reachable(&sshd, port).await;
+    assert_eq!(output.trim(), "hello-from-the-machine");
+
+    // Clearing the meeting point closes the forward (the pod checks every keep-alive period).
+    call(&test, "meeting_point.clear", json!({"machine": machine}))
+        .await
+        .ok();
+    wait_for("the forward to close", LIMIT, || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+            .then_some(())
+    })
+    .await;
+}
+
+#[actix_rt::test]
+async fn a_machine_moves_off_a_draining_pod_and_the_pod_exits_once_empty() {
+    let test = start_app(|_| {}).await;
+    let url = test.server.url();
+    let sshd = Sshd::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (port_a, port_b) = (free_port(), free_port());
+
+    let mut pod_a = pod_agent(&url, dir.path(), "switch-pod-a", port_a, &[]);
+    wait_valid(&test, "switch-pod-a").await;
+    let machine = "skia-rpi-003.example.com";
+    let _machine_agent = machine_agent(&url, dir.path(), machine, &sshd);
+    wait_reachable(&sshd, port_a).await;
+
+    let _pod_b = pod_agent(&url, dir.path(), "switch-pod-b", port_b, &[]);
+    wait_valid(&test, "switch-pod-b").await;
+
+    // SIGTERM drains pod a: its machine, idle, moves to b, and pod a exits once empty.
+    pod_a.signal(Signal::SIGTERM);
+    let output = wait_reachable(&sshd, port_b).await;
+    assert_eq!(output.trim(), "hello-from-the-machine");
+    assert_eq!(
+        meeting_point(&test, machine).await.unwrap()["pod"],
+        "switch-pod-b"
+    );
+    assert!(pod_a.exited("pod a to finish draining").await.success());
+    assert_eq!(pod(&test, "switch-pod-a").await, None, "pod a is gone");
+}
+
+#[actix_rt::test]
+async fn a_machine_agent_refuses_a_pod_whose_host_key_is_not_the_published_one() {
+    let test = start_app(|_| {}).await;
+    let url = test.server.url();
+    let sshd = Sshd::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    // An impostor: the address of an SSH server whose host key is not the published one.
+    call(
+        &test,
+        "pod.add",
+        json!({
+            "pod": "impostor",
+            "ssh_address": sshd.target(),
+            "host_key_fingerprint": "SHA256:uNiVztksCsDhcc0u9e8BujQXVUpKZIDTMczCvj3tD2s"
+        }),
+    )
+    .await
+    .ok();
+    let agent = machine_agent(&url, dir.path(), "skia-rpi-004.example.com", &sshd);
+    wait_for("the machine-agent to refuse the pod", LIMIT, || async {
+        agent
+            .log()
+            .contains("does not match its published fingerprint")
+            .then_some(())
+    })
+    .await;
+    assert!(
+        !agent.log().contains("reachable: clients connect"),
+        "{}",
+        agent.log()
+    );
+}
+
+#[actix_rt::test]
+async fn a_pod_agent_gives_up_after_three_failed_keep_alives() {
+    let server = start_nats();
+    let client = connect(&server).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut control_plane = Switchyard::spawn_with(&server.url(), &dir.path().join("sy.log"), &[]);
+    wait_serving(&client).await;
+    let mut agent = pod_agent(&server.url(), dir.path(), "switch-pod-0", free_port(), &[]);
+    wait_for("the pod to register", LIMIT, || {
+        let log = agent.log();
+        async move { log.contains("pod registered").then_some(()) }
+    })
+    .await;
+
+    control_plane.kill_9();
+    let status = agent.exited("the pod-agent to give up").await;
+    assert_eq!(status.code(), Some(1), "{}", agent.log());
+    assert!(agent.log().contains("3 keep-alives"), "{}", agent.log());
+}
+
+#[actix_rt::test]
+async fn a_reservation_with_a_malformed_key_is_invalid_and_changes_nothing() {
+    let test = start_app(|_| {}).await;
+    call(&test, "pod.add", json!({"pod": "switch-pod-0"}))
+        .await
+        .ok();
+    for bad in [
+        "ssh-ed25519",
+        "ssh-ed25519 AAAAnotbase64!",
+        "hello world",
+        "ssh-rsa AAAAB3NzaC1yc2E",
+    ] {
+        let reply = call(
+            &test,
+            "meeting_point.reserve",
+            json!({"machine": "m1", "username": "root", "public_key": bad}),
+        )
+        .await;
+        assert_eq!(reply.code(), "invalid", "{bad}");
+    }
+    assert_eq!(meeting_point(&test, "m1").await, None);
+    let count = call(
+        &test,
+        "pod.count_meeting_points",
+        json!({"pod": "switch-pod-0"}),
+    )
+    .await
+    .ok();
+    assert_eq!(count["result"]["meeting_points"], 0);
+}
