@@ -245,7 +245,27 @@ pub async fn meeting_point(
             let reply: GetReply<MeetingPointView> = api
                 .call("meeting_point.get", &MachineRequest { machine })
                 .await?;
-            print_meeting_points(out, output, &[reply.result])
+            let status = print_meeting_points(out, output, std::slice::from_ref(&reply.result))?;
+            if let Output::Table = output {
+                // The command a person wants next: the pod's host, the meeting point's port.
+                let pod: Result<GetReply<PodView>, _> = api
+                    .call(
+                        "pod.get",
+                        &PodRequest {
+                            pod: reply.result.pod.clone(),
+                        },
+                    )
+                    .await;
+                let host = pod
+                    .ok()
+                    .and_then(|pod| pod.result.ssh_address)
+                    .and_then(|address| address.rsplit_once(':').map(|(host, _)| host.to_owned()));
+                if let Some(host) = host {
+                    let view = &reply.result;
+                    let _ = writeln!(out, "\nssh -p {} {}@{host}", view.port, view.username);
+                }
+            }
+            Ok(status)
         }
         MeetingPointCommand::KeepAlive { machine, pod, port } => {
             let body = MeetingPointRequest {

@@ -37,11 +37,7 @@ pub enum MachineAgentError {
     Key(#[from] keys::KeyError),
     #[error("cannot install the signal handlers")]
     Signals(#[source] std::io::Error),
-}
-
-/// Why one connection to a pod ended (or never started).
-#[derive(Debug, thiserror::Error)]
-enum Lost {
+    // Why one connection to a pod ended, or never started; the agent starts over.
     #[error("the control plane refused the reservation")]
     Reserve(#[source] ClientError),
     #[error("cannot read pod {pod}")]
@@ -57,7 +53,7 @@ enum Lost {
         pod: String,
         address: String,
         #[source]
-        source: russh::Error,
+        source: Box<russh::Error>,
     },
     #[error("pod {pod} refused the machine's key")]
     Refused { pod: String },
@@ -66,7 +62,7 @@ enum Lost {
         pod: String,
         port: u16,
         #[source]
-        source: russh::Error,
+        source: Box<russh::Error>,
     },
     #[error("the SSH connection to pod {pod} closed")]
     Closed { pod: String },
@@ -93,7 +89,7 @@ pub struct MachineAgentConfig {
 enum Ending {
     /// Its pod stopped being valid while no client was connected: reserve elsewhere.
     Move,
-    Lost(Lost),
+    Lost(MachineAgentError),
     Shutdown,
 }
 
@@ -182,13 +178,13 @@ impl Agent {
         };
         let held = Held { agent: self, view };
         let ending = held.connect_and_serve().await;
-        if !matches!(ending, Ending::Lost(Lost::MeetingPointGone)) {
+        if !matches!(ending, Ending::Lost(MachineAgentError::MeetingPointGone)) {
             held.clear().await;
         }
         ending
     }
 
-    async fn reserve(&self) -> std::result::Result<MeetingPointView, Lost> {
+    async fn reserve(&self) -> Result<MeetingPointView> {
         let body = ReserveMeetingPoint {
             machine: self.config.machine.clone(),
             username: self.config.username.clone(),
@@ -214,7 +210,7 @@ impl Agent {
                 Err(err) if err.is_transient() && attempt < 3 => {
                     tokio::time::sleep(self.config.retry_delay).await;
                 }
-                Err(err) => return Err(Lost::Reserve(err)),
+                Err(err) => return Err(MachineAgentError::Reserve(err)),
             }
         }
     }
@@ -280,14 +276,14 @@ impl Held<'_> {
         {
             Ok(reply) => reply.result,
             Err(source) => {
-                return Ending::Lost(Lost::Pod {
+                return Ending::Lost(MachineAgentError::Pod {
                     pod: pod.to_string(),
                     source,
                 });
             }
         };
         let unpublished = |what| {
-            Ending::Lost(Lost::Unpublished {
+            Ending::Lost(MachineAgentError::Unpublished {
                 pod: pod.to_string(),
                 what,
             })
@@ -317,10 +313,10 @@ impl Held<'_> {
             ..Default::default()
         });
         let connect_error = |source| {
-            Ending::Lost(Lost::Connect {
+            Ending::Lost(MachineAgentError::Connect {
                 pod: pod.to_string(),
                 address: address.clone(),
-                source,
+                source: Box::new(source),
             })
         };
         let mut session = match tokio::time::timeout(
@@ -340,17 +336,17 @@ impl Held<'_> {
         {
             Ok(result) if result.success() => {}
             Ok(_) => {
-                return Ending::Lost(Lost::Refused {
+                return Ending::Lost(MachineAgentError::Refused {
                     pod: pod.to_string(),
                 });
             }
             Err(source) => return connect_error(source),
         }
         if let Err(source) = session.tcpip_forward("localhost", u32::from(port)).await {
-            return Ending::Lost(Lost::Forward {
+            return Ending::Lost(MachineAgentError::Forward {
                 pod: pod.to_string(),
                 port,
-                source,
+                source: Box::new(source),
             });
         }
         tracing::info!(
@@ -381,7 +377,7 @@ impl Held<'_> {
         loop {
             tokio::select! {
                 () = closed.notified() => {
-                    return Ending::Lost(Lost::Closed { pod: pod.to_string() });
+                    return Ending::Lost(MachineAgentError::Closed { pod: pod.to_string() });
                 }
                 _ = ticker.tick() => {}
             }
@@ -399,7 +395,7 @@ impl Held<'_> {
             {
                 Ok(_) => {}
                 Err(err) if err.code() == Some(ErrorKind::NotFound) => {
-                    return Ending::Lost(Lost::MeetingPointGone);
+                    return Ending::Lost(MachineAgentError::MeetingPointGone);
                 }
                 Err(err) => {
                     // The meeting point lives two periods: the next tick may still save it.

@@ -7,3 +7,4 @@
 pub mod keys;
 pub mod machine_agent;
 pub mod pod_agent;
+pub mod pod_server;

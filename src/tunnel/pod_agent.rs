@@ -1,37 +1,25 @@
-//! `switchyard pod-agent`: a switch pod. It registers itself (with its SSH host key's
-//! fingerprint), keeps itself alive, and runs the SSH server machines connect out to. A machine
-//! logs in as its machine id with the key its meeting point names, and may ask for exactly one
-//! remote forward: the port of its own meeting point on this pod. Clients connecting to that port
-//! are relayed to the machine through its SSH connection.
+//! `switchyard pod-agent`: a switch pod's life. It registers the pod (with its SSH host key's
+//! fingerprint), keeps it alive, and runs the SSH server machines connect out to
+//! ([`pod_server`](super::pod_server)).
 //!
 //! SIGTERM drains: the pod is removed (no new meeting points) and the agent exits once its
 //! meeting points reach zero. SIGINT removes the pod and exits at once. Three keep-alives failed
 //! in a row remove the pod and end the agent with an error.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use russh::keys::{PrivateKey, PublicKey};
-use russh::server::{Auth, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
-use russh::{Channel, MethodKind, MethodSet};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::task::JoinHandle;
 
-use super::keys;
+use super::{keys, pod_server};
 use crate::api::routes::{CommandReply, GetReply};
 use crate::client::{ApiClient, ClientError};
 use crate::domain::ErrorKind;
-use crate::domain::switchboard::{
-    MachineId, MeetingPointView, PodName, PodView, PortRange, millis,
-};
-use crate::runtime::error_chain;
-use crate::switchboard::routes::{
-    AddPod, KeepAlivePod, MachineRequest, PodMeetingPoints, PodRequest, RemovePod,
-};
+use crate::domain::switchboard::{PodName, PodView, PortRange, millis};
+use crate::switchboard::routes::{AddPod, KeepAlivePod, PodMeetingPoints, PodRequest, RemovePod};
 
 pub type Result<T, E = PodAgentError> = std::result::Result<T, E>;
 
@@ -102,7 +90,7 @@ pub async fn run(api: ApiClient, config: PodAgentConfig) -> Result<()> {
     let advertise = config
         .advertise
         .clone()
-        .unwrap_or_else(|| bound.to_string());
+        .unwrap_or_else(|| default_advertise(bound));
     let pod = config.name.clone();
     let mut sigterm = signal(SignalKind::terminate()).map_err(PodAgentError::Signals)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(PodAgentError::Signals)?;
@@ -110,14 +98,18 @@ pub async fn run(api: ApiClient, config: PodAgentConfig) -> Result<()> {
     register(&api, &config, &advertise, &fingerprint).await?;
     tracing::info!(%pod, ssh = %bound, %advertise, %fingerprint, "pod registered; machines may connect");
 
-    let shared = Arc::new(Shared {
+    let shared = Arc::new(pod_server::Shared {
         api: api.clone(),
         pod: pod.clone(),
         forward_bind: config.forward_bind,
         recheck: config.keepalive,
     });
-    let server = tokio::spawn(serve(listener, server_config(host_key), shared));
-    let _server = AbortOnDrop(server);
+    let server = tokio::spawn(pod_server::serve(
+        listener,
+        pod_server::config(host_key),
+        shared,
+    ));
+    let _server = pod_server::AbortOnDrop(server);
 
     let mut ticker = tokio::time::interval(config.keepalive);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -164,6 +156,18 @@ pub async fn run(api: ApiClient, config: PodAgentConfig) -> Result<()> {
                 }
             }
         }
+    }
+}
+
+/// The bound address, or this host's name with the bound port when listening on all
+/// interfaces (where `0.0.0.0` would mean nothing to a machine).
+fn default_advertise(bound: SocketAddr) -> String {
+    if !bound.ip().is_unspecified() {
+        return bound.to_string();
+    }
+    match nix::unistd::gethostname() {
+        Ok(name) if !name.is_empty() => format!("{}:{}", name.to_string_lossy(), bound.port()),
+        _ => bound.to_string(),
     }
 }
 
@@ -261,339 +265,5 @@ async fn remove(api: &ApiClient, pod: &PodName) {
         .await
     {
         tracing::warn!(%pod, error = &err as &dyn std::error::Error, "cannot remove the pod; it will expire");
-    }
-}
-
-fn server_config(host_key: PrivateKey) -> Arc<russh::server::Config> {
-    Arc::new(russh::server::Config {
-        methods: MethodSet::from(&[MethodKind::PublicKey][..]),
-        keys: vec![host_key],
-        // Tunnels idle for hours; liveness comes from SSH keep-alives, not traffic.
-        inactivity_timeout: None,
-        keepalive_interval: Some(Duration::from_secs(30)),
-        keepalive_max: 3,
-        nodelay: true,
-        ..Default::default()
-    })
-}
-
-/// What every machine connection shares.
-struct Shared {
-    api: ApiClient,
-    pod: PodName,
-    forward_bind: IpAddr,
-    /// How often an open forward checks that its meeting point is still this one.
-    recheck: Duration,
-}
-
-async fn serve(listener: TcpListener, config: Arc<russh::server::Config>, shared: Arc<Shared>) {
-    loop {
-        let (socket, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(err) => {
-                tracing::warn!(
-                    error = &err as &dyn std::error::Error,
-                    "accepting a machine connection failed"
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let _ = socket.set_nodelay(true);
-        let handler = MachineConnection {
-            shared: shared.clone(),
-            peer,
-            machine: None,
-            forwards: HashMap::new(),
-        };
-        let config = config.clone();
-        tokio::spawn(async move {
-            match russh::server::run_stream(config, socket, handler).await {
-                Ok(session) => {
-                    if let Err(err) = session.await {
-                        tracing::debug!(%peer, error = &err as &dyn std::error::Error, "machine connection ended");
-                    }
-                }
-                Err(err) => {
-                    tracing::debug!(%peer, error = &err as &dyn std::error::Error, "SSH handshake failed");
-                }
-            }
-        });
-    }
-}
-
-/// One machine's SSH connection.
-struct MachineConnection {
-    shared: Arc<Shared>,
-    peer: SocketAddr,
-    /// Set once the machine has authenticated.
-    machine: Option<(MachineId, PublicKey)>,
-    /// The listener of each forwarded port; aborted when the connection ends.
-    forwards: HashMap<u32, AbortOnDrop>,
-}
-
-/// Why a machine may not log in or forward a port.
-#[derive(Debug, thiserror::Error)]
-enum Refusal {
-    #[error("{user:?} is not a machine id")]
-    BadUser { user: String },
-    #[error("machine {machine} has no meeting point")]
-    NoMeetingPoint { machine: String },
-    #[error("the meeting point of machine {machine} is on pod {pod}")]
-    OtherPod { machine: String, pod: String },
-    #[error("the meeting point of machine {machine} names another key (or none)")]
-    OtherKey { machine: String },
-    #[error("the meeting point of machine {machine} is port {port}, not {asked}")]
-    OtherPort {
-        machine: String,
-        port: u16,
-        asked: u32,
-    },
-    #[error("cannot read the meeting point of machine {machine}")]
-    Lookup {
-        machine: String,
-        #[source]
-        source: ClientError,
-    },
-}
-
-/// The machine's meeting point, if it stands on this pod and names `key`.
-async fn authorize(
-    shared: &Shared,
-    machine: &MachineId,
-    key: &PublicKey,
-) -> Result<MeetingPointView, Refusal> {
-    let body = MachineRequest {
-        machine: machine.clone(),
-    };
-    let view = match shared
-        .api
-        .call::<_, GetReply<MeetingPointView>>("meeting_point.get", &body)
-        .await
-    {
-        Ok(reply) => reply.result,
-        Err(err) if err.code() == Some(ErrorKind::NotFound) => {
-            return Err(Refusal::NoMeetingPoint {
-                machine: machine.to_string(),
-            });
-        }
-        Err(source) => {
-            return Err(Refusal::Lookup {
-                machine: machine.to_string(),
-                source,
-            });
-        }
-    };
-    if view.pod != shared.pod {
-        return Err(Refusal::OtherPod {
-            machine: machine.to_string(),
-            pod: view.pod.to_string(),
-        });
-    }
-    let recorded = view
-        .public_key
-        .as_ref()
-        .and_then(|recorded| keys::parse_public(recorded.as_str()).ok());
-    if !recorded.is_some_and(|recorded| keys::same_key(&recorded, key)) {
-        return Err(Refusal::OtherKey {
-            machine: machine.to_string(),
-        });
-    }
-    Ok(view)
-}
-
-impl MachineConnection {
-    async fn check_login(&self, user: &str, key: &PublicKey) -> Result<MachineId, Refusal> {
-        let machine = MachineId::new(user).map_err(|_| Refusal::BadUser {
-            user: user.to_owned(),
-        })?;
-        authorize(&self.shared, &machine, key).await?;
-        Ok(machine)
-    }
-
-    fn refuse(&self, what: &str, refusal: &Refusal) {
-        tracing::info!(pod = %self.shared.pod, peer = %self.peer, error = refusal as &dyn std::error::Error, "refused {what}");
-    }
-}
-
-impl russh::server::Handler for MachineConnection {
-    type Error = russh::Error;
-
-    async fn auth_publickey_offered(
-        &mut self,
-        user: &str,
-        offer: PublicKeyOffer<'_>,
-    ) -> Result<Auth, Self::Error> {
-        // Spares the machine a signature for a key that would be refused anyway.
-        Ok(match self.check_login(user, offer.public_key).await {
-            Ok(_) => Auth::Accept,
-            Err(_) => Auth::reject(),
-        })
-    }
-
-    async fn auth_publickey(
-        &mut self,
-        user: &str,
-        key: VerifiedPublicKey<'_>,
-    ) -> Result<Auth, Self::Error> {
-        match self.check_login(user, key.public_key).await {
-            Ok(machine) => {
-                tracing::info!(pod = %self.shared.pod, peer = %self.peer, %machine, "machine logged in");
-                self.machine = Some((machine, key.public_key.clone()));
-                Ok(Auth::Accept)
-            }
-            Err(refusal) => {
-                self.refuse("a login", &refusal);
-                Ok(Auth::reject())
-            }
-        }
-    }
-
-    async fn tcpip_forward(
-        &mut self,
-        address: &str,
-        port: &mut u32,
-        session: &mut Session,
-    ) -> Result<bool, Self::Error> {
-        let Some((machine, key)) = self.machine.clone() else {
-            return Ok(false);
-        };
-        // The meeting point now, not as it was at login: it may have moved since.
-        let view = match authorize(&self.shared, &machine, &key).await {
-            Ok(view) if u32::from(view.port) == *port => view,
-            Ok(view) => {
-                self.refuse(
-                    "a port forward",
-                    &Refusal::OtherPort {
-                        machine: machine.to_string(),
-                        port: view.port,
-                        asked: *port,
-                    },
-                );
-                return Ok(false);
-            }
-            Err(refusal) => {
-                self.refuse("a port forward", &refusal);
-                return Ok(false);
-            }
-        };
-        let bind = SocketAddr::new(self.shared.forward_bind, view.port);
-        let listener = match TcpListener::bind(bind).await {
-            Ok(listener) => listener,
-            Err(err) => {
-                tracing::warn!(pod = %self.shared.pod, %machine, %bind, error = &err as &dyn std::error::Error, "cannot listen on the meeting point's port");
-                return Ok(false);
-            }
-        };
-        tracing::info!(pod = %self.shared.pod, %machine, %bind, "forwarding the meeting point's port to the machine");
-        let forward = Forward {
-            shared: self.shared.clone(),
-            machine,
-            key,
-            address: address.to_owned(),
-            port: view.port,
-            session: session.handle(),
-        };
-        self.forwards
-            .insert(*port, AbortOnDrop(tokio::spawn(forward.run(listener))));
-        Ok(true)
-    }
-
-    async fn cancel_tcpip_forward(
-        &mut self,
-        _address: &str,
-        port: u32,
-        _session: &mut Session,
-    ) -> Result<bool, Self::Error> {
-        Ok(self.forwards.remove(&port).is_some())
-    }
-}
-
-/// One forwarded port: accepts clients and relays each through a `forwarded-tcpip` channel,
-/// while checking that the meeting point is still this one.
-struct Forward {
-    shared: Arc<Shared>,
-    machine: MachineId,
-    key: PublicKey,
-    address: String,
-    port: u16,
-    session: russh::server::Handle,
-}
-
-impl Forward {
-    async fn run(self, listener: TcpListener) {
-        let mut recheck = tokio::time::interval(self.shared.recheck);
-        recheck.tick().await;
-        loop {
-            tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok((socket, peer)) => self.relay(socket, peer),
-                    Err(err) => tracing::warn!(error = &err as &dyn std::error::Error, "accepting a client failed"),
-                },
-                _ = recheck.tick() => {
-                    // Level-triggered: whatever happened (cleared, expired, moved, replaced by
-                    // a new reservation), a forward whose meeting point is gone ends.
-                    match authorize(&self.shared, &self.machine, &self.key).await {
-                        Ok(view) if view.port == self.port => {}
-                        Err(Refusal::Lookup { .. }) => {}
-                        Ok(_) | Err(_) => {
-                            tracing::info!(pod = %self.shared.pod, machine = %self.machine, port = self.port, "the meeting point is gone: closing the machine's connection");
-                            let _ = self
-                                .session
-                                .disconnect(
-                                    russh::Disconnect::ByApplication,
-                                    "the meeting point is gone".to_owned(),
-                                    String::new(),
-                                )
-                                .await;
-                            return;
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    fn relay(&self, mut socket: TcpStream, peer: SocketAddr) {
-        let session = self.session.clone();
-        let address = self.address.clone();
-        let port = self.port;
-        let machine = self.machine.clone();
-        tokio::spawn(async move {
-            let _ = socket.set_nodelay(true);
-            let channel: Channel<Msg> = match session
-                .channel_open_forwarded_tcpip(
-                    address,
-                    u32::from(port),
-                    peer.ip().to_string(),
-                    u32::from(peer.port()),
-                )
-                .await
-            {
-                Ok(channel) => channel,
-                Err(err) => {
-                    tracing::info!(%machine, %peer, error = %error_chain(&err), "the machine refused a client");
-                    return;
-                }
-            };
-            let mut stream = channel.into_stream();
-            match tokio::io::copy_bidirectional(&mut socket, &mut stream).await {
-                Ok((up, down)) => {
-                    tracing::debug!(%machine, %peer, up, down, "client connection ended")
-                }
-                Err(err) => {
-                    tracing::debug!(%machine, %peer, error = &err as &dyn std::error::Error, "client connection failed")
-                }
-            }
-        });
-    }
-}
-
-/// A task that ends with its owner.
-struct AbortOnDrop(JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
