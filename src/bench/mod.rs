@@ -1063,6 +1063,8 @@ async fn memory(
             Some(Target::AtMost(1024.0)),
         ),
     )?;
+    bench.stop().await;
+    Box::pin(switchboard_memory(url, options, report, out)).await?;
     report.add(
         out,
         Row::new(
@@ -1074,6 +1076,136 @@ async fn memory(
             None,
         ),
     )?;
+    Ok(())
+}
+
+/// The switchboard at scale: `memory_entities` meeting points over a hundredth as many pods
+/// (100,000 over 1,000 in a full run), each reserved through the whole path. Heap bytes per
+/// active actor of each kind, and per passivated entity (its read-model row).
+async fn switchboard_memory(
+    url: &str,
+    options: &Options,
+    report: &mut Report,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    use crate::alloc::{counted_bytes, start_counting, stop_counting};
+    let settle = || tokio::time::sleep(Duration::from_millis(300));
+    let bench = Bench::start(url, "board", |_| {}).await?;
+    let meeting_points = options.memory_entities;
+    let pods = (meeting_points / 100).max(1);
+    let prefix = bench.config.store.subject_prefix.clone();
+    let call = |route: &'static str, body: serde_json::Value| {
+        let client = bench.client.clone();
+        let subject = format!("{prefix}.api.{route}");
+        async move {
+            let reply = client
+                .request(subject, Bytes::from(body.to_string()))
+                .await?;
+            if reply
+                .headers
+                .as_ref()
+                .is_some_and(|h| h.get(async_nats::service::NATS_SERVICE_ERROR).is_some())
+            {
+                anyhow::bail!("{route}: {}", String::from_utf8_lossy(&reply.payload));
+            }
+            Ok(())
+        }
+    };
+    settle().await;
+    start_counting();
+    futures::stream::iter(0..pods)
+        .map(|i| {
+            call(
+                "pod.add",
+                json!({"pod": format!("pod-{i}"), "keepalive_ms": 86_400_000}),
+            )
+        })
+        .buffer_unordered(options.in_flight.max(1))
+        .collect::<Vec<anyhow::Result<()>>>()
+        .await
+        .into_iter()
+        .collect::<anyhow::Result<()>>()?;
+    let started = Instant::now();
+    futures::stream::iter(0..meeting_points)
+        .map(|i| {
+            call(
+                "meeting_point.reserve",
+                json!({"machine": format!("machine-{i}.example.com"), "username": "chrome-bot",
+                       "keepalive_ms": 86_400_000}),
+            )
+        })
+        .buffer_unordered(options.in_flight.max(1))
+        .collect::<Vec<anyhow::Result<()>>>()
+        .await
+        .into_iter()
+        .collect::<anyhow::Result<()>>()?;
+    let reserve_rate = meeting_points as f64 / started.elapsed().as_secs_f64();
+    let board = bench.app.services().switchboard.clone();
+    let started = Instant::now();
+    while board.meeting_point_table.ask(|t, _| t.len()).await? < meeting_points
+        || board.pod_table.ask(|t, _| t.len()).await? < pods
+    {
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(120),
+            "the switchboard tables did not catch up"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (active_pods, active_points) = (
+        board.pods.active().await,
+        board.meeting_points.active().await,
+    );
+    settle().await;
+    let all_active = counted_bytes();
+    board.meeting_points.passivate_idle(Duration::ZERO).await;
+    while board.meeting_points.active().await > 0 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    settle().await;
+    let pods_active = counted_bytes();
+    board.pods.passivate_idle(Duration::ZERO).await;
+    while board.pods.active().await > 0 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    settle().await;
+    let passive = counted_bytes();
+    stop_counting();
+    let per = |bytes: isize, n: usize| bytes.max(0) as f64 / n.max(1) as f64;
+    let rows = [
+        (
+            format!("reservations through the whole path ({meeting_points})"),
+            "reservations/s",
+            reserve_rate,
+            None,
+        ),
+        (
+            format!("per active meeting point actor ({active_points})"),
+            "bytes",
+            per(all_active - pods_active, active_points),
+            Some(Target::AtMost(4096.0)),
+        ),
+        (
+            format!(
+                "per active pod actor, {} leases each ({active_pods})",
+                meeting_points / pods
+            ),
+            "bytes",
+            per(pods_active - passive, active_pods),
+            None,
+        ),
+        (
+            format!(
+                "per passivated pod or meeting point ({})",
+                pods + meeting_points
+            ),
+            "bytes",
+            per(passive, pods + meeting_points),
+            Some(Target::AtMost(1024.0)),
+        ),
+    ];
+    for (metric, unit, value, target) in rows {
+        report.add(out, Row::new("memory", &metric, unit, value, None, target))?;
+    }
     bench.stop().await;
     Ok(())
 }

@@ -48,5 +48,16 @@ fn every_benchmark_scenario_runs_at_smoke_size() {
     }) {
         assert!(row["raw"].as_f64().is_some_and(|v| v > 0.0), "{row}");
     }
+    // Memory is measured on the switchboard's real entities too, not only the counter.
+    for metric in [
+        "per active meeting point actor",
+        "per passivated pod or meeting point",
+    ] {
+        assert!(
+            rows.iter()
+                .any(|r| r["metric"].as_str().is_some_and(|m| m.starts_with(metric))),
+            "no {metric:?} row:\n{stdout}"
+        );
+    }
     assert!(stdout.contains("raw"), "{stdout}");
 }
