@@ -123,6 +123,13 @@ struct PodAgentArgs {
     /// How often a draining pod counts its meeting points.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     drain_poll: Duration,
+    /// How often an open forward checks that its meeting point still stands; a cleared,
+    /// expired or moved meeting point's forward closes within this.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    recheck: Duration,
+    /// Machine connections at once; beyond it the pod stops accepting until one ends.
+    #[arg(long, default_value_t = 4096)]
+    max_connections: usize,
     #[command(flatten)]
     client: AgentClientArgs,
 }
@@ -339,6 +346,8 @@ async fn run(cli: Cli, config: Config) -> anyhow::Result<ExitCode> {
                 ports: args.ports,
                 max_keepalive_failures: args.max_keepalive_failures.max(1),
                 drain_poll: args.drain_poll,
+                recheck: args.recheck,
+                max_connections: args.max_connections,
             };
             let result = switchyard::tunnel::pod_agent::run(api, agent).await;
             telemetry.shutdown();

@@ -6,8 +6,8 @@
 //! over when the connection or the meeting point is lost, and clears the meeting point on exit.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use russh::client::{ChannelOpenHandle, Msg, Session};
@@ -37,6 +37,8 @@ pub enum MachineAgentError {
     Key(#[from] keys::KeyError),
     #[error("cannot install the signal handlers")]
     Signals(#[source] std::io::Error),
+    #[error("--keepalive")]
+    Period(#[source] crate::domain::switchboard::KeepAliveError),
     // Why one connection to a pod ended, or never started; the agent starts over.
     #[error("the control plane refused the reservation")]
     Reserve(#[source] ClientError),
@@ -90,8 +92,15 @@ enum Ending {
     /// Its pod stopped being valid while no client was connected: reserve elsewhere.
     Move,
     Lost(MachineAgentError),
+    /// Retrying cannot help (the control plane called the reservation invalid).
+    Fatal(MachineAgentError),
     Shutdown,
 }
+
+/// The shortest wait between attempts: a zero one would spin.
+const MIN_RETRY_DELAY: Duration = Duration::from_millis(10);
+/// Connecting, logging in and asking for the forward together take at most this.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
 
 struct Signals {
     interrupt: Signal,
@@ -115,7 +124,11 @@ impl Signals {
 }
 
 /// Runs until SIGINT or SIGTERM, then clears the meeting point.
-pub async fn run(api: ApiClient, config: MachineAgentConfig) -> Result<()> {
+pub async fn run(api: ApiClient, mut config: MachineAgentConfig) -> Result<()> {
+    crate::domain::switchboard::keepalive(Some(millis(config.keepalive)), config.keepalive)
+        .map_err(MachineAgentError::Period)?;
+    config.retry_delay = config.retry_delay.max(MIN_RETRY_DELAY);
+    config.max_retry_delay = config.max_retry_delay.max(config.retry_delay);
     let key = Arc::new(keys::load_or_create(config.key.as_deref())?);
     let public_key = keys::canonical(key.public_key())?;
     let mut signals = Signals::install()?;
@@ -124,6 +137,7 @@ pub async fn run(api: ApiClient, config: MachineAgentConfig) -> Result<()> {
         config,
         key,
         public_key,
+        reservation: Mutex::new(None),
     };
     let mut delay = agent.config.retry_delay;
     loop {
@@ -133,9 +147,13 @@ pub async fn run(api: ApiClient, config: MachineAgentConfig) -> Result<()> {
         };
         match ending {
             Ending::Shutdown => {
-                agent.clear_any().await;
+                agent.clear_last().await;
                 tracing::info!(machine = %agent.config.machine, "stopped; meeting point cleared");
                 return Ok(());
+            }
+            Ending::Fatal(err) => {
+                agent.clear_last().await;
+                return Err(err);
             }
             Ending::Move => {
                 delay = agent.config.retry_delay;
@@ -148,7 +166,7 @@ pub async fn run(api: ApiClient, config: MachineAgentConfig) -> Result<()> {
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
             () = signals.recv() => {
-                agent.clear_any().await;
+                agent.clear_last().await;
                 return Ok(());
             }
         }
@@ -161,6 +179,9 @@ struct Agent {
     config: MachineAgentConfig,
     key: Arc<PrivateKey>,
     public_key: String,
+    /// The command id of the latest reservation, which is also its lease id: known before
+    /// the reply, so a shutdown clears it even if the reply never came.
+    reservation: Mutex<Option<LeaseId>>,
 }
 
 /// The meeting point this agent holds, cleared when the connection ends.
@@ -174,6 +195,10 @@ impl Agent {
     async fn once(&self) -> Ending {
         let view = match self.reserve().await {
             Ok(view) => view,
+            Err(err) if matches!(&err, MachineAgentError::Reserve(source) if source.code() == Some(ErrorKind::Invalid)) =>
+            {
+                return Ending::Fatal(err);
+            }
             Err(lost) => return Ending::Lost(lost),
         };
         let held = Held { agent: self, view };
@@ -194,6 +219,10 @@ impl Agent {
         // One command id for every retry of this reservation: a retry finishes it, never
         // takes a second port.
         let command_id = new_command_id();
+        *self
+            .reservation
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(command_id.clone());
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -215,43 +244,26 @@ impl Agent {
         }
     }
 
-    /// On shutdown: whatever meeting point the machine has with this agent's key.
-    async fn clear_any(&self) {
+    /// On shutdown: the latest reservation's meeting point, if it is still the machine's.
+    async fn clear_last(&self) {
+        let lease = self
+            .reservation
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        let Some(lease) = lease else { return };
         let body = MeetingPointRequest {
             machine: self.config.machine.clone(),
             pod: None,
             port: None,
-            lease: None,
+            lease: Some(lease),
         };
-        if let Ok(current) = self
+        if let Err(err) = self
             .api
-            .call::<_, GetReply<MeetingPointView>>(
-                "meeting_point.get",
-                &crate::switchboard::routes::MachineRequest {
-                    machine: self.config.machine.clone(),
-                },
-            )
+            .call::<_, CommandReply<ClearReply>>("meeting_point.clear", &body)
             .await
         {
-            let ours = current
-                .result
-                .public_key
-                .as_ref()
-                .is_some_and(|key| key.as_str() == self.public_key);
-            if !ours {
-                return; // another agent's reservation
-            }
-            let body = MeetingPointRequest {
-                lease: Some(current.result.lease),
-                ..body
-            };
-            if let Err(err) = self
-                .api
-                .call::<_, CommandReply<ClearReply>>("meeting_point.clear", &body)
-                .await
-            {
-                tracing::warn!(machine = %self.config.machine, error = &err as &dyn std::error::Error, "cannot clear the meeting point; it will expire");
-            }
+            tracing::warn!(machine = %self.config.machine, error = &err as &dyn std::error::Error, "cannot clear the meeting point; it will expire");
         }
     }
 }
@@ -305,50 +317,20 @@ impl Held<'_> {
             active: active.clone(),
             closed: closed.clone(),
         };
-        let config = Arc::new(russh::client::Config {
-            inactivity_timeout: None,
-            keepalive_interval: Some(Duration::from_secs(30)),
-            keepalive_max: 3,
-            nodelay: true,
-            ..Default::default()
-        });
-        let connect_error = |source| {
-            Ending::Lost(MachineAgentError::Connect {
-                pod: pod.to_string(),
-                address: address.clone(),
-                source: Box::new(source),
-            })
-        };
-        let mut session = match tokio::time::timeout(
-            Duration::from_secs(10),
-            russh::client::connect(config, address.as_str(), handler),
-        )
-        .await
-        {
-            Ok(Ok(session)) => session,
-            Ok(Err(source)) => return connect_error(source),
-            Err(_) => return connect_error(russh::Error::ConnectionTimeout),
-        };
-        let key = PrivateKeyWithHashAlg::new(self.agent.key.clone(), None);
-        match session
-            .authenticate_publickey(self.machine().as_str(), key)
-            .await
-        {
-            Ok(result) if result.success() => {}
-            Ok(_) => {
-                return Ending::Lost(MachineAgentError::Refused {
-                    pod: pod.to_string(),
-                });
-            }
-            Err(source) => return connect_error(source),
-        }
-        if let Err(source) = session.tcpip_forward("localhost", u32::from(port)).await {
-            return Ending::Lost(MachineAgentError::Forward {
-                pod: pod.to_string(),
-                port,
-                source: Box::new(source),
-            });
-        }
+        let session =
+            match tokio::time::timeout(CONNECT_TIMEOUT, self.open(handler, &pod, &address, port))
+                .await
+            {
+                Ok(Ok(session)) => session,
+                Ok(Err(lost)) => return Ending::Lost(lost),
+                Err(_) => {
+                    return Ending::Lost(MachineAgentError::Connect {
+                        pod: pod.to_string(),
+                        address,
+                        source: Box::new(russh::Error::ConnectionTimeout),
+                    });
+                }
+            };
         tracing::info!(
             machine = %self.machine(),
             %pod,
@@ -366,6 +348,51 @@ impl Held<'_> {
             )
             .await;
         ending
+    }
+
+    /// Connects to the pod, logs in and asks for the forward of the meeting point's port.
+    async fn open(
+        &self,
+        handler: PodConnection,
+        pod: &PodName,
+        address: &str,
+        port: u16,
+    ) -> Result<russh::client::Handle<PodConnection>> {
+        let config = Arc::new(russh::client::Config {
+            // Tunnels idle for hours; liveness comes from SSH keep-alives, not traffic.
+            inactivity_timeout: None,
+            keepalive_interval: Some(Duration::from_secs(30)),
+            keepalive_max: 3,
+            nodelay: true,
+            ..Default::default()
+        });
+        let connect_error = |source| MachineAgentError::Connect {
+            pod: pod.to_string(),
+            address: address.to_owned(),
+            source: Box::new(source),
+        };
+        let mut session = russh::client::connect(config, address, handler)
+            .await
+            .map_err(connect_error)?;
+        let key = PrivateKeyWithHashAlg::new(self.agent.key.clone(), None);
+        let login = session
+            .authenticate_publickey(self.machine().as_str(), key)
+            .await
+            .map_err(connect_error)?;
+        if !login.success() {
+            return Err(MachineAgentError::Refused {
+                pod: pod.to_string(),
+            });
+        }
+        session
+            .tcpip_forward("localhost", u32::from(port))
+            .await
+            .map_err(|source| MachineAgentError::Forward {
+                pod: pod.to_string(),
+                port,
+                source: Box::new(source),
+            })?;
+        Ok(session)
     }
 
     /// Keeps the meeting point alive until the connection, the meeting point or the pod's
@@ -488,20 +515,23 @@ impl russh::client::Handler for PodConnection {
                 .await;
             return Ok(());
         }
-        let mut target = match TcpStream::connect(&self.target).await {
-            Ok(target) => target,
-            Err(err) => {
-                tracing::warn!(target = %self.target, error = &err as &dyn std::error::Error, "cannot reach the machine's sshd");
-                reply.reject(ChannelOpenFailure::ConnectFailed).await;
-                return Ok(());
-            }
-        };
-        let _ = target.set_nodelay(true);
-        reply.accept().await;
+        // Connecting to the sshd happens off the session's loop, so a slow sshd holds up
+        // only this client, not the keep-alives and the other channels.
+        let target = self.target.clone();
         let client = format!("{originator_address}:{originator_port}");
         let active = self.active.clone();
-        active.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(async move {
+            let mut target = match TcpStream::connect(&target).await {
+                Ok(stream) => stream,
+                Err(err) => {
+                    tracing::warn!(%target, error = &err as &dyn std::error::Error, "cannot reach the machine's sshd");
+                    reply.reject(ChannelOpenFailure::ConnectFailed).await;
+                    return;
+                }
+            };
+            let _ = target.set_nodelay(true);
+            reply.accept().await;
+            active.fetch_add(1, Ordering::Relaxed);
             let mut stream = channel.into_stream();
             match tokio::io::copy_bidirectional(&mut stream, &mut target).await {
                 Ok((down, up)) => tracing::debug!(%client, up, down, "client connection ended"),

@@ -48,6 +48,8 @@ pub enum PodAgentError {
     },
     #[error("cannot install the signal handlers")]
     Signals(#[source] std::io::Error),
+    #[error("--keepalive")]
+    Period(#[source] crate::domain::switchboard::KeepAliveError),
 }
 
 #[derive(Clone, Debug)]
@@ -68,10 +70,26 @@ pub struct PodAgentConfig {
     pub max_keepalive_failures: u32,
     /// How often a draining pod counts its meeting points.
     pub drain_poll: Duration,
+    /// How often an open forward checks that its meeting point still stands.
+    pub recheck: Duration,
+    /// Machine connections at once.
+    pub max_connections: usize,
+}
+
+/// The shortest poll or recheck period: a zero one would spin.
+const MIN_PERIOD: Duration = Duration::from_millis(10);
+
+/// What one keep-alive found.
+enum Alive {
+    Yes,
+    /// The pod is gone: while draining, that is the end.
+    Gone,
 }
 
 /// Runs the pod until a signal (or lost keep-alives) ends it.
 pub async fn run(api: ApiClient, config: PodAgentConfig) -> Result<()> {
+    crate::domain::switchboard::keepalive(Some(millis(config.keepalive)), config.keepalive)
+        .map_err(PodAgentError::Period)?;
     let host_key = keys::load_or_create(config.host_key.as_deref())?;
     let fingerprint = keys::fingerprint(host_key.public_key());
     let listener =
@@ -98,12 +116,13 @@ pub async fn run(api: ApiClient, config: PodAgentConfig) -> Result<()> {
     register(&api, &config, &advertise, &fingerprint).await?;
     tracing::info!(%pod, ssh = %bound, %advertise, %fingerprint, "pod registered; machines may connect");
 
-    let shared = Arc::new(pod_server::Shared {
-        api: api.clone(),
-        pod: pod.clone(),
-        forward_bind: config.forward_bind,
-        recheck: config.keepalive,
-    });
+    let shared = Arc::new(pod_server::Shared::new(
+        api.clone(),
+        pod.clone(),
+        config.forward_bind,
+        config.recheck.max(MIN_PERIOD),
+        config.max_connections,
+    ));
     let server = tokio::spawn(pod_server::serve(
         listener,
         pod_server::config(host_key),
@@ -116,11 +135,15 @@ pub async fn run(api: ApiClient, config: PodAgentConfig) -> Result<()> {
     ticker.tick().await; // the first tick is now: registering was the first keep-alive
     let mut failures = 0;
     let mut draining = false;
-    let mut drain_poll = tokio::time::interval(config.drain_poll);
+    let mut drain_poll = tokio::time::interval(config.drain_poll.max(MIN_PERIOD));
     loop {
         tokio::select! {
-            _ = ticker.tick() => match keep_alive(&api, &config, &advertise, &fingerprint).await {
-                Ok(()) => failures = 0,
+            _ = ticker.tick() => match keep_alive(&api, &config, &advertise, &fingerprint, draining).await {
+                Ok(Alive::Yes) => failures = 0,
+                Ok(Alive::Gone) => {
+                    tracing::info!(%pod, "drained: the pod is gone");
+                    return Ok(());
+                }
                 Err(source) => {
                     failures += 1;
                     tracing::warn!(%pod, failures, error = &source as &dyn std::error::Error, "keep-alive failed");
@@ -230,13 +253,15 @@ async fn register(
 }
 
 /// One keep-alive. A pod that expired meanwhile (the agent was stopped, the network was down)
-/// registers again rather than counting failures forever.
+/// registers again rather than counting failures forever, unless it is draining: then gone is
+/// what it was waiting for.
 async fn keep_alive(
     api: &ApiClient,
     config: &PodAgentConfig,
     advertise: &str,
     fingerprint: &str,
-) -> std::result::Result<(), ClientError> {
+    draining: bool,
+) -> std::result::Result<Alive, ClientError> {
     let body = KeepAlivePod {
         pod: config.name.clone(),
     };
@@ -244,6 +269,7 @@ async fn keep_alive(
         .call::<_, CommandReply<serde_json::Value>>("pod.keep_alive", &body)
         .await
     {
+        Err(err) if err.code() == Some(ErrorKind::NotFound) && draining => Ok(Alive::Gone),
         Err(err) if err.code() == Some(ErrorKind::NotFound) => {
             tracing::warn!(pod = %config.name, "the pod expired: registering again");
             api.call::<_, CommandReply<serde_json::Value>>(
@@ -251,9 +277,9 @@ async fn keep_alive(
                 &add_pod(config, advertise, fingerprint),
             )
             .await
-            .map(drop)
+            .map(|_| Alive::Yes)
         }
-        other => other.map(drop),
+        other => other.map(|_| Alive::Yes),
     }
 }
 

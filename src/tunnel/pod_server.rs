@@ -6,20 +6,22 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use russh::keys::{PrivateKey, PublicKey};
 use russh::server::{Auth, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
 use russh::{Channel, MethodKind, MethodSet};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
 use super::keys;
 use crate::api::routes::GetReply;
 use crate::client::{ApiClient, ClientError};
 use crate::domain::ErrorKind;
-use crate::domain::switchboard::{MachineId, MeetingPointView, PodName};
+use crate::domain::switchboard::{LeaseId, MachineId, MeetingPointView, PodName};
 use crate::runtime::error_chain;
 use crate::switchboard::routes::MachineRequest;
 
@@ -36,18 +38,65 @@ pub fn config(host_key: PrivateKey) -> Arc<russh::server::Config> {
     })
 }
 
+/// How long a connection may take to log in; then it is closed, so idle strangers cannot hold
+/// the pod's sockets.
+pub const LOGIN_GRACE: Duration = Duration::from_secs(30);
+
 /// What every machine connection shares.
 pub struct Shared {
-    pub api: ApiClient,
-    pub pod: PodName,
-    pub forward_bind: IpAddr,
+    api: ApiClient,
+    pod: PodName,
+    forward_bind: IpAddr,
     /// How often an open forward checks that its meeting point is still this one.
-    pub recheck: Duration,
+    recheck: Duration,
+    login_grace: Duration,
+    /// Connections at once; beyond it the pod stops accepting until one ends.
+    connections: Arc<Semaphore>,
+    next_connection: AtomicU64,
+    /// The forward holding each port. A port has one meeting point, so a newly authorized
+    /// forward takes the port from whatever stale session still holds it.
+    forwards: Mutex<HashMap<u16, Held>>,
+}
+
+struct Held {
+    connection: u64,
+    lease: LeaseId,
+    task: JoinHandle<()>,
+    session: russh::server::Handle,
+}
+
+impl Shared {
+    pub fn new(
+        api: ApiClient,
+        pod: PodName,
+        forward_bind: IpAddr,
+        recheck: Duration,
+        max_connections: usize,
+    ) -> Self {
+        Self {
+            api,
+            pod,
+            forward_bind,
+            recheck,
+            login_grace: LOGIN_GRACE,
+            connections: Arc::new(Semaphore::new(max_connections.max(1))),
+            next_connection: AtomicU64::new(1),
+            forwards: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn forwards(&self) -> std::sync::MutexGuard<'_, HashMap<u16, Held>> {
+        // The map stays consistent across a panic elsewhere: every change is one call.
+        self.forwards.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 /// Accepts machine connections until the task is aborted.
 pub async fn serve(listener: TcpListener, config: Arc<russh::server::Config>, shared: Arc<Shared>) {
     loop {
+        let Ok(permit) = shared.connections.clone().acquire_owned().await else {
+            return;
+        };
         let (socket, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(err) => {
@@ -60,23 +109,58 @@ pub async fn serve(listener: TcpListener, config: Arc<russh::server::Config>, sh
             }
         };
         let _ = socket.set_nodelay(true);
+        let authenticated = Arc::new(AtomicBool::new(false));
         let handler = MachineConnection {
             shared: shared.clone(),
+            id: shared.next_connection.fetch_add(1, Ordering::Relaxed),
             peer,
             machine: None,
-            forwards: HashMap::new(),
+            authenticated: authenticated.clone(),
         };
         let config = config.clone();
+        let grace = shared.login_grace;
         tokio::spawn(async move {
-            match russh::server::run_stream(config, socket, handler).await {
-                Ok(session) => {
-                    if let Err(err) = session.await {
-                        tracing::debug!(%peer, error = &err as &dyn std::error::Error, "machine connection ended");
-                    }
-                }
-                Err(err) => {
+            let _permit = permit;
+            let session = match tokio::time::timeout(
+                grace,
+                russh::server::run_stream(config, socket, handler),
+            )
+            .await
+            {
+                Ok(Ok(session)) => session,
+                Ok(Err(err)) => {
                     tracing::debug!(%peer, error = &err as &dyn std::error::Error, "SSH handshake failed");
+                    return;
                 }
+                Err(_) => {
+                    tracing::debug!(%peer, "no SSH handshake within the login grace");
+                    return;
+                }
+            };
+            let handle = session.handle();
+            tokio::pin!(session);
+            let ended = tokio::select! {
+                ended = &mut session => Some(ended),
+                () = tokio::time::sleep(grace) => None,
+            };
+            let ended = match ended {
+                Some(ended) => ended,
+                None => {
+                    if !authenticated.load(Ordering::Relaxed) {
+                        tracing::info!(%peer, "no login within the login grace: closing");
+                        let _ = handle
+                            .disconnect(
+                                russh::Disconnect::ByApplication,
+                                "no login within the login grace".to_owned(),
+                                String::new(),
+                            )
+                            .await;
+                    }
+                    session.await
+                }
+            };
+            if let Err(err) = ended {
+                tracing::debug!(%peer, error = &err as &dyn std::error::Error, "machine connection ended");
             }
         });
     }
@@ -85,11 +169,24 @@ pub async fn serve(listener: TcpListener, config: Arc<russh::server::Config>, sh
 /// One machine's SSH connection.
 struct MachineConnection {
     shared: Arc<Shared>,
+    id: u64,
     peer: SocketAddr,
     /// Set once the machine has authenticated.
     machine: Option<(MachineId, PublicKey)>,
-    /// The listener of each forwarded port; aborted when the connection ends.
-    forwards: HashMap<u32, AbortOnDrop>,
+    authenticated: Arc<AtomicBool>,
+}
+
+impl Drop for MachineConnection {
+    /// The connection's forwards end with it.
+    fn drop(&mut self) {
+        self.shared.forwards().retain(|_, held| {
+            let mine = held.connection == self.id;
+            if mine {
+                held.task.abort();
+            }
+            !mine
+        });
+    }
 }
 
 /// Why a machine may not log in or forward a port.
@@ -200,6 +297,7 @@ impl russh::server::Handler for MachineConnection {
             Ok(machine) => {
                 tracing::info!(pod = %self.shared.pod, peer = %self.peer, %machine, "machine logged in");
                 self.machine = Some((machine, key.public_key.clone()));
+                self.authenticated.store(true, Ordering::Relaxed);
                 Ok(Auth::Accept)
             }
             Err(refusal) => {
@@ -237,6 +335,24 @@ impl russh::server::Handler for MachineConnection {
                 return Ok(false);
             }
         };
+        // The port is this machine's now; a session that still forwards it is stale (an
+        // earlier connection of the machine, or of the machine that held the port before).
+        let stale = self.shared.forwards().remove(&view.port);
+        if let Some(stale) = stale {
+            stale.task.abort();
+            let _ = stale.task.await;
+            if stale.connection != self.id {
+                tracing::info!(pod = %self.shared.pod, %machine, port = view.port, "closing a stale session that held the port");
+                let _ = stale
+                    .session
+                    .disconnect(
+                        russh::Disconnect::ByApplication,
+                        "another session holds this meeting point now".to_owned(),
+                        String::new(),
+                    )
+                    .await;
+            }
+        }
         let bind = SocketAddr::new(self.shared.forward_bind, view.port);
         let listener = match TcpListener::bind(bind).await {
             Ok(listener) => listener,
@@ -248,14 +364,21 @@ impl russh::server::Handler for MachineConnection {
         tracing::info!(pod = %self.shared.pod, %machine, %bind, "forwarding the meeting point's port to the machine");
         let forward = Forward {
             shared: self.shared.clone(),
+            connection: self.id,
             machine,
             key,
+            lease: view.lease.clone(),
             address: address.to_owned(),
             port: view.port,
             session: session.handle(),
         };
-        self.forwards
-            .insert(*port, AbortOnDrop(tokio::spawn(forward.run(listener))));
+        let held = Held {
+            connection: self.id,
+            lease: view.lease,
+            task: tokio::spawn(forward.run(listener)),
+            session: session.handle(),
+        };
+        self.shared.forwards().insert(held_port(*port), held);
         Ok(true)
     }
 
@@ -265,7 +388,16 @@ impl russh::server::Handler for MachineConnection {
         port: u32,
         _session: &mut Session,
     ) -> Result<bool, Self::Error> {
-        Ok(self.forwards.remove(&port).is_some())
+        let mut forwards = self.shared.forwards();
+        let port = held_port(port);
+        match forwards.get(&port) {
+            Some(held) if held.connection == self.id => {
+                held.task.abort();
+                forwards.remove(&port);
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
     }
 }
 
@@ -273,8 +405,11 @@ impl russh::server::Handler for MachineConnection {
 /// while checking that the meeting point is still this one.
 struct Forward {
     shared: Arc<Shared>,
+    connection: u64,
     machine: MachineId,
     key: PublicKey,
+    /// The reservation this forward serves; a new one means a new forward.
+    lease: LeaseId,
     address: String,
     port: u16,
     session: russh::server::Handle,
@@ -288,15 +423,19 @@ impl Forward {
             tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok((socket, peer)) => self.relay(socket, peer),
-                    Err(err) => tracing::warn!(error = &err as &dyn std::error::Error, "accepting a client failed"),
+                    Err(err) => {
+                        tracing::warn!(error = &err as &dyn std::error::Error, "accepting a client failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
                 },
                 _ = recheck.tick() => {
                     // Level-triggered: whatever happened (cleared, expired, moved, replaced by
                     // a new reservation), a forward whose meeting point is gone ends.
                     match authorize(&self.shared, &self.machine, &self.key).await {
-                        Ok(view) if view.port == self.port => {}
+                        Ok(view) if view.port == self.port && view.lease == self.lease => {}
                         Err(Refusal::Lookup { .. }) => {}
                         Ok(_) | Err(_) => {
+                            self.forget();
                             tracing::info!(pod = %self.shared.pod, machine = %self.machine, port = self.port, "the meeting point is gone: closing the machine's connection");
                             let _ = self
                                 .session
@@ -311,6 +450,17 @@ impl Forward {
                     }
                 }
             }
+        }
+    }
+
+    /// Leaves the map, unless a newer forward already holds the port.
+    fn forget(&self) {
+        let mut forwards = self.shared.forwards();
+        if forwards
+            .get(&self.port)
+            .is_some_and(|held| held.connection == self.connection && held.lease == self.lease)
+        {
+            forwards.remove(&self.port);
         }
     }
 
@@ -356,4 +506,9 @@ impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
     }
+}
+
+/// Ports in forward requests are u32; only those that were authorized (so fit u16) are held.
+fn held_port(port: u32) -> u16 {
+    u16::try_from(port).unwrap_or(0)
 }

@@ -15,13 +15,33 @@ use crate::harness::{TestApp, call, connect, start_app, start_nats, wait_for};
 
 const LIMIT: Duration = Duration::from_secs(20);
 
-/// A free TCP port on loopback (free when asked; tests pick distinct ones).
+/// A free TCP port on loopback, never the same twice in this test process (the kernel may
+/// hand a port out again once its listener is closed).
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut given = GIVEN.lock().unwrap();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
+}
+
+/// Waits until nothing listens on `port` any more.
+async fn wait_closed(port: u16) {
+    wait_for(&format!("port {port} to close"), LIMIT, || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+            .then_some(())
+    })
+    .await;
 }
 
 fn run(program: &str, args: &[&str]) -> std::process::Output {
@@ -255,12 +275,24 @@ fn pod_agent(nats_url: &str, dir: &Path, name: &str, port: u16, extra: &[&str]) 
         "300ms",
         "--drain-poll",
         "100ms",
+        "--recheck",
+        "200ms",
     ];
     args.extend_from_slice(extra);
     Agent::spawn(nats_url, dir.join(format!("{name}.log")), &args)
 }
 
 fn machine_agent(nats_url: &str, dir: &Path, machine: &str, sshd: &Sshd) -> Agent {
+    machine_agent_with(nats_url, dir, machine, sshd, "300ms")
+}
+
+fn machine_agent_with(
+    nats_url: &str,
+    dir: &Path,
+    machine: &str,
+    sshd: &Sshd,
+    keepalive: &str,
+) -> Agent {
     let target = sshd.target();
     Agent::spawn(
         nats_url,
@@ -274,7 +306,7 @@ fn machine_agent(nats_url: &str, dir: &Path, machine: &str, sshd: &Sshd) -> Agen
             "--target",
             &target,
             "--keepalive",
-            "300ms",
+            keepalive,
             "--retry-delay",
             "100ms",
         ],
@@ -336,7 +368,8 @@ async fn a_client_reaches_the_machines_sshd_through_the_meeting_point() {
             .starts_with("SHA256:")
     );
     let machine = "skia-rpi-001.example.com";
-    let mut machine_agent = machine_agent(&url, dir.path(), machine, &sshd);
+    // A long keep-alive, so only the agent's own clearing can remove the meeting point here.
+    let mut machine_agent = machine_agent_with(&url, dir.path(), machine, &sshd, "60s");
 
     let output = wait_reachable(&sshd, port).await;
     assert_eq!(output.trim(), "hello-from-the-machine");
@@ -367,10 +400,7 @@ async fn a_client_reaches_the_machines_sshd_through_the_meeting_point() {
             .success()
     );
     assert_eq!(meeting_point(&test, machine).await, None);
-    assert!(
-        sshd.ssh_through(port, "true").await.is_err(),
-        "the port is closed"
-    );
+    wait_closed(port).await;
 
     // SIGINT: the pod is removed and the agent exits at once.
     pod_agent.signal(Signal::SIGINT);
@@ -462,6 +492,22 @@ async fn openssh_as_a_machine_may_forward_its_own_port_and_no_other() {
     assert!(!status.success());
     assert!(stderr.contains("Permission denied"), "{stderr}");
 
+    // The right key and port, but on a pod that is not its meeting point's: refused.
+    let _other_pod = pod_agent(&url, dir.path(), "switch-pod-1", free_port(), &[]);
+    let other_pod = wait_valid(&test, "switch-pod-1").await;
+    let (status, stderr) = openssh_machine(
+        other_pod["ssh_address"].as_str().unwrap(),
+        machine,
+        &key,
+        port,
+        &target,
+        LIMIT,
+    )
+    .await
+    .expect("ssh gives up when the pod is not its meeting point's");
+    assert!(!status.success());
+    assert!(stderr.contains("Permission denied"), "{stderr}");
+
     // Its own port: accepted, and clients reach the machine through it.
     let forwarding = openssh_machine(
         &pod_ssh,
@@ -478,17 +524,11 @@ async fn openssh_as_a_machine_may_forward_its_own_port_and_no_other() {
     let output = wait_reachable(&sshd, port).await;
     assert_eq!(output.trim(), "hello-from-the-machine");
 
-    // Clearing the meeting point closes the forward (the pod checks every keep-alive period).
+    // Clearing the meeting point closes the forward (the pod rechecks every --recheck).
     call(&test, "meeting_point.clear", json!({"machine": machine}))
         .await
         .ok();
-    wait_for("the forward to close", LIMIT, || async {
-        tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_err()
-            .then_some(())
-    })
-    .await;
+    wait_closed(port).await;
 }
 
 #[actix_rt::test]
@@ -508,8 +548,36 @@ async fn a_machine_moves_off_a_draining_pod_and_the_pod_exits_once_empty() {
     let _pod_b = pod_agent(&url, dir.path(), "switch-pod-b", port_b, &[]);
     wait_valid(&test, "switch-pod-b").await;
 
-    // SIGTERM drains pod a: its machine, idle, moves to b, and pod a exits once empty.
+    // A client is connected (the machine's sshd greets it through the tunnel): while it is,
+    // the machine stays on pod a even though pod a drains.
+    let mut client = tokio::net::TcpStream::connect(("127.0.0.1", port_a))
+        .await
+        .unwrap();
+    let mut greeting = [0u8; 8];
+    tokio::io::AsyncReadExt::read_exact(&mut client, &mut greeting)
+        .await
+        .unwrap();
+    assert_eq!(&greeting, b"SSH-2.0-");
     pod_a.signal(Signal::SIGTERM);
+    wait_for("pod a to drain", LIMIT, || async {
+        (pod(&test, "switch-pod-a").await?["status"] == "draining").then_some(())
+    })
+    .await;
+    // Two of the machine's keep-alives after the drain began: it saw pod a invalid, and
+    // stayed for its client.
+    let mut seen = vec![meeting_point(&test, machine).await.unwrap()["last_seen"].clone()];
+    while seen.len() < 3 {
+        let mp = wait_for("a keep-alive on the draining pod", LIMIT, || async {
+            let mp = meeting_point(&test, machine).await?;
+            (!seen.contains(&mp["last_seen"])).then_some(mp)
+        })
+        .await;
+        assert_eq!(mp["pod"], "switch-pod-a", "moved with a client connected");
+        seen.push(mp["last_seen"].clone());
+    }
+
+    // The client leaves: the machine, idle, moves to b, and pod a exits once empty.
+    drop(client);
     let output = wait_reachable(&sshd, port_b).await;
     assert_eq!(output.trim(), "hello-from-the-machine");
     assert_eq!(
@@ -602,4 +670,36 @@ async fn a_reservation_with_a_malformed_key_is_invalid_and_changes_nothing() {
     .await
     .ok();
     assert_eq!(count["result"]["meeting_points"], 0);
+}
+
+#[actix_rt::test]
+async fn a_machine_comes_back_after_its_pod_agent_is_killed_and_restarted() {
+    let test = start_app(|_| {}).await;
+    let url = test.server.url();
+    let sshd = Sshd::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let host_key = dir.path().join("pod_host_key");
+    let host_key_arg = ["--host-key", host_key.to_str().unwrap()];
+
+    let mut first = pod_agent(&url, dir.path(), "switch-pod-0", port, &host_key_arg);
+    wait_valid(&test, "switch-pod-0").await;
+    let machine = "skia-rpi-005.example.com";
+    let _machine_agent = machine_agent(&url, dir.path(), machine, &sshd);
+    wait_reachable(&sshd, port).await;
+
+    // kill -9: no removal, the registration stays; the machine loses its connection.
+    first.signal(Signal::SIGKILL);
+    first.exited("the first pod-agent to die").await;
+    wait_closed(port).await;
+    // The restarted pod takes its registration over (a new SSH port, the same host key), and
+    // the machine-agent starts over and is reachable through it again.
+    let dir2 = tempfile::tempdir().unwrap();
+    let _second = pod_agent(&url, dir2.path(), "switch-pod-0", port, &host_key_arg);
+    let output = wait_reachable(&sshd, port).await;
+    assert_eq!(output.trim(), "hello-from-the-machine");
+    assert_eq!(
+        pod(&test, "switch-pod-0").await.unwrap()["status"],
+        "active"
+    );
 }
