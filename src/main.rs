@@ -656,7 +656,7 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     options.replay_events = args.replay_events.unwrap_or(options.replay_events);
     options.memory_entities = args.memory_entities.unwrap_or(options.memory_entities);
     let mut stdout = std::io::stdout();
-    let report = bench::run(&options, &mut stdout).await?;
+    let report = Box::pin(bench::run(&options, &mut stdout)).await?;
     if let Some(path) = args.json {
         std::fs::write(&path, serde_json::to_string_pretty(&report)?)
             .with_context(|| format!("writing {}", path.display()))?;

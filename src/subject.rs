@@ -199,8 +199,40 @@ pub fn valid_kind(kind: &str) -> bool {
         && bytes.all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
 }
 
+/// Whether `subject` matches the NATS subject `filter` (`*` is one token, a final `>` one or
+/// more), as the server would decide.
+pub fn matches(filter: &str, subject: &str) -> bool {
+    let mut subject = subject.split('.');
+    for token in filter.split('.') {
+        match (token, subject.next()) {
+            (">", Some(_)) => return true,
+            ("*", Some(_)) => {}
+            (token, Some(actual)) if token == actual => {}
+            _ => return false,
+        }
+    }
+    subject.next().is_none()
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn filters_match_as_the_server_does() {
+        for (filter, subject, expected) in [
+            ("sy.evt.>", "sy.evt.pod.p1", true),
+            ("sy.evt.>", "sy.evt", false),
+            ("sy.evt.pod.*", "sy.evt.pod.p1", true),
+            ("sy.evt.pod.*", "sy.evt.pod.p1.x", false),
+            ("sy.evt.pod.*", "sy.evt.meeting_point.p1", false),
+            ("sy.evt.pod.*", "sy.evt.pod", false),
+            ("sy.evt.pod.p1", "sy.evt.pod.p1", true),
+            ("sy.evt.pod.p1", "sy.evt.pod.p2", false),
+            ("sy.*.pod.>", "sy.evt.pod.a.b", true),
+        ] {
+            assert_eq!(matches(filter, subject), expected, "{filter} ~ {subject}");
+        }
+    }
     use super::*;
     use proptest::prelude::*;
 

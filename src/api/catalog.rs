@@ -14,6 +14,7 @@ use crate::domain::counter::{AddToCounter, Counter, CreateCounter, DeleteCounter
 use crate::domain::switchboard::{MeetingPoint, Pod};
 use crate::domain::{Aggregate, DomainEvent, EntityId, EventType, IdError};
 use crate::metrics::Metrics;
+use crate::runtime::feed::{Feed, FeedHandle};
 use crate::runtime::{Clock, Entities, EntityTable, ProjectionHandle, Reaper, Settings, Stop};
 use crate::store::{EventStore, StoreError};
 use crate::switchboard::{self, Switchboard};
@@ -26,6 +27,8 @@ pub struct Services {
     counter_reaper: actix::Addr<Reaper<Counter>>,
     pub switchboard: Switchboard,
     switchboard_timers: switchboard::Timers,
+    /// The one reader of the event stream behind every read model.
+    _feed: Arc<FeedHandle>,
 }
 
 /// An aggregate the API serves: where its actors and read model are.
@@ -92,19 +95,24 @@ impl Services {
             snapshot_every: store.config().snapshot_every,
             clock: clock.clone(),
         });
+        // Every read model subscribes first; the feed then reads the stream once for all.
+        let mut feed = Feed::new(store.clone());
         let (switchboard, switchboard_timers) = Switchboard::start(
             store,
+            &mut feed,
             &settings,
             runtime.reaper_interval,
             switchboard,
             metrics,
         );
         let counters = Entities::<Counter>::start(store.clone(), settings, metrics.clone());
-        let counter_table = ProjectionHandle::start(
+        let counter_table = ProjectionHandle::start_on(
             EntityTable::<Counter>::default(),
+            &mut feed,
             store.clone(),
             metrics.clone(),
         );
+        let feed = Arc::new(feed.start());
         let counter_reaper = actix::Actor::start(Reaper::new(
             counter_table.clone(),
             counters.clone(),
@@ -118,6 +126,7 @@ impl Services {
             counter_reaper,
             switchboard,
             switchboard_timers,
+            _feed: feed,
         }
     }
 

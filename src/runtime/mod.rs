@@ -5,6 +5,7 @@
 //! after the ack, reply) before the next; actors hold no logic beyond that sequence.
 
 pub mod entity;
+pub mod feed;
 pub mod projection;
 pub mod reaper;
 pub mod registry;

@@ -1,29 +1,24 @@
 //! Projections: read models rebuilt from the event stream on start, then kept current by
-//! following it live. Each knows its position (the last stream sequence applied) and reports
-//! ready once it has caught up with what the stream held when it started.
+//! following it live, all fed by one [`Feed`]. Each knows its position (the stream sequence it
+//! has applied up to) and reports ready once it has caught up with what the stream held when
+//! the feed started.
 
 use std::collections::BTreeMap;
 use std::marker::PhantomData;
 use std::ops::Bound;
-use std::time::Duration;
 
 use actix::prelude::*;
-use futures::StreamExt;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use crate::domain::{Aggregate, EntityId, Timestamp};
 use crate::metrics::{Metrics, ProjectionLabels};
-use crate::store::{EventStore, Start, StoreError, StoredMessage};
+use std::sync::Arc;
+
+use super::feed::{Feed, FeedHandle, FeedItem};
+use crate::store::{EventStore, StoreError, StoredMessage};
 use crate::subject::Subjects;
 use crate::telemetry;
 use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
-
-/// How long to wait before following the stream again after it failed.
-const RESUBSCRIBE_AFTER: Duration = Duration::from_millis(500);
-/// The most messages applied per wake-up of a projection actor.
-const CHUNK: usize = 1024;
-/// Chunks read ahead of the actor.
-const CHUNKS_AHEAD: usize = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProjectionError {
@@ -176,58 +171,23 @@ pub struct ProjectionActor<P: Projection> {
     projection: P,
     name: String,
     store: EventStore,
-    /// Stream sequence of the last message applied.
+    /// The stream sequence applied up to.
     position: u64,
-    /// Messages still to apply before the projection has caught up; `None` once it has.
+    /// The position at which it has caught up, once the feed has said; `None` before, and
+    /// after it has caught up.
     catching_up: Option<u64>,
     ready: watch::Sender<bool>,
     position_gauge: Gauge,
     errors: Counter,
-    /// Set once asked to stop, so the end of the stream is not taken for a failure.
+    /// Set once asked to stop, so the end of the feed is not taken for a failure.
     stopping: bool,
-    /// Where the stream is read: the multi-threaded runtime, not this actor's arbiter.
-    reader: tokio::runtime::Handle,
+    /// What the feed sends; taken when the actor starts.
+    feed: Option<mpsc::Receiver<FeedItem>>,
 }
 
 impl<P: Projection> ProjectionActor<P> {
-    fn follow(&mut self, ctx: &mut Context<Self>) {
-        let store = self.store.clone();
-        let filter = self.projection.filter(store.subjects());
-        let from = self.position + 1;
-        let follow = async move { store.follow(&filter, Start::Sequence(from)).await };
-        let reader = self.reader.clone();
-        ctx.spawn(follow.into_actor(self).map(move |result, act, ctx| match result {
-            Ok((stream, pending)) => {
-                if act.catching_up.is_some() {
-                    act.catching_up = Some(pending);
-                    act.check_caught_up();
-                }
-                // The consumer is read on the runtime's workers, a chunk ahead of the actor, so
-                // the next pull is never waiting on an apply. The reader ends when the actor
-                // drops the receiving end.
-                let (chunks, received) = tokio::sync::mpsc::channel(CHUNKS_AHEAD);
-                reader.spawn(async move {
-                    let mut ready = stream.ready_chunks(CHUNK);
-                    while let Some(chunk) = ready.next().await {
-                        if chunks.send(chunk).await.is_err() {
-                            break;
-                        }
-                    }
-                });
-                let received = futures::stream::unfold(received, |mut received| async move {
-                    received.recv().await.map(|chunk| (chunk, received))
-                });
-                ctx.add_stream(received);
-            }
-            Err(err) => {
-                tracing::warn!(projection = %act.name, error = &err as &dyn std::error::Error, "cannot follow the event stream; retrying");
-                ctx.run_later(RESUBSCRIBE_AFTER, |act, ctx| act.follow(ctx));
-            }
-        }));
-    }
-
     fn check_caught_up(&mut self) {
-        if self.catching_up == Some(0) {
+        if self.catching_up.is_some_and(|at| self.position >= at) {
             self.catching_up = None;
             tracing::info!(projection = %self.name, position = self.position, "projection caught up");
             self.ready.send_replace(true);
@@ -239,26 +199,20 @@ impl<P: Projection> Actor for ProjectionActor<P> {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        self.follow(ctx);
+        if let Some(feed) = self.feed.take() {
+            let items = futures::stream::unfold(feed, |mut feed| async move {
+                feed.recv().await.map(|item| (item, feed))
+            });
+            ctx.add_stream(items);
+        }
     }
 }
 
 impl<P: Projection> ProjectionActor<P> {
-    fn apply(&mut self, item: Result<StoredMessage, StoreError>) {
-        let message = match item {
-            Ok(message) => message,
-            Err(err) => {
-                tracing::warn!(projection = %self.name, error = &err as &dyn std::error::Error, "event stream error");
-                return;
-            }
-        };
-        // After a resubscription the consumer may repeat what was applied already.
-        if message.seq <= self.position {
-            return;
-        }
+    fn apply(&mut self, message: &StoredMessage, live: bool) {
         // Live, a projection's update continues the trace of the command that caused it; while
         // rebuilding it makes no spans at all (a replay must not join months-old traces).
-        let span = if self.catching_up.is_none() {
+        let span = if live {
             let span = tracing::debug_span!("projection.apply", projection = %self.name, seq = message.seq);
             telemetry::continue_trace(&span, Some(&message.headers));
             span
@@ -266,35 +220,42 @@ impl<P: Projection> ProjectionActor<P> {
             tracing::Span::none()
         };
         let _applying = span.enter();
-        if let Err(err) = self.projection.apply(self.store.subjects(), &message) {
+        if let Err(err) = self.projection.apply(self.store.subjects(), message) {
             self.errors.inc();
             tracing::error!(projection = %self.name, seq = message.seq, subject = %message.subject, error = &err as &dyn std::error::Error, "skipping a message the projection cannot apply");
-        }
-        self.position = message.seq;
-        if let Some(left) = self.catching_up.as_mut() {
-            *left = left.saturating_sub(1);
-            self.check_caught_up();
         }
     }
 }
 
-/// Messages arrive in chunks of what is ready: one wake-up of the actor per chunk, not per
-/// message, which is what a rebuild of a million events needs.
-impl<P: Projection> StreamHandler<Vec<Result<StoredMessage, StoreError>>> for ProjectionActor<P> {
-    fn handle(&mut self, chunk: Vec<Result<StoredMessage, StoreError>>, _: &mut Context<Self>) {
-        for item in chunk {
-            self.apply(item);
+/// Messages arrive in chunks: one wake-up of the actor per chunk, not per message, which is
+/// what a rebuild of a million events needs.
+impl<P: Projection> StreamHandler<FeedItem> for ProjectionActor<P> {
+    fn handle(&mut self, item: FeedItem, _: &mut Context<Self>) {
+        match item {
+            FeedItem::Start { caught_up_at } => {
+                self.catching_up = Some(caught_up_at);
+            }
+            FeedItem::Chunk { messages, position } => {
+                let live = self.catching_up.is_none();
+                for message in &messages {
+                    // The feed never repeats a sequence; this guards the read model anyway.
+                    if message.seq > self.position {
+                        self.apply(message, live);
+                        self.position = message.seq;
+                    }
+                }
+                self.position = self.position.max(position);
+                self.position_gauge
+                    .set(i64::try_from(self.position).unwrap_or(i64::MAX));
+            }
         }
-        self.position_gauge
-            .set(i64::try_from(self.position).unwrap_or(i64::MAX));
+        self.check_caught_up();
     }
 
-    fn finished(&mut self, ctx: &mut Context<Self>) {
-        if self.stopping {
-            return;
+    fn finished(&mut self, _: &mut Context<Self>) {
+        if !self.stopping {
+            tracing::error!(projection = %self.name, position = self.position, "the event feed ended; this read model no longer follows the stream");
         }
-        tracing::warn!(projection = %self.name, position = self.position, "event stream ended; following again");
-        ctx.run_later(RESUBSCRIBE_AFTER, |act, ctx| act.follow(ctx));
     }
 }
 
@@ -333,6 +294,8 @@ pub struct ProjectionHandle<P: Projection> {
     addr: Addr<ProjectionActor<P>>,
     ready: watch::Receiver<bool>,
     name: String,
+    /// A feed of its own (see [`start`](Self::start)), stopped with the last handle.
+    _own_feed: Option<Arc<FeedHandle>>,
 }
 
 impl<P: Projection> Clone for ProjectionHandle<P> {
@@ -341,15 +304,26 @@ impl<P: Projection> Clone for ProjectionHandle<P> {
             addr: self.addr.clone(),
             ready: self.ready.clone(),
             name: self.name.clone(),
+            _own_feed: self._own_feed.clone(),
         }
     }
 }
 
 impl<P: Projection> ProjectionHandle<P> {
-    /// Starts the projection on the current arbiter; it rebuilds from the start of the stream.
+    /// Starts the projection with a feed of its own; it rebuilds from the start of the stream.
     pub fn start(projection: P, store: EventStore, metrics: Metrics) -> Self {
+        let mut feed = Feed::new(store.clone());
+        let mut handle = Self::start_on(projection, &mut feed, store, metrics);
+        handle._own_feed = Some(Arc::new(feed.start()));
+        handle
+    }
+
+    /// Starts the projection on a shared feed: it rebuilds, with the feed's other subscribers,
+    /// once the feed starts.
+    pub fn start_on(projection: P, feed: &mut Feed, store: EventStore, metrics: Metrics) -> Self {
         let (ready, watch) = watch::channel(false);
         let name = projection.name();
+        let receiver = feed.subscribe(projection.filter(store.subjects()));
         let labels = ProjectionLabels {
             projection: name.clone(),
         };
@@ -363,13 +337,14 @@ impl<P: Projection> ProjectionHandle<P> {
             position_gauge: metrics.projection_position.get_or_create_owned(&labels),
             errors: metrics.projection_errors.get_or_create_owned(&labels),
             stopping: false,
-            reader: tokio::runtime::Handle::current(),
+            feed: Some(receiver),
         };
         Self {
             // Its own thread: a rebuild or a busy stream never delays entity actors.
             addr: ProjectionActor::start_in_arbiter(&actix::Arbiter::new().handle(), |_| actor),
             ready: watch,
             name,
+            _own_feed: None,
         }
     }
 

@@ -13,6 +13,7 @@ use actix::Addr;
 use crate::config::SwitchboardConfig;
 use crate::domain::switchboard::{MeetingPoint, Pod};
 use crate::metrics::Metrics;
+use crate::runtime::feed::Feed;
 use crate::runtime::{Clock, Entities, EntityTable, ProjectionHandle, Reaper, Settings, Stop};
 use crate::store::EventStore;
 
@@ -44,21 +45,24 @@ pub struct Timers {
 impl Switchboard {
     pub fn start(
         store: &EventStore,
+        feed: &mut Feed,
         settings: &Arc<Settings>,
         reaper_interval: std::time::Duration,
         config: &SwitchboardConfig,
         metrics: &Metrics,
     ) -> (Self, Timers) {
         let pods = Entities::<Pod>::start(store.clone(), settings.clone(), metrics.clone());
-        let pod_table = ProjectionHandle::start(
+        let pod_table = ProjectionHandle::start_on(
             EntityTable::<Pod>::default(),
+            feed,
             store.clone(),
             metrics.clone(),
         );
         let meeting_points =
             Entities::<MeetingPoint>::start(store.clone(), settings.clone(), metrics.clone());
-        let meeting_point_table = ProjectionHandle::start(
+        let meeting_point_table = ProjectionHandle::start_on(
             EntityTable::<MeetingPoint>::default(),
+            feed,
             store.clone(),
             metrics.clone(),
         );
