@@ -5,7 +5,9 @@
 //! 140k events/s), and each filtered consumer scans the stream again. So projections do not
 //! read for themselves: the feed reads everything once, from the start, and hands each
 //! projection the messages its filter matches, with the stream position reached. A rebuild of
-//! every read model costs one pass at the unfiltered rate, however many kinds there are.
+//! every read model costs one pass at the unfiltered rate, however many kinds there are. The
+//! price: a projection that falls behind by more than its few chunks of slack holds up the
+//! others, as any single reader would.
 
 use std::time::Duration;
 
