@@ -216,6 +216,8 @@ pub fn matches(filter: &str, subject: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use proptest::prelude::*;
 
     #[test]
     fn filters_match_as_the_server_does() {
@@ -233,8 +235,6 @@ mod tests {
             assert_eq!(matches(filter, subject), expected, "{filter} ~ {subject}");
         }
     }
-    use super::*;
-    use proptest::prelude::*;
 
     #[test]
     fn machine_ids_with_dots_encode_to_one_token() {

@@ -14,7 +14,7 @@ use crate::domain::counter::{AddToCounter, Counter, CreateCounter, DeleteCounter
 use crate::domain::switchboard::{MeetingPoint, Pod};
 use crate::domain::{Aggregate, DomainEvent, EntityId, EventType, IdError};
 use crate::metrics::Metrics;
-use crate::runtime::feed::{Feed, FeedHandle};
+use crate::runtime::feed::Feed;
 use crate::runtime::{Clock, Entities, EntityTable, ProjectionHandle, Reaper, Settings, Stop};
 use crate::store::{EventStore, StoreError};
 use crate::switchboard::{self, Switchboard};
@@ -27,8 +27,6 @@ pub struct Services {
     counter_reaper: actix::Addr<Reaper<Counter>>,
     pub switchboard: Switchboard,
     switchboard_timers: switchboard::Timers,
-    /// The one reader of the event stream behind every read model.
-    _feed: Arc<FeedHandle>,
 }
 
 /// An aggregate the API serves: where its actors and read model are.
@@ -112,7 +110,8 @@ impl Services {
             store.clone(),
             metrics.clone(),
         );
-        let feed = Arc::new(feed.start());
+        // It ends by itself once every read model has stopped.
+        feed.start();
         let counter_reaper = actix::Actor::start(Reaper::new(
             counter_table.clone(),
             counters.clone(),
@@ -126,7 +125,6 @@ impl Services {
             counter_reaper,
             switchboard,
             switchboard_timers,
-            _feed: feed,
         }
     }
 

@@ -6,8 +6,9 @@
 //! read for themselves: the feed reads everything once, from the start, and hands each
 //! projection the messages its filter matches, with the stream position reached. A rebuild of
 //! every read model costs one pass at the unfiltered rate, however many kinds there are. The
-//! price: a projection that falls behind by more than its few chunks of slack holds up the
-//! others, as any single reader would.
+//! price: a projection that falls far behind (more than [`SLACK`] messages not yet taken)
+//! holds up the others, as any single reader would; short stalls are absorbed by merging
+//! what it has not taken into its next chunk.
 
 use std::time::Duration;
 
@@ -21,8 +22,12 @@ use crate::subject;
 const RESUBSCRIBE_AFTER: Duration = Duration::from_millis(500);
 /// The most messages read before they are handed out.
 const CHUNK: usize = 1024;
-/// Chunks a subscriber may have waiting before the feed waits for it.
+/// Chunks a subscriber may have waiting in its channel.
 const CHUNKS_AHEAD: usize = 4;
+/// Messages a subscriber may have matched but not taken before the feed waits for it.
+pub const SLACK: usize = CHUNK * CHUNKS_AHEAD;
+/// How soon the feed tries again to hand over what a busy subscriber could not take.
+const RETRY_HAND_OVER: Duration = Duration::from_millis(2);
 
 /// What a subscriber receives.
 #[derive(Debug)]
@@ -53,6 +58,10 @@ struct Subscriber {
 pub struct Feed {
     store: EventStore,
     subscribers: Vec<Subscriber>,
+    /// The stream sequence read up to.
+    position: u64,
+    /// The stream's last sequence when the feed started.
+    caught_up_at: u64,
 }
 
 impl Feed {
@@ -60,6 +69,8 @@ impl Feed {
         Self {
             store,
             subscribers: Vec::new(),
+            position: 0,
+            caught_up_at: 0,
         }
     }
 
@@ -77,13 +88,23 @@ impl Feed {
     }
 
     /// Starts reading on the multi-threaded runtime, so handing messages out never waits on
-    /// an actor's thread. The feed ends once every subscriber is gone.
-    pub fn start(self) -> FeedHandle {
-        FeedHandle(tokio::spawn(self.run()))
+    /// an actor's thread. The feed ends by itself once every subscriber is gone.
+    pub fn start(self) {
+        tokio::spawn(self.run());
+    }
+
+    fn all_gone(&self) -> bool {
+        self.subscribers.iter().all(|s| s.sender.is_closed())
+    }
+
+    /// Whether a subscriber has messages, or (while catching up) a position, not handed over.
+    fn owes(&self, subscriber: &Subscriber) -> bool {
+        !subscriber.pending.is_empty()
+            || (subscriber.told < self.caught_up_at && subscriber.told < self.position)
     }
 
     async fn run(mut self) {
-        let caught_up_at = loop {
+        self.caught_up_at = loop {
             match self.store.last_sequence().await {
                 Ok(last) => break last,
                 Err(err) => {
@@ -91,10 +112,14 @@ impl Feed {
                         error = &err as &dyn std::error::Error,
                         "cannot read the stream's position; retrying"
                     );
+                    if self.all_gone() {
+                        return;
+                    }
                     tokio::time::sleep(RESUBSCRIBE_AFTER).await;
                 }
             }
         };
+        let caught_up_at = self.caught_up_at;
         for subscriber in &self.subscribers {
             // A subscriber already gone is dropped by the next flush.
             let _ = subscriber
@@ -103,11 +128,13 @@ impl Feed {
                 .await;
         }
         let filter = self.store.subjects().all_events();
-        let mut position = 0;
-        while !self.subscribers.is_empty() {
+        loop {
+            if self.all_gone() {
+                return;
+            }
             let messages = match self
                 .store
-                .follow(&filter, Start::Sequence(position + 1))
+                .follow(&filter, Start::Sequence(self.position + 1))
                 .await
             {
                 Ok((messages, _)) => messages,
@@ -121,43 +148,47 @@ impl Feed {
                 }
             };
             let mut chunks = messages.ready_chunks(CHUNK);
-            'read: loop {
-                // Reading stops once every subscriber is gone, also while the stream is quiet.
-                let senders: Vec<_> = self.subscribers.iter().map(|s| s.sender.clone()).collect();
-                let all_gone = async move {
-                    for sender in &senders {
-                        sender.closed().await;
-                    }
-                };
+            // Reading stops once every subscriber is gone, also while the stream is quiet.
+            let senders: Vec<_> = self.subscribers.iter().map(|s| s.sender.clone()).collect();
+            let all_gone = async move {
+                for sender in &senders {
+                    sender.closed().await;
+                }
+            };
+            tokio::pin!(all_gone);
+            loop {
+                let owing = self.subscribers.iter().any(|s| self.owes(s));
                 let chunk = tokio::select! {
                     chunk = chunks.next() => chunk,
-                    () = all_gone => return,
+                    () = &mut all_gone => return,
+                    () = tokio::time::sleep(RETRY_HAND_OVER), if owing => {
+                        self.flush().await;
+                        continue;
+                    }
                 };
+                // The stream ended (the consumer gave up): follow again from where it stopped.
                 let Some(chunk) = chunk else { break };
-                let before = position;
+                let before = self.position;
                 for item in chunk {
                     match item {
                         // After a resubscription the consumer may repeat what was read.
-                        Ok(message) if message.seq <= position => {}
+                        Ok(message) if message.seq <= self.position => {}
                         Ok(message) => {
-                            position = message.seq;
+                            self.position = message.seq;
                             self.hand_out(message);
                         }
+                        // One unreadable message never stops the read models; the ordered
+                        // consumer recovers from its own errors and goes on.
                         Err(err) => {
                             tracing::warn!(
                                 error = &err as &dyn std::error::Error,
-                                "event stream error; following again"
+                                "skipping an unreadable message of the event stream"
                             );
-                            self.flush(position, caught_up_at).await;
-                            break 'read;
                         }
                     }
                 }
-                if position > before {
-                    self.flush(position, caught_up_at).await;
-                }
-                if self.subscribers.is_empty() {
-                    return;
+                if self.position > before {
+                    self.flush().await;
                 }
             }
             tokio::time::sleep(RESUBSCRIBE_AFTER).await;
@@ -181,34 +212,34 @@ impl Feed {
         }
     }
 
-    /// Sends each subscriber its matched messages and the position (see [`FeedItem::Chunk`]);
-    /// drops those gone.
-    async fn flush(&mut self, position: u64, caught_up_at: u64) {
+    /// Hands each subscriber its matched messages and the position (see [`FeedItem::Chunk`]).
+    /// A subscriber whose channel is full keeps its messages for the next chunk; only one
+    /// more than [`SLACK`] messages behind is waited for. Drops subscribers that are gone.
+    async fn flush(&mut self) {
         self.subscribers.retain(|s| !s.sender.is_closed());
-        let mut gone = Vec::new();
-        for (index, subscriber) in self.subscribers.iter_mut().enumerate() {
-            if subscriber.pending.is_empty() && subscriber.told >= caught_up_at {
+        let (position, caught_up_at) = (self.position, self.caught_up_at);
+        for subscriber in &mut self.subscribers {
+            if subscriber.pending.is_empty() && subscriber.told >= caught_up_at.min(position) {
                 continue;
             }
             let messages = std::mem::take(&mut subscriber.pending);
             let item = FeedItem::Chunk { messages, position };
-            if subscriber.sender.send(item).await.is_err() {
-                gone.push(index);
-            } else {
+            let sent = match subscriber.sender.try_send(item) {
+                Ok(()) => true,
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+                Err(mpsc::error::TrySendError::Full(FeedItem::Chunk { messages, .. }))
+                    if messages.len() <= SLACK =>
+                {
+                    subscriber.pending = messages;
+                    false
+                }
+                Err(mpsc::error::TrySendError::Full(item)) => {
+                    subscriber.sender.send(item).await.is_ok()
+                }
+            };
+            if sent {
                 subscriber.told = position;
             }
         }
-        for index in gone.into_iter().rev() {
-            self.subscribers.swap_remove(index);
-        }
-    }
-}
-
-/// The running feed; stops it when dropped.
-pub struct FeedHandle(tokio::task::JoinHandle<()>);
-
-impl Drop for FeedHandle {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }

@@ -10,11 +10,9 @@ use std::ops::Bound;
 use actix::prelude::*;
 use tokio::sync::{mpsc, watch};
 
+use super::feed::{Feed, FeedItem};
 use crate::domain::{Aggregate, EntityId, Timestamp};
 use crate::metrics::{Metrics, ProjectionLabels};
-use std::sync::Arc;
-
-use super::feed::{Feed, FeedHandle, FeedItem};
 use crate::store::{EventStore, StoreError, StoredMessage};
 use crate::subject::Subjects;
 use crate::telemetry;
@@ -236,10 +234,10 @@ impl<P: Projection> StreamHandler<FeedItem> for ProjectionActor<P> {
                 self.catching_up = Some(caught_up_at);
             }
             FeedItem::Chunk { messages, position } => {
-                let live = self.catching_up.is_none();
                 for message in &messages {
                     // The feed never repeats a sequence; this guards the read model anyway.
                     if message.seq > self.position {
+                        let live = self.catching_up.is_none_or(|at| message.seq > at);
                         self.apply(message, live);
                         self.position = message.seq;
                     }
@@ -254,7 +252,9 @@ impl<P: Projection> StreamHandler<FeedItem> for ProjectionActor<P> {
 
     fn finished(&mut self, _: &mut Context<Self>) {
         if !self.stopping {
+            // Stale from now on: say so on /readyz rather than answer from an old state.
             tracing::error!(projection = %self.name, position = self.position, "the event feed ended; this read model no longer follows the stream");
+            self.ready.send_replace(false);
         }
     }
 }
@@ -294,8 +294,6 @@ pub struct ProjectionHandle<P: Projection> {
     addr: Addr<ProjectionActor<P>>,
     ready: watch::Receiver<bool>,
     name: String,
-    /// A feed of its own (see [`start`](Self::start)), stopped with the last handle.
-    _own_feed: Option<Arc<FeedHandle>>,
 }
 
 impl<P: Projection> Clone for ProjectionHandle<P> {
@@ -304,7 +302,6 @@ impl<P: Projection> Clone for ProjectionHandle<P> {
             addr: self.addr.clone(),
             ready: self.ready.clone(),
             name: self.name.clone(),
-            _own_feed: self._own_feed.clone(),
         }
     }
 }
@@ -313,8 +310,8 @@ impl<P: Projection> ProjectionHandle<P> {
     /// Starts the projection with a feed of its own; it rebuilds from the start of the stream.
     pub fn start(projection: P, store: EventStore, metrics: Metrics) -> Self {
         let mut feed = Feed::new(store.clone());
-        let mut handle = Self::start_on(projection, &mut feed, store, metrics);
-        handle._own_feed = Some(Arc::new(feed.start()));
+        let handle = Self::start_on(projection, &mut feed, store, metrics);
+        feed.start();
         handle
     }
 
@@ -344,7 +341,6 @@ impl<P: Projection> ProjectionHandle<P> {
             addr: ProjectionActor::start_in_arbiter(&actix::Arbiter::new().handle(), |_| actor),
             ready: watch,
             name,
-            _own_feed: None,
         }
     }
 

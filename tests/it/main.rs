@@ -9,6 +9,7 @@ mod audit;
 mod bench;
 mod crash;
 mod external;
+mod feed;
 mod harness;
 mod store;
 mod switchboard;

@@ -14,11 +14,11 @@ use switchyard::store::{Appended, Commit, Entity, EventStore, Start, StoreError}
 
 use crate::harness::{store, store_with};
 
-fn id(text: &str) -> CounterId {
+pub(crate) fn id(text: &str) -> CounterId {
     CounterId::new(text).unwrap()
 }
 
-fn created() -> CounterEvent {
+pub(crate) fn created() -> CounterEvent {
     CounterEvent::Created(Created {
         limit: None,
         idle_ttl_ms: None,
@@ -34,7 +34,7 @@ fn added(amount: u64) -> CounterEvent {
 }
 
 /// Appends `events` as one commit with a fresh command id.
-async fn append(
+pub(crate) async fn append(
     store: &EventStore,
     entity: &CounterId,
     expected: u64,
