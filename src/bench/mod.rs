@@ -235,6 +235,29 @@ impl Latencies {
     }
 }
 
+/// Runs `call(0..n)`, `in_flight` at a time; the first error is the result.
+async fn each<F, Fut>(n: usize, in_flight: usize, call: F) -> anyhow::Result<()>
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    futures::stream::iter(0..n)
+        .map(call)
+        .buffer_unordered(in_flight.max(1))
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect()
+}
+
+/// Stops every active actor of a kind and waits until they are gone.
+async fn passivate_all<A: crate::domain::Aggregate>(entities: &crate::runtime::Entities<A>) {
+    entities.passivate_idle(Duration::ZERO).await;
+    while entities.active().await > 0 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A control plane for one scenario, with its own subject and stream prefixes.
 struct Bench {
     app: App,
@@ -288,30 +311,30 @@ impl Bench {
         }
     }
 
-    async fn request(&self, verb: &str, id: usize) -> anyhow::Result<()> {
-        let reply = self
-            .client
-            .request(self.subject(verb), Self::body(id, verb))
-            .await?;
+    /// Sends `body` to `<prefix>.api.<route>`; an error reply is an error.
+    async fn call(&self, route: &str, body: Bytes) -> anyhow::Result<()> {
+        let subject = format!("{}.api.{route}", self.config.store.subject_prefix);
+        let reply = self.client.request(subject, body).await?;
         if let Some(code) = reply
             .headers
             .as_ref()
             .and_then(|h| h.get(async_nats::service::NATS_SERVICE_ERROR))
         {
-            anyhow::bail!("{verb} c{id}: {}", code.as_str());
+            anyhow::bail!(
+                "{route}: {} {}",
+                code.as_str(),
+                String::from_utf8_lossy(&reply.payload)
+            );
         }
         Ok(())
     }
 
     /// Creates counters `0..n`, `in_flight` at a time.
     async fn create(&self, n: usize, in_flight: usize) -> anyhow::Result<()> {
-        futures::stream::iter(0..n)
-            .map(|i| self.request("create", i))
-            .buffer_unordered(in_flight.max(1))
-            .collect::<Vec<_>>()
-            .await
-            .into_iter()
-            .collect()
+        each(n, in_flight, |i| {
+            self.call("counter.create", Self::body(i, "create"))
+        })
+        .await
     }
 
     /// Closed loop: `in_flight` callers send adds back to back for `duration`; commands/s.
@@ -366,7 +389,8 @@ impl Bench {
         let mut latencies = Latencies::with_capacity(samples);
         for i in 0..samples {
             let started = Instant::now();
-            self.request("add", i % entities).await?;
+            self.call("counter.add", Self::body(i % entities, "add"))
+                .await?;
             latencies.push(started.elapsed());
         }
         Ok(latencies)
@@ -1064,10 +1088,7 @@ async fn memory(
     let active_count = counters.active().await;
     settle().await;
     let active = counted_bytes();
-    counters.passivate_idle(Duration::ZERO).await;
-    while counters.active().await > 0 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    passivate_all(&counters).await;
     settle().await;
     let passive = counted_bytes();
     stop_counting();
@@ -1125,52 +1146,21 @@ async fn switchboard_memory(
     let bench = Bench::start(url, "board", |_| {}).await?;
     let meeting_points = options.memory_entities;
     let pods = (meeting_points / 100).max(1);
-    let prefix = bench.config.store.subject_prefix.clone();
-    let call = |route: &'static str, body: serde_json::Value| {
-        let client = bench.client.clone();
-        let subject = format!("{prefix}.api.{route}");
-        async move {
-            let reply = client
-                .request(subject, Bytes::from(body.to_string()))
-                .await?;
-            if reply
-                .headers
-                .as_ref()
-                .is_some_and(|h| h.get(async_nats::service::NATS_SERVICE_ERROR).is_some())
-            {
-                anyhow::bail!("{route}: {}", String::from_utf8_lossy(&reply.payload));
-            }
-            Ok(())
-        }
-    };
+    let keepalive_ms = 86_400_000; // nothing expires during the scenario
     settle().await;
     start_counting();
-    futures::stream::iter(0..pods)
-        .map(|i| {
-            call(
-                "pod.add",
-                json!({"pod": format!("pod-{i}"), "keepalive_ms": 86_400_000}),
-            )
-        })
-        .buffer_unordered(options.in_flight.max(1))
-        .collect::<Vec<anyhow::Result<()>>>()
-        .await
-        .into_iter()
-        .collect::<anyhow::Result<()>>()?;
+    each(pods, options.in_flight, |i| {
+        let body = json!({"pod": format!("pod-{i}"), "keepalive_ms": keepalive_ms});
+        bench.call("pod.add", Bytes::from(body.to_string()))
+    })
+    .await?;
     let started = Instant::now();
-    futures::stream::iter(0..meeting_points)
-        .map(|i| {
-            call(
-                "meeting_point.reserve",
-                json!({"machine": format!("machine-{i}.example.com"), "username": "chrome-bot",
-                       "keepalive_ms": 86_400_000}),
-            )
-        })
-        .buffer_unordered(options.in_flight.max(1))
-        .collect::<Vec<anyhow::Result<()>>>()
-        .await
-        .into_iter()
-        .collect::<anyhow::Result<()>>()?;
+    each(meeting_points, options.in_flight, |i| {
+        let body = json!({"machine": format!("machine-{i}.example.com"),
+                          "username": "chrome-bot", "keepalive_ms": keepalive_ms});
+        bench.call("meeting_point.reserve", Bytes::from(body.to_string()))
+    })
+    .await?;
     let reserve_rate = meeting_points as f64 / started.elapsed().as_secs_f64();
     let board = bench.app.services().switchboard.clone();
     let started = Instant::now();
@@ -1189,16 +1179,10 @@ async fn switchboard_memory(
     );
     settle().await;
     let all_active = counted_bytes();
-    board.meeting_points.passivate_idle(Duration::ZERO).await;
-    while board.meeting_points.active().await > 0 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    passivate_all(&board.meeting_points).await;
     settle().await;
     let pods_active = counted_bytes();
-    board.pods.passivate_idle(Duration::ZERO).await;
-    while board.pods.active().await > 0 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    passivate_all(&board.pods).await;
     settle().await;
     let passive = counted_bytes();
     stop_counting();
