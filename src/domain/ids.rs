@@ -63,9 +63,24 @@ pub trait EntityId:
 }
 
 /// Declares a validated string newtype: serde and JSON Schema go through the same check.
+/// Every one is printable text within a length; with `shape`, it must also pass a function,
+/// which JSON Schema states as `pattern`.
 #[macro_export]
 macro_rules! text_id {
     ($(#[$meta:meta])* $name:ident, $what:literal, $max:expr) => {
+        $crate::text_id!(@impl $(#[$meta])* $name, $what, $max,
+            |_: &str| true,
+            "printable text without control characters or surrounding white space",
+            "^[^\\s\\x00-\\x1f\\x7f-\\x9f]([^\\x00-\\x1f\\x7f-\\x9f]*[^\\s\\x00-\\x1f\\x7f-\\x9f])?$");
+    };
+    (
+        $(#[$meta:meta])* $name:ident, $what:literal, $max:expr,
+        shape = $shape:expr, rule = $rule:literal, pattern = $pattern:literal
+    ) => {
+        $crate::text_id!(@impl $(#[$meta])* $name, $what, $max, $shape, $rule, $pattern);
+    };
+    (@impl $(#[$meta:meta])* $name:ident, $what:literal, $max:expr,
+        $shape:expr, $rule:literal, $pattern:literal) => {
         $(#[$meta])*
         #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
         #[serde(try_from = "String", into = "String")]
@@ -75,6 +90,10 @@ macro_rules! text_id {
             pub fn new(value: impl Into<String>) -> Result<Self, $crate::domain::ids::IdError> {
                 let value = value.into();
                 $crate::domain::ids::validate_text($what, &value, $max)?;
+                let shape: fn(&str) -> bool = $shape;
+                if !shape(&value) {
+                    return Err($crate::domain::ids::IdError::Pattern { what: $what, rule: $rule });
+                }
                 Ok(Self(value))
             }
 
@@ -116,10 +135,10 @@ macro_rules! text_id {
             fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
                 schemars::json_schema!({
                     "type": "string",
-                    "description": concat!("A ", $what, ": printable text without control characters or surrounding white space."),
+                    "description": concat!("A ", $what, ": ", $rule, "."),
                     "minLength": 1,
                     "maxLength": $max,
-                    "pattern": "^[^\\s\\x00-\\x1f\\x7f-\\x9f]([^\\x00-\\x1f\\x7f-\\x9f]*[^\\s\\x00-\\x1f\\x7f-\\x9f])?$"
+                    "pattern": $pattern
                 })
             }
         }

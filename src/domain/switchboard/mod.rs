@@ -15,8 +15,7 @@ use std::time::Duration;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::ids::IdError;
-use crate::entity_id;
+use crate::{entity_id, text_id};
 
 pub use meeting_point::{MeetingPoint, MeetingPointCommand, MeetingPointEvent, MeetingPointView};
 pub use pod::{Pod, PodCommand, PodEvent, PodView};
@@ -49,152 +48,53 @@ entity_id!(
     "machine id"
 );
 
-/// The account a client logs in as on a machine: a portable POSIX user name.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct Username(String);
-
 /// The longest user name accepted (Linux's limit).
 pub const MAX_USERNAME: usize = 32;
 
-impl Username {
-    pub fn new(value: impl Into<String>) -> Result<Self, IdError> {
-        let value = value.into();
-        let what = "user name";
-        super::ids::validate_text(what, &value, MAX_USERNAME)?;
-        let mut chars = value.chars();
-        let first_ok = chars
-            .next()
-            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
-        let rest_ok = chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
-        if first_ok && rest_ok {
-            Ok(Self(value))
-        } else {
-            Err(IdError::Pattern {
-                what,
-                rule: "a letter or '_', then letters, digits, '_', '-' or '.'",
-            })
-        }
-    }
+text_id!(
+    /// The account a client logs in as on a machine: a portable POSIX user name.
+    Username,
+    "user name on the machine",
+    MAX_USERNAME,
+    shape = portable_user_name,
+    rule = "a letter or '_', then letters, digits, '_', '-' or '.'",
+    pattern = "^[A-Za-z_][A-Za-z0-9_.-]*$"
+);
 
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
+fn portable_user_name(value: &str) -> bool {
+    let mut chars = value.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
 }
-
-impl TryFrom<String> for Username {
-    type Error = IdError;
-    fn try_from(value: String) -> Result<Self, IdError> {
-        Self::new(value)
-    }
-}
-
-impl From<Username> for String {
-    fn from(name: Username) -> String {
-        name.0
-    }
-}
-
-impl std::fmt::Display for Username {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::str::FromStr for Username {
-    type Err = IdError;
-    fn from_str(value: &str) -> Result<Self, IdError> {
-        Self::new(value)
-    }
-}
-
-impl JsonSchema for Username {
-    fn schema_name() -> std::borrow::Cow<'static, str> {
-        "Username".into()
-    }
-    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
-        schemars::json_schema!({
-            "type": "string",
-            "description": "A user name on the machine: a letter or '_', then letters, digits, '_', '-' or '.'.",
-            "minLength": 1,
-            "maxLength": MAX_USERNAME,
-            "pattern": "^[A-Za-z_][A-Za-z0-9_.-]*$"
-        })
-    }
-}
-
-/// A machine's SSH public key in canonical OpenSSH one-line form, `<type> <base64>` (no
-/// comment). The API adapter parses what callers send and canonicalizes it; this type checks
-/// only the shape, so the domain needs no cryptography.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct SshPublicKey(String);
 
 /// The longest public key accepted (a 16384-bit RSA key is about 2.8 KB).
 pub const MAX_PUBLIC_KEY: usize = 8192;
 
-impl SshPublicKey {
-    pub fn new(value: impl Into<String>) -> Result<Self, IdError> {
-        let value = value.into();
-        let what = "SSH public key";
-        super::ids::validate_text(what, &value, MAX_PUBLIC_KEY)?;
-        let shape_ok = value.split_once(' ').is_some_and(|(kind, blob)| {
-            !kind.is_empty()
-                && kind
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '@' | '.'))
-                && !blob.is_empty()
-                && blob
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '/' | '='))
-        });
-        if shape_ok {
-            Ok(Self(value))
-        } else {
-            Err(IdError::Pattern {
-                what,
-                rule: "`<type> <base64>`, as in an authorized_keys line without its comment",
-            })
-        }
-    }
+text_id!(
+    /// A machine's SSH public key in canonical OpenSSH one-line form, `<type> <base64>` (no
+    /// comment). The API adapter parses what callers send and canonicalizes it; this type
+    /// checks only the shape, so the domain needs no cryptography.
+    SshPublicKey,
+    "machine's SSH public key",
+    MAX_PUBLIC_KEY,
+    shape = openssh_key_shape,
+    rule = "`<type> <base64>`, as in an authorized_keys line without its comment",
+    pattern = "^[A-Za-z0-9@.-]+ [A-Za-z0-9+/=]+$"
+);
 
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl TryFrom<String> for SshPublicKey {
-    type Error = IdError;
-    fn try_from(value: String) -> Result<Self, IdError> {
-        Self::new(value)
-    }
-}
-
-impl From<SshPublicKey> for String {
-    fn from(key: SshPublicKey) -> String {
-        key.0
-    }
-}
-
-impl std::fmt::Display for SshPublicKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl JsonSchema for SshPublicKey {
-    fn schema_name() -> std::borrow::Cow<'static, str> {
-        "SshPublicKey".into()
-    }
-    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
-        schemars::json_schema!({
-            "type": "string",
-            "description": "An SSH public key in OpenSSH one-line form, `<type> <base64>`.",
-            "minLength": 3,
-            "maxLength": MAX_PUBLIC_KEY,
-            "pattern": "^[A-Za-z0-9@.-]+ [A-Za-z0-9+/=]+$"
-        })
-    }
+fn openssh_key_shape(value: &str) -> bool {
+    value.split_once(' ').is_some_and(|(kind, blob)| {
+        !kind.is_empty()
+            && kind
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '@' | '.'))
+            && !blob.is_empty()
+            && blob
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '/' | '='))
+    })
 }
 
 /// Identifies one port lease: the id of the reservation that took it. A meeting point names
