@@ -148,13 +148,7 @@ pub async fn serve(listener: TcpListener, config: Arc<russh::server::Config>, sh
                 None => {
                     if !authenticated.load(Ordering::Relaxed) {
                         tracing::info!(%peer, "no login within the login grace: closing");
-                        let _ = handle
-                            .disconnect(
-                                russh::Disconnect::ByApplication,
-                                "no login within the login grace".to_owned(),
-                                String::new(),
-                            )
-                            .await;
+                        close(&handle, "no login within the login grace").await;
                     }
                     session.await
                 }
@@ -343,14 +337,11 @@ impl russh::server::Handler for MachineConnection {
             let _ = stale.task.await;
             if stale.connection != self.id {
                 tracing::info!(pod = %self.shared.pod, %machine, port = view.port, "closing a stale session that held the port");
-                let _ = stale
-                    .session
-                    .disconnect(
-                        russh::Disconnect::ByApplication,
-                        "another session holds this meeting point now".to_owned(),
-                        String::new(),
-                    )
-                    .await;
+                close(
+                    &stale.session,
+                    "another session holds this meeting point now",
+                )
+                .await;
             }
         }
         let bind = SocketAddr::new(self.shared.forward_bind, view.port);
@@ -437,14 +428,7 @@ impl Forward {
                         Ok(_) | Err(_) => {
                             self.forget();
                             tracing::info!(pod = %self.shared.pod, machine = %self.machine, port = self.port, "the meeting point is gone: closing the machine's connection");
-                            let _ = self
-                                .session
-                                .disconnect(
-                                    russh::Disconnect::ByApplication,
-                                    "the meeting point is gone".to_owned(),
-                                    String::new(),
-                                )
-                                .await;
+                            close(&self.session, "the meeting point is gone").await;
                             return;
                         }
                     }
@@ -506,6 +490,17 @@ impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
     }
+}
+
+/// Closes a machine's connection, telling it why; a connection already gone is fine.
+async fn close(session: &russh::server::Handle, why: &str) {
+    let _ = session
+        .disconnect(
+            russh::Disconnect::ByApplication,
+            why.to_owned(),
+            String::new(),
+        )
+        .await;
 }
 
 /// Ports in forward requests are u32; only those that were authorized (so fit u16) are held.
