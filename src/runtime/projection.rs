@@ -45,8 +45,10 @@ pub trait Projection: Send + Unpin + 'static {
 pub struct Due<A: Aggregate> {
     pub id: A::Id,
     pub command: A::Command,
-    /// The entity version that made the command due.
-    pub version: u64,
+    /// The stream sequence of the entity's last message when the command was found due: it
+    /// never repeats for an entity, also across its lives (a re-created entity's row starts
+    /// again at version 0, but its messages have new sequences).
+    pub seq: u64,
     pub traceparent: Option<String>,
 }
 
@@ -57,7 +59,10 @@ pub struct EntityTable<A: Aggregate> {
 
 pub struct Row<A: Aggregate> {
     pub state: A,
+    /// Events folded in this life of the entity (a row is dropped when its entity is deleted).
     pub version: u64,
+    /// The stream sequence of the entity's last message.
+    pub last_seq: u64,
     /// The `traceparent` of the entity's last message, for whoever reacts to it later.
     pub traceparent: Option<String>,
 }
@@ -111,7 +116,7 @@ impl<A: Aggregate> EntityTable<A> {
                 row.state.due(id, now).map(|command| Due {
                     id: id.clone(),
                     command,
-                    version: row.version,
+                    seq: row.last_seq,
                     traceparent: row.traceparent.clone(),
                 })
             })
@@ -145,6 +150,7 @@ impl<A: Aggregate> Projection for EntityTable<A> {
             None => self.rows.entry(id.clone()).or_insert_with(|| Row {
                 state: A::default(),
                 version: 0,
+                last_seq: 0,
                 traceparent: None,
             }),
         };
@@ -152,6 +158,7 @@ impl<A: Aggregate> Projection for EntityTable<A> {
             row.state.apply(event);
         }
         row.version += events.len() as u64;
+        row.last_seq = message.seq;
         let traceparent = message.header(crate::codec::header::TRACEPARENT);
         if row.traceparent.as_deref() != traceparent {
             row.traceparent = traceparent.map(str::to_owned);

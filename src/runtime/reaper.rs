@@ -62,10 +62,12 @@ impl<A: Aggregate> Reaper<A> {
                 let entities = entities.clone();
                 let metrics = metrics.clone();
                 async move {
-                    let Due { id, command, version, traceparent } = due;
-                    // The same entity seen at the same version gives the same command id, so
-                    // two reapers (or two ticks) acting on one observation write once.
-                    let name = format!("reaper\n{}\n{}\n{version}", A::KIND, id.as_str());
+                    let Due { id, command, seq, traceparent } = due;
+                    // The same entity seen at the same message gives the same command id, so
+                    // two reapers (or two ticks) acting on one observation write once. The
+                    // sequence, unlike the entity's version, never repeats: a re-created
+                    // entity's expiry is a new command, not a retry of its last life's.
+                    let name = format!("reaper\n{}\n{}\n{seq}", A::KIND, id.as_str());
                     let meta = CommandMeta {
                         command_id: derived_command_id(&name),
                         principal: Principal::system(),

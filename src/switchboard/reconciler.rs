@@ -50,14 +50,15 @@ impl Reconciler {
                 table
                     .rows()
                     .filter_map(|(pod, row)| match &row.state {
-                        Pod::Present(registered) => Some((pod, registered)),
+                        Pod::Present(registered) => Some((pod, registered, row.last_seq)),
                         Pod::Absent => None,
                     })
-                    .flat_map(|(pod, registered)| {
-                        registered.leases.iter().map(|(port, lease)| LeaseRow {
+                    .flat_map(|(pod, registered, observed)| {
+                        registered.leases.iter().map(move |(port, lease)| LeaseRow {
                             pod: pod.clone(),
                             port: *port,
                             lease: lease.clone(),
+                            observed,
                         })
                     })
                     .collect::<Vec<_>>()
@@ -70,6 +71,7 @@ impl Reconciler {
                             machine: machine.clone(),
                             place: reserved.place.clone(),
                             reserved_at: reserved.reserved_at,
+                            observed: row.last_seq,
                         }),
                         MeetingPoint::Absent => None,
                     })
@@ -92,8 +94,18 @@ impl Reconciler {
 async fn apply(board: &Switchboard, repair: Repair) {
     let principal = Principal::system();
     let (what, result) = match &repair {
-        Repair::ReleaseLease { pod, port, lease } => {
-            let name = format!("reconcile\nrelease\n{}\n{port}\n{lease}", pod.as_str());
+        // Named by what the repair saw (the row's last sequence never repeats), so a later
+        // lease or meeting point with the same ids gets its own repair, not the old reply.
+        Repair::ReleaseLease {
+            pod,
+            port,
+            lease,
+            observed,
+        } => {
+            let name = format!(
+                "reconcile\nrelease\n{}\n{port}\n{lease}\n{observed}",
+                pod.as_str()
+            );
             let meta = CommandMeta {
                 command_id: derived_command_id(&name),
                 principal,
@@ -106,8 +118,12 @@ async fn apply(board: &Switchboard, repair: Repair) {
             let result = board.pods.execute(pod.clone(), command, meta).await;
             ("release_lease", result.map(|_| ()))
         }
-        Repair::ClearMeetingPoint { machine, lease } => {
-            let result = clear(board, machine, lease, principal).await;
+        Repair::ClearMeetingPoint {
+            machine,
+            lease,
+            observed,
+        } => {
+            let result = clear(board, machine, lease, *observed, principal).await;
             ("clear_meeting_point", result)
         }
     };
@@ -130,9 +146,13 @@ async fn clear(
     board: &Switchboard,
     machine: &MachineId,
     lease: &crate::domain::CommandId,
+    observed: u64,
     principal: Principal,
 ) -> Result<(), crate::runtime::CommandError> {
-    let name = format!("reconcile\nclear\n{}\n{lease}", machine.as_str());
+    let name = format!(
+        "reconcile\nclear\n{}\n{lease}\n{observed}",
+        machine.as_str()
+    );
     let meta = CommandMeta {
         command_id: derived_command_id(&name),
         principal,

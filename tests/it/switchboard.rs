@@ -531,6 +531,65 @@ async fn pods_and_meeting_points_expire_and_removal_drains() {
     );
 }
 
+/// Found by hand against `switchyard serve`: a reaper named its expiry after the read-model
+/// row's version, which starts again at 0 when an entity comes back, so every life after the
+/// first got the first life's command id and was answered from memory: it never expired.
+#[actix_rt::test]
+async fn re_created_pods_and_meeting_points_expire_in_every_life() {
+    let test = start_app(|config| {
+        config.switchboard.reconcile_interval = Duration::from_millis(50);
+        config.switchboard.reconcile_grace = Duration::from_millis(200);
+    })
+    .await;
+    add_pod(&test, "steady").await;
+    for life in 1..=3 {
+        let reserved = call(
+            &test,
+            "meeting_point.reserve",
+            json!({"machine": "m1", "username": "root", "keepalive_ms": 200}),
+        )
+        .await
+        .ok();
+        assert_eq!(reserved["result"]["pod"], "steady");
+        wait_for(
+            &format!("meeting point life {life} to expire"),
+            Duration::from_secs(5),
+            || async {
+                call(&test, "meeting_point.get", json!({"machine": "m1"}))
+                    .await
+                    .code_or_none("not_found")
+            },
+        )
+        .await;
+        // The reconciler gives back the port of an expired meeting point.
+        wait_for(
+            &format!("the port of life {life} to be freed"),
+            Duration::from_secs(5),
+            || async { (count(&test, "steady").await == 0).then_some(()) },
+        )
+        .await;
+    }
+    for life in 1..=3 {
+        call(
+            &test,
+            "pod.add",
+            json!({"pod": "brief", "keepalive_ms": 200}),
+        )
+        .await
+        .ok();
+        wait_for(
+            &format!("pod life {life} to expire"),
+            Duration::from_secs(5),
+            || async {
+                call(&test, "pod.get", json!({"pod": "brief"}))
+                    .await
+                    .code_or_none("not_found")
+            },
+        )
+        .await;
+    }
+}
+
 impl Reply {
     /// `Some(())` if this is the error `code`.
     fn code_or_none(self, code: &str) -> Option<()> {

@@ -22,6 +22,9 @@ pub struct LeaseRow {
     pub pod: PodName,
     pub port: u16,
     pub lease: Lease,
+    /// The stream sequence of the pod's last message when the lease was read: what the repair
+    /// saw, so a repair of a later lease with the same id is a new command.
+    pub observed: u64,
 }
 
 /// A meeting point as its machine holds it.
@@ -30,6 +33,8 @@ pub struct PlaceRow {
     pub machine: MachineId,
     pub place: Place,
     pub reserved_at: Timestamp,
+    /// The stream sequence of the meeting point's last message when it was read.
+    pub observed: u64,
 }
 
 /// One repair; each is a conditional command, harmless if the state moved on meanwhile.
@@ -40,9 +45,14 @@ pub enum Repair {
         pod: PodName,
         port: u16,
         lease: LeaseId,
+        observed: u64,
     },
     /// Clear `machine`'s meeting point if it still stands on `lease`.
-    ClearMeetingPoint { machine: MachineId, lease: LeaseId },
+    ClearMeetingPoint {
+        machine: MachineId,
+        lease: LeaseId,
+        observed: u64,
+    },
 }
 
 /// The repairs that make leases and meeting points agree, for rows older than `grace`.
@@ -69,6 +79,7 @@ pub fn repairs(
             pod: row.pod.clone(),
             port: row.port,
             lease: row.lease.lease.clone(),
+            observed: row.observed,
         });
     let orphan_places = places
         .iter()
@@ -77,6 +88,7 @@ pub fn repairs(
         .map(|row| Repair::ClearMeetingPoint {
             machine: row.machine.clone(),
             lease: row.place.lease.clone(),
+            observed: row.observed,
         });
     orphan_leases.chain(orphan_places).collect()
 }
@@ -99,6 +111,7 @@ mod tests {
                 lease: CommandId::new(lease).unwrap(),
                 at: t(at),
             },
+            observed: 1,
         }
     }
 
@@ -111,6 +124,7 @@ mod tests {
                 lease: CommandId::new(lease).unwrap(),
             },
             reserved_at: t(at),
+            observed: 2,
         }
     }
 
@@ -138,12 +152,14 @@ mod tests {
                 Repair::ReleaseLease {
                     pod: PodName::new("p").unwrap(),
                     port: 1,
-                    lease: CommandId::new("l1").unwrap()
+                    lease: CommandId::new("l1").unwrap(),
+                    observed: 1,
                 },
                 Repair::ReleaseLease {
                     pod: PodName::new("p").unwrap(),
                     port: 2,
-                    lease: CommandId::new("old").unwrap()
+                    lease: CommandId::new("old").unwrap(),
+                    observed: 1,
                 },
             ]
         );
@@ -157,7 +173,8 @@ mod tests {
             repairs(&[], &places, t(10), GRACE),
             vec![Repair::ClearMeetingPoint {
                 machine: MachineId::new("m").unwrap(),
-                lease: CommandId::new("l").unwrap()
+                lease: CommandId::new("l").unwrap(),
+                observed: 2,
             }]
         );
         // A lease on the same port from another reservation is not its lease.
