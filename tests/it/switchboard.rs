@@ -694,6 +694,97 @@ async fn kill_9_between_lease_and_meeting_point_leaks_nothing() {
     assert!(log.contains("failpoint reserve.after_lease"), "{log}");
 }
 
+/// A crash after the lease, and the caller's retry (same command id, so the same lease id)
+/// lands on the other, now less loaded, pod. The first pod's lease must still be released: the
+/// reconciler once matched leases to meeting points by lease id alone, and kept it for good.
+#[tokio::test]
+async fn kill_9_then_a_retry_on_another_pod_leaks_no_lease() {
+    let nats = start_nats();
+    let logs = tempfile::tempdir().unwrap();
+    let log = logs.path().join("switchyard.log");
+    let client = async_nats::ConnectOptions::new()
+        .request_timeout(Some(Duration::from_secs(2)))
+        .connect(nats.url())
+        .await
+        .unwrap();
+    // A grace long enough for the retry to come first, as it would for a caller that retries
+    // at once.
+    let fast = [
+        ("SWITCHYARD_SWITCHBOARD__RECONCILE_INTERVAL", "100ms"),
+        ("SWITCHYARD_SWITCHBOARD__RECONCILE_GRACE", "5s"),
+    ];
+    let mut crashing = fast.to_vec();
+    crashing.push(("SWITCHYARD_FAILPOINTS", "reserve.after_lease"));
+    let mut switchyard = Switchyard::spawn_with(&nats.url(), &log, &crashing);
+    wait_serving(&client).await;
+    for pod in ["p0", "p1"] {
+        request(&client, "pod.add", json!({"pod": pod}).to_string(), None)
+            .await
+            .ok();
+    }
+    let body = json!({"machine": "m1", "username": "root", "command_id": "reserve-1"});
+    let reply = client
+        .request("sy.api.meeting_point.reserve", body.to_string().into())
+        .await;
+    assert!(reply.is_err(), "the process died before replying");
+    wait_for("the process to die", Duration::from_secs(5), || {
+        std::future::ready(switchyard.has_exited().then_some(()))
+    })
+    .await;
+    drop(switchyard);
+
+    let _restarted = Switchyard::spawn_with(&nats.url(), &log, &fast);
+    wait_serving(&client).await;
+    let count = |pod: &'static str| {
+        let client = client.clone();
+        async move {
+            request(
+                &client,
+                "pod.count_meeting_points",
+                json!({"pod": pod}).to_string(),
+                None,
+            )
+            .await
+            .ok()["result"]["meeting_points"]
+                .as_u64()
+                .unwrap()
+        }
+    };
+    let (crashed_on, other) = if count("p0").await == 1 {
+        ("p0", "p1")
+    } else {
+        ("p1", "p0")
+    };
+    assert_eq!(
+        count(crashed_on).await,
+        1,
+        "the lease taken before the crash"
+    );
+    let retried = request(&client, "meeting_point.reserve", body.to_string(), None)
+        .await
+        .ok();
+    assert_eq!(
+        retried["result"]["pod"], other,
+        "the retry goes to the less loaded pod"
+    );
+    wait_for(
+        "the reconciler to release the lease left on the first pod",
+        Duration::from_secs(20),
+        || async { (count(crashed_on).await == 0).then_some(()) },
+    )
+    .await;
+    assert_eq!(count(other).await, 1, "the meeting point's own lease stays");
+    let got = request(
+        &client,
+        "meeting_point.get",
+        json!({"machine": "m1"}).to_string(),
+        None,
+    )
+    .await
+    .ok();
+    assert_eq!(got["result"]["pod"], other);
+}
+
 /// Runs `switchyard ARGS --server URL`: (exit status, stdout, stderr).
 async fn cli(test: &TestApp, args: &[&str]) -> (i32, String, String) {
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))

@@ -63,9 +63,12 @@ pub fn repairs(
     grace: Duration,
 ) -> Vec<Repair> {
     let settled = |at: Timestamp| now >= at.saturating_add(grace);
-    let lease_of: HashMap<&MachineId, &LeaseId> = places
+    // A lease is in use only by the meeting point standing on exactly it: the same pod, port
+    // and lease id. The lease id alone is not enough: a reservation retried after a crash
+    // keeps its id but may land on another pod, leaving the first pod's lease behind.
+    let place_of: HashMap<&MachineId, &Place> = places
         .iter()
-        .map(|row| (&row.machine, &row.place.lease))
+        .map(|row| (&row.machine, &row.place))
         .collect();
     let held: HashSet<(&PodName, u16, &LeaseId)> = leases
         .iter()
@@ -74,7 +77,11 @@ pub fn repairs(
     let orphan_leases = leases
         .iter()
         .filter(|row| settled(row.lease.at))
-        .filter(|row| lease_of.get(&row.lease.machine) != Some(&&row.lease.lease))
+        .filter(|row| {
+            !place_of.get(&row.lease.machine).is_some_and(|place| {
+                place.pod == row.pod && place.port == row.port && place.lease == row.lease.lease
+            })
+        })
         .map(|row| Repair::ReleaseLease {
             pod: row.pod.clone(),
             port: row.port,
@@ -162,6 +169,23 @@ mod tests {
                     observed: 1,
                 },
             ]
+        );
+    }
+
+    #[test]
+    fn a_lease_left_behind_by_a_retry_on_another_pod_is_released() {
+        // A crash after leasing on p; the retry (same command id, so the same lease id)
+        // leased on q and recorded the meeting point there.
+        let leases = [lease("p", 1, "m", "r1", 0), lease("q", 7, "m", "r1", 0)];
+        let places = [place("m", "q", 7, "r1", 0)];
+        assert_eq!(
+            repairs(&leases, &places, t(10), GRACE),
+            vec![Repair::ReleaseLease {
+                pod: PodName::new("p").unwrap(),
+                port: 1,
+                lease: CommandId::new("r1").unwrap(),
+                observed: 1,
+            }]
         );
     }
 
