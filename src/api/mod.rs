@@ -80,7 +80,11 @@ impl ApiError {
 
 impl From<CommandError> for ApiError {
     fn from(err: CommandError) -> Self {
-        ApiError::new(err.kind(), error_chain(&err))
+        ApiError {
+            code: err.kind(),
+            message: error_chain(&err),
+            reason: err.reason(),
+        }
     }
 }
 

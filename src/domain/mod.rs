@@ -82,7 +82,15 @@ impl std::fmt::Display for ErrorKind {
 /// A command refused by the domain. Each aggregate has its own error enum implementing this.
 pub trait Rejection: std::error::Error + Send + Sync + 'static {
     fn kind(&self) -> ErrorKind;
+
+    /// Narrows the kind for programs, as a `snake_case` word (the API's `error.reason`).
+    fn reason(&self) -> Option<&'static str> {
+        None
+    }
 }
+
+/// The reason on `conflict` when a command id is used again for a different command.
+pub const COMMAND_ID_REUSED: &str = "command_id_reused";
 
 /// What `decide` is given besides state and command: inputs the domain may not fetch itself.
 #[derive(Clone, Copy, Debug)]

@@ -97,7 +97,11 @@ pub struct Outcome<R> {
 #[derive(Debug, thiserror::Error)]
 pub enum CommandError {
     #[error("{message}")]
-    Rejected { kind: ErrorKind, message: String },
+    Rejected {
+        kind: ErrorKind,
+        message: String,
+        reason: Option<&'static str>,
+    },
     #[error("{kind} {id:?} has {queued} requests queued; retry later")]
     Busy {
         kind: &'static str,
@@ -121,6 +125,15 @@ impl CommandError {
         CommandError::Rejected {
             kind: rejection.kind(),
             message: rejection.to_string(),
+            reason: rejection.reason(),
+        }
+    }
+
+    /// What narrows the kind for programs, if anything.
+    pub fn reason(&self) -> Option<&'static str> {
+        match self {
+            CommandError::Rejected { reason, .. } => *reason,
+            _ => None,
         }
     }
 

@@ -577,6 +577,11 @@ fn reserve(board: Switchboard, request: ApiRequest) -> BoxFuture<'static, Result
                     // A retry of a reservation whose lease was since released.
                     None => refusals.push(format!("{pod}: the lease was released")),
                 },
+                // The caller's command id is another machine's reservation: trying another
+                // pod would only hide the reuse.
+                Err(err) if err.reason() == Some(crate::domain::COMMAND_ID_REUSED) => {
+                    return Err(err.into());
+                }
                 Err(err) if try_next_pod(err.kind()) => {
                     refusals.push(format!("{pod}: {}", error_chain(&err)));
                 }

@@ -346,6 +346,45 @@ async fn meeting_point_operations_and_their_errors() {
     );
 }
 
+/// A lease was idempotent by its id alone, so two machines reserving with one command id got
+/// the same port.
+#[actix_rt::test]
+async fn two_machines_reserving_with_one_command_id_never_share_a_port() {
+    let test = start_app(|_| {}).await;
+    add_pod(&test, "p0").await;
+    let first = call(
+        &test,
+        "meeting_point.reserve",
+        json!({"machine": "m1", "username": "root", "command_id": "same"}),
+    )
+    .await
+    .ok();
+    assert_eq!(first["result"]["port"], 10000);
+    let second = call(
+        &test,
+        "meeting_point.reserve",
+        json!({"machine": "m2", "username": "root", "command_id": "same"}),
+    )
+    .await;
+    assert_eq!(second.code_and_reason(), "conflict/command_id_reused");
+    assert_eq!(count(&test, "p0").await, 1, "m2 holds no port");
+    assert_eq!(
+        call(&test, "meeting_point.get", json!({"machine": "m2"}))
+            .await
+            .code(),
+        "not_found"
+    );
+    // The first machine's retry is still its own reservation.
+    let again = call(
+        &test,
+        "meeting_point.reserve",
+        json!({"machine": "m1", "username": "root", "command_id": "same"}),
+    )
+    .await
+    .ok();
+    assert_eq!(again["result"], first["result"]);
+}
+
 #[actix_rt::test]
 async fn two_hundred_concurrent_reservations_over_three_pods_never_share_a_port() {
     let test = start_app(|config| config.runtime.mailbox_capacity = 512).await;

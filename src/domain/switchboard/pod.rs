@@ -171,6 +171,14 @@ pub enum PodError {
     #[error("pod {pod:?} has no free port in {ports}")]
     Full { pod: String, ports: PortRange },
     #[error(
+        "lease {lease} on pod {pod:?} belongs to machine {holder:?}: its command id was used again for another machine"
+    )]
+    LeaseOfAnotherMachine {
+        pod: String,
+        lease: String,
+        holder: String,
+    },
+    #[error(
         "ssh address {address:?} must be HOST:PORT (at most 256 bytes, no white space or control characters)"
     )]
     SshAddress { address: String },
@@ -189,10 +197,18 @@ impl Rejection for PodError {
             PodError::NotFound { .. } => ErrorKind::NotFound,
             PodError::Draining { .. } => ErrorKind::Unavailable,
             PodError::Full { .. } => ErrorKind::Capacity,
+            PodError::LeaseOfAnotherMachine { .. } => ErrorKind::Conflict,
             PodError::SshAddress { .. }
             | PodError::Fingerprint { .. }
             | PodError::KeepAlive(_)
             | PodError::Ports(_) => ErrorKind::Invalid,
+        }
+    }
+
+    fn reason(&self) -> Option<&'static str> {
+        match self {
+            PodError::LeaseOfAnotherMachine { .. } => Some(crate::domain::COMMAND_ID_REUSED),
+            _ => None,
         }
     }
 }
@@ -347,7 +363,16 @@ impl Aggregate for Pod {
                 vec![]
             }),
             PodCommand::Lease { machine, lease } => {
-                if registered.port_of(lease).is_some() {
+                // The same lease again is a retry only for the same machine: a lease id is
+                // idempotent per (lease id, machine), never shared between two machines.
+                if let Some(held) = registered.leases.values().find(|held| &held.lease == lease) {
+                    if &held.machine != machine {
+                        return Err(PodError::LeaseOfAnotherMachine {
+                            pod: pod(),
+                            lease: lease.to_string(),
+                            holder: held.machine.to_string(),
+                        });
+                    }
                     return Ok(vec![]);
                 }
                 if registered.status == PodStatus::Draining {
@@ -629,6 +654,19 @@ mod tests {
         let reply = pod.reply(&id(), &lease("m1", "l1"));
         assert_eq!(reply.port, Some(10000));
         assert_eq!(reply.pod.unwrap().meeting_points, 1);
+    }
+
+    #[test]
+    fn a_lease_id_is_never_shared_by_two_machines() {
+        let mut pod = added(super::super::DEFAULT_PORTS);
+        run(&mut pod, lease("m1", "l1"), at(1)).unwrap();
+        let err = run(&mut pod, lease("m2", "l1"), at(2)).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Conflict);
+        assert_eq!(err.reason(), Some(crate::domain::COMMAND_ID_REUSED));
+        let Pod::Present(registered) = &pod else {
+            panic!("absent")
+        };
+        assert_eq!(registered.leases.len(), 1, "m2 got no port");
     }
 
     #[test]
