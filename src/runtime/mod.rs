@@ -129,6 +129,25 @@ impl CommandError {
         }
     }
 
+    /// Whether this attempt certainly stored nothing: the command was refused, or never got
+    /// as far as a write that might have landed. Only then may a caller undo the steps before
+    /// it. Anything else (a lost acknowledgement, a broken connection, an actor gone) may
+    /// have been stored, and only reading the log again can tell.
+    pub fn is_definite(&self) -> bool {
+        match self {
+            CommandError::Rejected { .. }
+            | CommandError::Busy { .. }
+            | CommandError::Contended { .. } => true,
+            CommandError::Store(err) => matches!(
+                err,
+                StoreError::Conflict { .. }
+                    | StoreError::TooLarge { .. }
+                    | StoreError::Encode { .. }
+            ),
+            CommandError::Dropped { .. } => false,
+        }
+    }
+
     /// What narrows the kind for programs, if anything.
     pub fn reason(&self) -> Option<&'static str> {
         match self {

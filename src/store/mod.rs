@@ -309,6 +309,9 @@ impl EventStore {
             .await
             .map_err(publish_error)?;
         let ack = ack.await.map_err(publish_error)?;
+        if crate::failpoint::armed("append.lose_ack", commit.kind) {
+            return Err(StoreError::Unacknowledged { subject });
+        }
         Ok(Appended {
             seq: ack.sequence,
             duplicate: ack.duplicate,

@@ -617,15 +617,12 @@ fn reserve(board: Switchboard, request: ApiRequest) -> BoxFuture<'static, Result
         {
             Ok(outcome) => outcome,
             Err(err) => {
-                release(
-                    &board,
-                    &request.meta,
-                    &pod,
+                let place = Place {
+                    pod: pod.clone(),
                     port,
-                    &lease,
-                    ReleaseReason::Orphaned,
-                )
-                .await;
+                    lease: lease.clone(),
+                };
+                give_back_unless_recorded(&board, &request.meta, &machine, place, &err).await;
                 return Err(err.into());
             }
         };
@@ -715,6 +712,43 @@ fn clear(board: Switchboard, request: ApiRequest) -> BoxFuture<'static, Result<B
             sequence: outcome.seq,
         })
     })
+}
+
+/// After the meeting point of a reservation failed: gives its port back, but only when that is
+/// certainly right. The failure must be a definite refusal (a lost acknowledgement may hide a
+/// stored meeting point, which would then name a port nobody holds), and the meeting point,
+/// read again, must not stand on the lease (an earlier attempt with the same command id may
+/// have recorded it). In every other case the reconciler settles it from the log, once
+/// `reconcile_grace` has passed.
+async fn give_back_unless_recorded(
+    board: &Switchboard,
+    meta: &CommandMeta,
+    machine: &MachineId,
+    place: Place,
+    err: &crate::runtime::CommandError,
+) {
+    if !err.is_definite() {
+        tracing::warn!(%machine, pod = %place.pod, port = place.port, error = %error_chain(err), "the meeting point may or may not be recorded; leaving its lease to the reconciler");
+        return;
+    }
+    match board.meeting_points.read(machine.clone()).await {
+        Ok((Some(view), _))
+            if view.pod == place.pod && view.port == place.port && view.lease == place.lease => {}
+        Ok(_) => {
+            release(
+                board,
+                meta,
+                &place.pod,
+                place.port,
+                &place.lease,
+                ReleaseReason::Orphaned,
+            )
+            .await;
+        }
+        Err(read) => {
+            tracing::warn!(%machine, error = %error_chain(&read), "cannot read the meeting point again; leaving its lease to the reconciler");
+        }
+    }
 }
 
 /// Gives a port back. Best effort: if it fails, the reconciler releases it later.

@@ -824,6 +824,59 @@ async fn kill_9_then_a_retry_on_another_pod_leaks_no_lease() {
     assert_eq!(got["result"]["pod"], other);
 }
 
+/// The meeting point's commit is stored but its acknowledgement is lost. The reservation once
+/// took any failure as a refusal and gave the port back, leaving a meeting point that names a
+/// port nobody holds; only a definite refusal may undo the lease.
+#[tokio::test]
+async fn a_lost_acknowledgement_of_the_meeting_point_keeps_its_lease() {
+    let nats = start_nats();
+    let logs = tempfile::tempdir().unwrap();
+    let log = logs.path().join("switchyard.log");
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let _switchyard = Switchyard::spawn_with(
+        &nats.url(),
+        &log,
+        &[("SWITCHYARD_FAILPOINTS", "append.lose_ack.meeting_point")],
+    );
+    wait_serving(&client).await;
+    request(&client, "pod.add", json!({"pod": "p0"}).to_string(), None)
+        .await
+        .ok();
+    let body = json!({"machine": "m1", "username": "root", "command_id": "r1"});
+    let failed = request(&client, "meeting_point.reserve", body.to_string(), None).await;
+    assert_eq!(
+        failed.code(),
+        "unavailable",
+        "the outcome is unknown to the caller"
+    );
+    let recorded = request(
+        &client,
+        "meeting_point.get",
+        json!({"machine": "m1"}).to_string(),
+        None,
+    )
+    .await
+    .ok();
+    let counted = request(
+        &client,
+        "pod.count_meeting_points",
+        json!({"pod": "p0"}).to_string(),
+        None,
+    )
+    .await
+    .ok();
+    assert_eq!(
+        counted["result"]["meeting_points"], 1,
+        "the meeting point {recorded} was stored, so its port stays held"
+    );
+    // The caller's retry finds the stored meeting point and answers with it.
+    let retried = request(&client, "meeting_point.reserve", body.to_string(), None)
+        .await
+        .ok();
+    assert_eq!(retried["result"]["port"], recorded["result"]["port"]);
+    assert_eq!(retried["result"]["lease"], "r1");
+}
+
 /// Runs `switchyard ARGS --server URL`: (exit status, stdout, stderr).
 async fn cli(test: &TestApp, args: &[&str]) -> (i32, String, String) {
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
