@@ -15,7 +15,7 @@ use crate::api::{Router, Services, routes};
 use crate::config::{Config, NatsConfig};
 use crate::http::{self, Probes};
 use crate::metrics::Metrics;
-use crate::runtime::Clock;
+use crate::runtime::{Clock, Readiness};
 use crate::store::{EventStore, StoreError};
 
 /// How long in-flight work may take to finish on shutdown.
@@ -91,20 +91,26 @@ impl App {
             metrics: metrics.clone(),
             config: config.api.clone(),
         });
-        let api = ApiServer::start(context.clone()).await?;
-        micro.serve(client.clone()).await?;
-        let work_queue = WorkQueue::start(context, store.jetstream(), &config.store).await?;
+        // Probes first, so `/readyz` says what the read models are doing while they rebuild.
         let probes = Probes {
             metrics,
             client: client.clone(),
             read_models: services.readiness(),
-            api_serving: Arc::new(AtomicBool::new(true)),
+            api_serving: Arc::new(AtomicBool::new(false)),
         };
         let (http, http_addr) =
             http::start(config.http.listen, probes.clone()).map_err(|source| AppError::Http {
                 addr: config.http.listen,
                 source,
             })?;
+        // No request before every read model has caught up: a list would be a partial page
+        // and a reservation would place from half a pod table. Until then the queue group
+        // sends requests to replicas that are ready (or callers get "no responders").
+        wait_caught_up(&services).await;
+        let api = ApiServer::start(context.clone()).await?;
+        micro.serve(client.clone()).await?;
+        let work_queue = WorkQueue::start(context, store.jetstream(), &config.store).await?;
+        probes.api_serving.store(true, Ordering::Release);
         tracing::info!(http = %http_addr, stream = store.stream_name(), "control plane started");
         Ok(Self {
             client,
@@ -153,6 +159,28 @@ impl App {
         // Drain: unsubscribe everything, flush, close; no reconnect noise after this.
         let _ = self.client.drain().await;
         tracing::info!("control plane stopped");
+    }
+}
+
+/// Waits until every read model has caught up with the log. One that stops instead (it met an
+/// event this build cannot read) keeps the API closed; `/readyz` says why.
+async fn wait_caught_up(services: &Services) {
+    for (name, mut readiness) in services.readiness() {
+        let mut reported = false;
+        loop {
+            let now = readiness.borrow_and_update().clone();
+            match now {
+                Readiness::CaughtUp => break,
+                Readiness::Stopped(why) if !reported => {
+                    tracing::error!(read_model = %name, reason = %why, "a read model stopped before it caught up; not serving the API");
+                    reported = true;
+                }
+                _ => {}
+            }
+            if readiness.changed().await.is_err() {
+                break;
+            }
+        }
     }
 }
 

@@ -13,13 +13,14 @@ use serde_json::json;
 use tokio::sync::watch;
 
 use crate::metrics::Metrics;
+use crate::runtime::Readiness;
 
 /// What the probes look at.
 #[derive(Clone)]
 pub struct Probes {
     pub metrics: Metrics,
     pub client: async_nats::Client,
-    pub read_models: Vec<(String, watch::Receiver<bool>)>,
+    pub read_models: Vec<(String, watch::Receiver<Readiness>)>,
     pub api_serving: Arc<AtomicBool>,
 }
 
@@ -38,17 +39,10 @@ impl Probes {
             json!(if api { "serving" } else { "not serving" }),
         );
         let mut ready = nats && api;
-        for (name, caught_up) in &self.read_models {
-            let caught_up = *caught_up.borrow();
-            ready &= caught_up;
-            checks.insert(
-                name.clone(),
-                json!(if caught_up {
-                    "caught up"
-                } else {
-                    "catching up"
-                }),
-            );
+        for (name, readiness) in &self.read_models {
+            let readiness = readiness.borrow();
+            ready &= readiness.is_ready();
+            checks.insert(name.clone(), json!(readiness.describe()));
         }
         (ready, json!({ "ready": ready, "checks": checks }))
     }

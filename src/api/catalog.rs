@@ -139,7 +139,12 @@ impl Services {
     }
 
     /// The read models, by name, and whether each has caught up: for `/readyz`.
-    pub fn readiness(&self) -> Vec<(String, tokio::sync::watch::Receiver<bool>)> {
+    pub fn readiness(
+        &self,
+    ) -> Vec<(
+        String,
+        tokio::sync::watch::Receiver<crate::runtime::Readiness>,
+    )> {
         let mut ready = vec![(
             self.counter_table.name().to_owned(),
             self.counter_table.readiness(),

@@ -14,7 +14,7 @@ use super::catalog::{Served, Services};
 use super::{ApiError, ApiRequest, body_as};
 use crate::domain::{Aggregate, CommandRequest};
 use crate::metrics::{Metrics, RouteMetrics};
-use crate::runtime::{Entities, EntityTable, ProjectionHandle};
+use crate::runtime::{Entities, EntityTable, Projection, ProjectionHandle, Readiness};
 
 /// Handles one route's requests.
 pub trait Handler: Send + Sync + 'static {
@@ -91,6 +91,29 @@ pub struct ListReply<I, V> {
     pub next: Option<I>,
     /// The stream sequence the read model has applied.
     pub position: u64,
+}
+
+/// The reason on `unavailable` while a read model rebuilds.
+pub const CATCHING_UP: &str = "catching_up";
+/// The reason on `unavailable` when a read model no longer follows the log.
+pub const READ_MODEL_STOPPED: &str = "read_model_stopped";
+
+/// Refuses to answer from a read model that has not caught up, or has stopped: its answer
+/// would be a partial page or a stale one.
+pub fn caught_up<P: Projection>(table: &ProjectionHandle<P>) -> Result<(), ApiError> {
+    match table.readiness_now() {
+        Readiness::CaughtUp => Ok(()),
+        Readiness::CatchingUp => Err(ApiError::unavailable(format!(
+            "the {} read model is catching up with the log; retry",
+            table.name()
+        ))
+        .with_reason(CATCHING_UP)),
+        Readiness::Stopped(why) => Err(ApiError::unavailable(format!(
+            "the {} read model stopped: {why}",
+            table.name()
+        ))
+        .with_reason(READ_MODEL_STOPPED)),
+    }
 }
 
 pub const MAX_PAGE: usize = 1000;
@@ -213,6 +236,7 @@ where
                     "limit must be 1 to {MAX_PAGE}, not {limit}"
                 )));
             }
+            caught_up(&table)?;
             let after = body.after;
             let (mut page, position) = table
                 .ask(move |table, position| (table.list(after.as_ref(), limit + 1), position))

@@ -965,7 +965,7 @@ async fn rebuild(store: &EventStore, total: u64, entities: usize) -> anyhow::Res
         Metrics::new(),
     );
     let mut ready = table.readiness();
-    while !*ready.borrow_and_update() {
+    while !ready.borrow_and_update().is_ready() {
         ready.changed().await?;
     }
     let elapsed = started.elapsed().as_secs_f64();

@@ -17,7 +17,7 @@ use crate::domain::{CommandId, ErrorKind, Principal, Rejection, Timestamp};
 use crate::store::StoreError;
 
 pub use entity::EntityActor;
-pub use projection::{EntityTable, Projection, ProjectionActor, ProjectionHandle};
+pub use projection::{EntityTable, Projection, ProjectionActor, ProjectionHandle, Readiness};
 pub use reaper::Reaper;
 pub use registry::{Entities, Registry};
 

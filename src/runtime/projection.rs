@@ -26,6 +26,33 @@ pub enum ProjectionError {
     Store(#[from] StoreError),
 }
 
+/// Where a read model stands, for `/readyz` and for everything that reads it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Readiness {
+    /// Rebuilding from the stream: not yet at the position the stream had when it started.
+    CatchingUp,
+    /// Has applied everything the stream held when it started, and follows it live.
+    CaughtUp,
+    /// No longer follows the stream, and why. What it would answer is stale, or built on a
+    /// hole, so nobody may act on it.
+    Stopped(String),
+}
+
+impl Readiness {
+    pub fn is_ready(&self) -> bool {
+        *self == Readiness::CaughtUp
+    }
+
+    /// One line for `/readyz`.
+    pub fn describe(&self) -> String {
+        match self {
+            Readiness::CatchingUp => "catching up".to_owned(),
+            Readiness::CaughtUp => "caught up".to_owned(),
+            Readiness::Stopped(why) => format!("stopped: {why}"),
+        }
+    }
+}
+
 /// A read model folded from stored messages.
 pub trait Projection: Send + Unpin + 'static {
     /// Names the projection in metrics and `/readyz`.
@@ -181,7 +208,7 @@ pub struct ProjectionActor<P: Projection> {
     /// The position at which it has caught up, once the feed has said; `None` before, and
     /// after it has caught up.
     catching_up: Option<u64>,
-    ready: watch::Sender<bool>,
+    ready: watch::Sender<Readiness>,
     position_gauge: Gauge,
     errors: Counter,
     /// Set once asked to stop, so the end of the feed is not taken for a failure.
@@ -195,7 +222,7 @@ impl<P: Projection> ProjectionActor<P> {
         if self.catching_up.is_some_and(|at| self.position >= at) {
             self.catching_up = None;
             tracing::info!(projection = %self.name, position = self.position, "projection caught up");
-            self.ready.send_replace(true);
+            self.ready.send_replace(Readiness::CaughtUp);
         }
     }
 }
@@ -261,7 +288,10 @@ impl<P: Projection> StreamHandler<FeedItem> for ProjectionActor<P> {
         if !self.stopping {
             // Stale from now on: say so on /readyz rather than answer from an old state.
             tracing::error!(projection = %self.name, position = self.position, "the event feed ended; this read model no longer follows the stream");
-            self.ready.send_replace(false);
+            self.ready.send_replace(Readiness::Stopped(format!(
+                "the event feed ended at sequence {}",
+                self.position
+            )));
         }
     }
 }
@@ -299,7 +329,7 @@ impl<P: Projection, R: Send + 'static> Handler<Ask<P, R>> for ProjectionActor<P>
 /// A running projection: query it, or watch whether it has caught up.
 pub struct ProjectionHandle<P: Projection> {
     addr: Addr<ProjectionActor<P>>,
-    ready: watch::Receiver<bool>,
+    ready: watch::Receiver<Readiness>,
     name: String,
 }
 
@@ -325,7 +355,7 @@ impl<P: Projection> ProjectionHandle<P> {
     /// Starts the projection on a shared feed: it rebuilds, with the feed's other subscribers,
     /// once the feed starts.
     pub fn start_on(projection: P, feed: &mut Feed, store: EventStore, metrics: Metrics) -> Self {
-        let (ready, watch) = watch::channel(false);
+        let (ready, watch) = watch::channel(Readiness::CatchingUp);
         let name = projection.name();
         let receiver = feed.subscribe(projection.filter(store.subjects()));
         let labels = ProjectionLabels {
@@ -361,10 +391,15 @@ impl<P: Projection> ProjectionHandle<P> {
     }
 
     pub fn is_ready(&self) -> bool {
-        *self.ready.borrow()
+        self.ready.borrow().is_ready()
     }
 
-    pub fn readiness(&self) -> watch::Receiver<bool> {
+    /// Where it stands now.
+    pub fn readiness_now(&self) -> Readiness {
+        self.ready.borrow().clone()
+    }
+
+    pub fn readiness(&self) -> watch::Receiver<Readiness> {
         self.ready.clone()
     }
 

@@ -114,7 +114,12 @@ impl Switchboard {
         );
     }
 
-    pub fn readiness(&self) -> Vec<(String, tokio::sync::watch::Receiver<bool>)> {
+    pub fn readiness(
+        &self,
+    ) -> Vec<(
+        String,
+        tokio::sync::watch::Receiver<crate::runtime::Readiness>,
+    )> {
         vec![
             (self.pod_table.name().to_owned(), self.pod_table.readiness()),
             (

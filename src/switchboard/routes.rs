@@ -367,6 +367,7 @@ fn list_pods(
     Box::pin(async move {
         let body: ListPods = body_as(&request)?;
         let limit = page_size(body.limit)?;
+        routes::caught_up(&board.pod_table)?;
         let now = (board.clock)();
         let (result, next, position) = board
             .pod_table
@@ -404,6 +405,7 @@ fn list_meeting_points(
     Box::pin(async move {
         let body: ListMeetingPoints = body_as(&request)?;
         let limit = page_size(body.limit)?;
+        routes::caught_up(&board.meeting_point_table)?;
         let (result, next, position) = board
             .meeting_point_table
             .ask(move |table, position| {
@@ -454,6 +456,7 @@ fn get_meeting_point(
 
 /// The least loaded valid pods as the pod read model sees them, the first one held.
 async fn choose(board: &Switchboard) -> Result<Option<placement::Choice>, ApiError> {
+    routes::caught_up(&board.pod_table)?;
     let now = (board.clock)();
     let (loads, position) = board
         .pod_table

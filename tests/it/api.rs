@@ -304,6 +304,91 @@ async fn a_retry_is_recognised_after_a_restart_of_the_control_plane() {
     assert_eq!(last_seq(&test).await, 2);
 }
 
+/// A control plane that joined its queue group before its read models had rebuilt answered
+/// lists with partial pages (and placed reservations from half a pod table) during a restart.
+#[actix_rt::test]
+async fn a_restarting_control_plane_takes_no_request_before_its_read_models_caught_up() {
+    use switchyard::domain::counter::{Added, Counter, CounterEvent, CounterId, Created};
+    use switchyard::domain::{Aggregate, Principal, Timestamp};
+    use switchyard::store::Commit;
+
+    let test = start_app(|_| {}).await;
+    // A log long enough that rebuilding it takes a while: 500 counters of 200 events each,
+    // then the one pod, last.
+    let events: Vec<CounterEvent> = std::iter::once(CounterEvent::Created(Created {
+        limit: None,
+        idle_ttl_ms: None,
+        at: Timestamp::from_unix_nanos(1),
+    }))
+    .chain((1..200).map(|_| {
+        CounterEvent::Added(Added {
+            amount: 1,
+            at: Timestamp::from_unix_nanos(2),
+        })
+    }))
+    .collect();
+    let store = test.app.store().clone();
+    futures::stream::iter(0..500)
+        .for_each_concurrent(64, |n| {
+            let (store, events) = (store.clone(), &events);
+            async move {
+                let id = CounterId::new(format!("bulk-{n}")).unwrap();
+                store
+                    .append(Commit {
+                        kind: Counter::KIND,
+                        entity: id.as_str(),
+                        expected: 0,
+                        entity_version: events.len() as u64,
+                        command_id: &switchyard::runtime::new_command_id(),
+                        principal: &Principal::anonymous(),
+                        recorded_at: Timestamp::from_unix_nanos(3),
+                        events,
+                    })
+                    .await
+                    .unwrap();
+            }
+        })
+        .await;
+    call(&test, "pod.add", json!({"pod": "p0"})).await.ok();
+    let TestApp {
+        server,
+        app,
+        client,
+        config,
+    } = test;
+    app.shutdown().await;
+
+    let starting = actix_rt::spawn({
+        let config = config.clone();
+        async move {
+            switchyard::app::App::start(&config, switchyard::runtime::system_clock())
+                .await
+                .unwrap()
+        }
+    });
+    let mut answered = 0;
+    while answered < 20 {
+        match client.request("sy.api.pod.list", "{}".into()).await {
+            Ok(message) => {
+                let listed: Value = serde_json::from_slice(&message.payload).unwrap();
+                assert_eq!(
+                    listed["result"][0]["name"], "p0",
+                    "reply {answered} lists the whole pod table: {listed}"
+                );
+                answered += 1;
+            }
+            // Not serving yet.
+            Err(err) if err.kind() == async_nats::RequestErrorKind::NoResponders => {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            Err(err) => panic!("request failed: {err}"),
+        }
+    }
+    let app = starting.await.unwrap();
+    assert!(app.is_ready());
+    drop(server);
+}
+
 #[actix_rt::test]
 async fn a_full_mailbox_answers_unavailable_and_drops_nothing() {
     let test = start_app(|config| config.runtime.mailbox_capacity = 2).await;
