@@ -8,10 +8,9 @@ use std::io::Write;
 use futures::StreamExt;
 use serde::Serialize;
 
-use crate::api::catalog::{AsOfError, KindSpec, ViewAsOf, kinds};
+use crate::api::catalog::{AsOfError, Inspected, KindSpec, ViewAsOf, kinds};
 use crate::codec::{StoredEvent, header};
 use crate::domain::Timestamp;
-use crate::runtime::error_chain;
 use crate::store::{EventStore, Start, StoreError, StoredMessage};
 
 /// Which messages to replay; every bound is inclusive.
@@ -54,7 +53,15 @@ pub struct AuditRecord {
     pub recorded_at: Option<Timestamp>,
     pub traceparent: Option<String>,
     pub events: Vec<StoredEvent>,
-    /// Why the events could not be decoded, if they could not.
+    /// A record of the store itself (an operator's acknowledgement of foreign messages):
+    /// `{"type": ..., ...}`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub record: Option<serde_json::Value>,
+    /// Why this message is not the store's, if it is not: every reader skips it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub foreign: Option<String>,
+    /// Why the events could not be decoded, if they could not (an unknown kind, or an event
+    /// of a newer Switchyard).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
@@ -82,17 +89,23 @@ fn record(
         .subjects()
         .parse_event(&message.subject)
         .unwrap_or_default();
-    let events = match (specs.get(kind.as_str()), message.encoding()) {
-        (Some(spec), Ok(encoding)) => {
-            (spec.decode)(&message.payload, encoding).map_err(|e| error_chain(&e))
+    let inspected = match specs.get(kind.as_str()) {
+        Some(spec) => (spec.inspect)(message),
+        None => Inspected::Newer(format!("unknown kind {kind:?}")),
+    };
+    let (mut events, mut record, mut foreign, mut error) = (Vec::new(), None, None, None);
+    match inspected {
+        Inspected::Events(decoded) => events = decoded,
+        Inspected::Record(stored) => {
+            let mut value = stored.to_json();
+            if let Some(fields) = value.as_object_mut() {
+                fields.insert("type".to_owned(), stored.name().into());
+            }
+            record = Some(value);
         }
-        (None, _) => Err(format!("unknown kind {kind:?}")),
-        (_, Err(e)) => Err(error_chain(&e)),
-    };
-    let (events, error) = match events {
-        Ok(events) => (events, None),
-        Err(error) => (Vec::new(), Some(error)),
-    };
+        Inspected::Foreign(reason) => foreign = Some(reason),
+        Inspected::Newer(reason) => error = Some(reason),
+    }
     AuditRecord {
         seq: message.seq,
         stored_at: message.stored_at,
@@ -104,6 +117,8 @@ fn record(
         recorded_at: message.recorded_at(),
         traceparent: message.header(header::TRACEPARENT).map(str::to_owned),
         events,
+        record,
+        foreign,
         error,
     }
 }
@@ -198,6 +213,12 @@ pub fn write_table_row(out: &mut impl Write, record: &AuditRecord) -> Result<(),
         .iter()
         .map(|e| format!("{}@{} {}", e.event_type, e.version, e.data))
         .collect();
+    if let Some(stored) = &record.record {
+        lines.push(format!("(record) {stored}"));
+    }
+    if let Some(reason) = &record.foreign {
+        lines.push(format!("(not written by Switchyard, skipped: {reason})"));
+    }
     if let Some(error) = &record.error {
         lines.push(format!("(undecodable: {error})"));
     }

@@ -1,6 +1,7 @@
-//! `switchyard pod ...` and `switchyard mp ...`: every switchboard operation from a shell, as a
-//! table for people or JSON for scripts. Exit status 2 when the control plane answers with an
-//! error, 1 when it cannot be reached.
+//! `switchyard pod ...`, `switchyard mp ...` and `switchyard repair ...`: every switchboard
+//! operation, and the operator's repair of an entity's history, from a shell, as a table for
+//! people or JSON for scripts. Exit status 2 when the control plane answers with an error, 1 when
+//! it cannot be reached.
 
 use std::io::Write;
 use std::time::Duration;
@@ -103,6 +104,57 @@ pub enum MeetingPointCommand {
         #[arg(long)]
         pod: Option<PodName>,
     },
+}
+
+/// `switchyard repair KIND/ID --note WHY`: acknowledge the messages in an entity's history
+/// that the store did not write (all of them, or those given with --seq).
+#[derive(clap::Args, Debug)]
+pub struct RepairArgs {
+    /// The entity, KIND/ID (e.g. counter/rack4); the ID may contain slashes.
+    pub entity: String,
+    /// Why the messages may stay; recorded in the log with your principal.
+    #[arg(long)]
+    pub note: String,
+    /// Only this foreign message (its stream sequence); repeat for several.
+    #[arg(long = "seq")]
+    pub seqs: Vec<u64>,
+}
+
+pub async fn repair(
+    api: &ApiClient,
+    args: RepairArgs,
+    output: Output,
+    out: &mut impl Write,
+) -> Result<Status, ClientError> {
+    let Some((kind, id)) = args.entity.split_once('/') else {
+        let _ = writeln!(out, "the entity is KIND/ID, not {:?}", args.entity);
+        return Ok(2);
+    };
+    let body = crate::api::routes::AcknowledgeForeignRequest {
+        id: id.to_owned(),
+        seqs: (!args.seqs.is_empty()).then_some(args.seqs),
+        note: args.note,
+    };
+    let reply: crate::api::routes::AcknowledgeForeignReply = api
+        .call(&format!("{kind}.acknowledge_foreign"), &body)
+        .await?;
+    print_value(out, output, &reply, || {
+        let mut text = if reply.acknowledged.is_empty() {
+            format!("{kind}/{id} has no foreign message to acknowledge")
+        } else {
+            format!(
+                "acknowledged foreign messages {:?} of {kind}/{id} (record at sequence {})",
+                reply.acknowledged, reply.sequence
+            )
+        };
+        for left in &reply.remaining {
+            text.push_str(&format!(
+                "\nstill unacknowledged: {} on {}: {}",
+                left.seq, left.subject, left.reason
+            ));
+        }
+        text
+    })
 }
 
 /// What a command printed, and the exit status it asks for.

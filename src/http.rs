@@ -44,7 +44,14 @@ impl Probes {
             ready &= readiness.is_ready();
             checks.insert(name.clone(), json!(readiness.describe()));
         }
-        (ready, json!({ "ready": ready, "checks": checks }))
+        let mut body = json!({ "ready": ready, "checks": checks });
+        // Reported, not failed: the store skips them, so nothing is wrong with serving; an
+        // operator should still look, and acknowledge them with `switchyard repair`.
+        let (count, latest) = self.metrics.foreign.summary(10);
+        if count > 0 {
+            body["foreign_messages"] = json!({ "count": count, "latest": latest });
+        }
+        (ready, body)
     }
 }
 

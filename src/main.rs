@@ -60,6 +60,14 @@ enum Command {
     /// Make a test machine reachable: reserve a meeting point, tunnel its port to the local
     /// sshd through the pod, keep it alive, move off pods that drain; SIGINT/SIGTERM clear it.
     MachineAgent(MachineAgentArgs),
+    /// Acknowledge messages in an entity's history that the store did not write (every reader
+    /// skips them; this records that an operator looked, and stops reporting them).
+    Repair {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(flatten)]
+        args: switchyard::cli::RepairArgs,
+    },
     /// Meeting points: reserve, clear, get, keep-alive, list.
     #[command(name = "mp", alias = "meeting-point")]
     MeetingPoint {
@@ -331,6 +339,12 @@ async fn run(cli: Cli, config: Config) -> anyhow::Result<ExitCode> {
             let (api, format) = api_client(config, &client).await?;
             let status =
                 switchyard::cli::meeting_point(&api, command, format, &mut std::io::stdout()).await;
+            client_status(status)
+        }
+        Command::Repair { client, args } => {
+            quiet_logs()?;
+            let (api, format) = api_client(config, &client).await?;
+            let status = switchyard::cli::repair(&api, args, format, &mut std::io::stdout()).await;
             client_status(status)
         }
         Command::PodAgent(args) => {

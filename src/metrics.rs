@@ -1,6 +1,7 @@
 //! Prometheus metrics, served on `/metrics`. One registry per process; cheap to clone.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -61,6 +62,8 @@ pub struct Metrics {
     pub work_queue: Family<OutcomeLabels, Counter>,
     pub reaped: Family<KindLabels, Counter>,
     pub repairs: Family<KindLabels, Counter>,
+    /// Messages in the event stream that the store did not write.
+    pub foreign: ForeignLog,
 }
 
 impl Default for Metrics {
@@ -128,8 +131,20 @@ impl Metrics {
             "Repairs made by reconcilers, by kind of repair",
             repairs.clone(),
         );
+        let foreign = ForeignLog::default();
+        registry.register(
+            "foreign_messages",
+            "Messages in the event stream the store did not write, not yet acknowledged",
+            foreign.unacknowledged.clone(),
+        );
+        registry.register(
+            "foreign_messages_seen",
+            "Times a reader met a message the store did not write (skipped)",
+            foreign.seen.clone(),
+        );
         Self {
             registry: Arc::new(registry),
+            foreign,
             requests,
             request_seconds,
             appends,
@@ -227,5 +242,71 @@ impl RouteMetrics {
             counter.inc();
         }
         self.seconds.observe(elapsed.as_secs_f64());
+    }
+}
+
+/// The foreign messages readers have met and no operator has acknowledged, by sequence: what
+/// `/readyz` reports. Bounded: beyond [`ForeignLog::LISTED`] only the count grows.
+#[derive(Clone, Debug, Default)]
+pub struct ForeignLog {
+    inner: Arc<Mutex<ForeignEntries>>,
+    unacknowledged: Gauge,
+    seen: Counter,
+}
+
+#[derive(Debug, Default)]
+struct ForeignEntries {
+    listed: BTreeMap<u64, crate::store::provenance::ForeignMessage>,
+    /// Sequences met beyond the listed ones.
+    unlisted: std::collections::BTreeSet<u64>,
+}
+
+impl ForeignLog {
+    pub const LISTED: usize = 1024;
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ForeignEntries> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A reader met `message`; once per sequence, it is logged.
+    pub fn report(&self, message: crate::store::provenance::ForeignMessage) {
+        self.seen.inc();
+        let mut entries = self.lock();
+        if entries.listed.contains_key(&message.seq) || entries.unlisted.contains(&message.seq) {
+            return;
+        }
+        tracing::warn!(seq = message.seq, subject = %message.subject, reason = %message.reason, "the event stream holds a message the store did not write; skipping it (acknowledge it with `switchyard repair`)");
+        if entries.listed.len() < Self::LISTED {
+            entries.listed.insert(message.seq, message);
+        } else {
+            entries.unlisted.insert(message.seq);
+        }
+        self.unacknowledged
+            .set(i64::try_from(entries.listed.len() + entries.unlisted.len()).unwrap_or(i64::MAX));
+    }
+
+    /// An operator acknowledged these.
+    pub fn acknowledge(&self, seqs: &[u64]) {
+        let mut entries = self.lock();
+        for seq in seqs {
+            entries.listed.remove(seq);
+            entries.unlisted.remove(seq);
+        }
+        self.unacknowledged
+            .set(i64::try_from(entries.listed.len() + entries.unlisted.len()).unwrap_or(i64::MAX));
+    }
+
+    /// How many are unacknowledged, and the latest few.
+    pub fn summary(&self, latest: usize) -> (usize, Vec<crate::store::provenance::ForeignMessage>) {
+        let entries = self.lock();
+        let count = entries.listed.len() + entries.unlisted.len();
+        let shown = entries
+            .listed
+            .values()
+            .rev()
+            .take(latest)
+            .cloned()
+            .collect();
+        (count, shown)
     }
 }

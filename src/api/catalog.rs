@@ -8,7 +8,7 @@ use schemars::{Schema, SchemaGenerator};
 use serde_json::Value;
 
 use super::routes::{self, RouteSpec};
-use crate::codec::{self, Encoding, StoredEvent};
+use crate::codec::{self, StoredEvent};
 use crate::config::{RuntimeConfig, SwitchboardConfig};
 use crate::domain::counter::{AddToCounter, Counter, CreateCounter, DeleteCounter};
 use crate::domain::switchboard::{MeetingPoint, Pod};
@@ -16,7 +16,8 @@ use crate::domain::{Aggregate, DomainEvent, EntityId, EventType, IdError};
 use crate::metrics::Metrics;
 use crate::runtime::feed::Feed;
 use crate::runtime::{Clock, Entities, EntityTable, ProjectionHandle, Reaper, Settings, Stop};
-use crate::store::{EventStore, StoreError};
+use crate::store::provenance::{self, Provenance, Record};
+use crate::store::{EventStore, StoreError, StoredMessage};
 use crate::switchboard::{self, Switchboard};
 
 /// The running actors the routes are bound to.
@@ -74,6 +75,11 @@ pub fn routes() -> Vec<RouteSpec> {
         routes::list::<Counter>("List counters in id order, a page at a time"),
     ];
     routes.extend(switchboard::routes::specs());
+    routes.extend([
+        routes::acknowledge_foreign::<Counter>(),
+        routes::acknowledge_foreign::<Pod>(),
+        routes::acknowledge_foreign::<MeetingPoint>(),
+    ]);
     routes
 }
 
@@ -160,7 +166,8 @@ pub struct KindSpec {
     pub kind: &'static str,
     pub event_types: fn() -> Vec<EventType>,
     pub event_schema: fn(&str, u16, &mut SchemaGenerator) -> Option<Schema>,
-    pub decode: fn(&[u8], Encoding) -> codec::Result<Vec<StoredEvent>>,
+    /// What a message of this kind is: the store's events or record, foreign, or newer.
+    pub inspect: fn(&StoredMessage) -> Inspected,
     pub view_as_of:
         for<'a> fn(&'a EventStore, &'a str, u64) -> BoxFuture<'a, Result<ViewAsOf, AsOfError>>,
 }
@@ -168,6 +175,36 @@ pub struct KindSpec {
 impl std::fmt::Debug for KindSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.kind)
+    }
+}
+
+/// One message of a kind, as a reader of the log sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Inspected {
+    /// A commit of the store, decoded to JSON.
+    Events(Vec<StoredEvent>),
+    /// A record of the store (an acknowledgement).
+    Record(Record),
+    /// Not written by the store, and why.
+    Foreign(String),
+    /// Written by a newer Switchyard.
+    Newer(String),
+}
+
+fn inspect<A: Aggregate>(message: &StoredMessage) -> Inspected {
+    match provenance::classify::<A::Event>(A::KIND, message) {
+        Provenance::Commit { .. } => {
+            let events = message
+                .encoding()
+                .and_then(|encoding| codec::events_to_json::<A::Event>(&message.payload, encoding));
+            match events {
+                Ok(events) => Inspected::Events(events),
+                Err(err) => Inspected::Foreign(crate::runtime::error_chain(&err)),
+            }
+        }
+        Provenance::Record { record, .. } => Inspected::Record(record),
+        Provenance::Foreign(reason) => Inspected::Foreign(reason.to_string()),
+        Provenance::Newer(event) => Inspected::Newer(event.to_string()),
     }
 }
 
@@ -201,7 +238,7 @@ impl KindSpec {
             kind: A::KIND,
             event_types: A::Event::known_types,
             event_schema: A::Event::schema,
-            decode: codec::events_to_json::<A::Event>,
+            inspect: inspect::<A>,
             view_as_of: |store, id, seq| {
                 Box::pin(async move {
                     let id = A::Id::parse(id).map_err(|source| AsOfError::Id {

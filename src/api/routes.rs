@@ -279,6 +279,82 @@ where
     }
 }
 
+/// `<kind>.acknowledge_foreign`: an operator says the foreign messages in an entity's history
+/// (messages the store did not write, which every reader skips) may stay. Recorded in the log
+/// with the operator as principal; they are no longer reported.
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AcknowledgeForeignRequest<I> {
+    pub id: I,
+    /// The stream sequences to acknowledge; all of the entity's foreign messages if absent.
+    pub seqs: Option<Vec<u64>>,
+    /// Why they may stay; 1 to 1024 characters.
+    pub note: String,
+}
+
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
+pub struct AcknowledgeForeignReply {
+    /// The sequences acknowledged by this request.
+    pub acknowledged: Vec<u64>,
+    /// The entity's foreign messages still unacknowledged.
+    pub remaining: Vec<crate::store::provenance::ForeignMessage>,
+    /// The stream sequence of the acknowledgement (of the entity's last message if none).
+    pub sequence: u64,
+}
+
+/// The longest note an acknowledgement takes.
+pub const MAX_NOTE: usize = 1024;
+
+struct AcknowledgeRoute<A: Aggregate> {
+    entities: Entities<A>,
+}
+
+impl<A: Aggregate> Handler for AcknowledgeRoute<A>
+where
+    A::Id: serde::de::DeserializeOwned,
+{
+    fn handle(&self, request: ApiRequest) -> BoxFuture<'static, Result<Bytes, ApiError>> {
+        let entities = self.entities.clone();
+        Box::pin(async move {
+            let body: AcknowledgeForeignRequest<A::Id> = body_as(&request)?;
+            let note = body.note.trim();
+            if note.is_empty() || note.chars().count() > MAX_NOTE {
+                return Err(ApiError::invalid(format!(
+                    "note must say why, in 1 to {MAX_NOTE} characters"
+                )));
+            }
+            let done = entities
+                .acknowledge_foreign(body.id, body.seqs, note.to_owned(), request.meta)
+                .await?;
+            json(AcknowledgeForeignReply {
+                acknowledged: done.acknowledged,
+                remaining: done.remaining,
+                sequence: done.seq,
+            })
+        })
+    }
+}
+
+/// `<kind>.acknowledge_foreign`, run by the entity's actor.
+pub fn acknowledge_foreign<A: Served>() -> RouteSpec
+where
+    A::Id: serde::de::DeserializeOwned + JsonSchema,
+{
+    RouteSpec {
+        kind: A::KIND,
+        verb: "acknowledge_foreign",
+        mode: Mode::Command,
+        summary: "Acknowledge messages in an entity's history that the store did not write (operators)",
+        request_schema: |g| g.root_schema_for::<AcknowledgeForeignRequest<A::Id>>(),
+        reply_schema: |g| g.root_schema_for::<AcknowledgeForeignReply>(),
+        bind: Box::new(|services| {
+            Arc::new(AcknowledgeRoute::<A> {
+                entities: A::entities(services).clone(),
+            })
+        }),
+    }
+}
+
 /// A route served by `run`, for requests that are more than one command to one entity
 /// (a reservation across a pod and a meeting point) or queries with their own shape.
 pub fn custom<Req: JsonSchema, Rep: JsonSchema, S: Clone + Send + Sync + 'static>(

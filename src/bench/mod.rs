@@ -583,7 +583,7 @@ pub async fn run(options: &Options, out: &mut dyn Write) -> anyhow::Result<Repor
     let server_pid = servers.first().and_then(NatsServer::pid);
     if wants(Scenario::Throughput) || wants(Scenario::Latency) {
         let latency = wants(Scenario::Latency);
-        throughput_and_latency(
+        Box::pin(throughput_and_latency(
             &url,
             server_pid,
             "tp",
@@ -592,7 +592,7 @@ pub async fn run(options: &Options, out: &mut dyn Write) -> anyhow::Result<Repor
             latency,
             &mut report,
             out,
-        )
+        ))
         .await?;
     }
     if wants(Scenario::Replay) {
@@ -619,7 +619,7 @@ pub async fn run(options: &Options, out: &mut dyn Write) -> anyhow::Result<Repor
                 latency_samples: options.latency_samples / 5,
                 ..options.clone()
             };
-            throughput_and_latency(
+            Box::pin(throughput_and_latency(
                 &server.url(),
                 server.pid(),
                 "dur",
@@ -628,7 +628,7 @@ pub async fn run(options: &Options, out: &mut dyn Write) -> anyhow::Result<Repor
                 true,
                 &mut report,
                 out,
-            )
+            ))
             .await?;
             servers.push(server);
         }

@@ -13,7 +13,8 @@ use tracing::{Instrument, Span};
 use super::{CommandError, CommandMeta, Outcome, Settings};
 use crate::domain::{Aggregate, Context as DomainContext, EntityId};
 use crate::metrics::EntityMetrics;
-use crate::store::{Appended, Commit, Entity, EventStore, StoreError};
+use crate::store::provenance::{AcknowledgedForeign, ForeignMessage, Record};
+use crate::store::{Appended, Commit, Entity, EventStore, RecordCommit, StoreError};
 
 pub type Reply<T> = oneshot::Sender<Result<T, CommandError>>;
 
@@ -31,6 +32,14 @@ pub enum Work<A: Aggregate> {
     Read {
         reply: Reply<(Option<A::View>, u64)>,
     },
+    /// An operator acknowledges foreign messages in the entity's history (all of them when
+    /// `seqs` is `None`): recorded in the log, and no longer reported.
+    Acknowledge {
+        seqs: Option<Vec<u64>>,
+        note: String,
+        meta: CommandMeta,
+        reply: Reply<Acknowledged>,
+    },
     /// Sent by the registry once it has forgotten this actor: snapshot if useful, then stop.
     Passivate,
 }
@@ -47,6 +56,9 @@ impl<A: Aggregate> Work<A> {
                 let _ = reply.send(Err(err));
             }
             Work::Read { reply } => {
+                let _ = reply.send(Err(err));
+            }
+            Work::Acknowledge { reply, .. } => {
                 let _ = reply.send(Err(err));
             }
             Work::Passivate => {}
@@ -140,6 +152,24 @@ impl<A: Aggregate> Handler<Work<A>> for EntityActor<A> {
                     let result = load(&store, &mut entity, &id)
                         .await
                         .map(|loaded| (loaded.state.view(&id), loaded.version));
+                    let _ = reply.send(result);
+                }
+                Work::Acknowledge {
+                    seqs,
+                    note,
+                    meta,
+                    reply,
+                } => {
+                    let result = acknowledge(
+                        &store,
+                        &settings,
+                        &mut entity,
+                        &id,
+                        seqs.as_deref(),
+                        &note,
+                        &meta,
+                    )
+                    .await;
                     let _ = reply.send(result);
                 }
                 Work::Passivate => {
@@ -302,4 +332,117 @@ async fn first_reply<A: Aggregate>(
         version: then.version,
         seq,
     }))
+}
+
+/// What an acknowledgement did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Acknowledged {
+    /// The foreign messages acknowledged now (none if there were none to acknowledge).
+    pub acknowledged: Vec<u64>,
+    /// Those still unacknowledged.
+    pub remaining: Vec<ForeignMessage>,
+    /// The record's stream sequence (or the entity's last message's, if nothing was written).
+    pub seq: u64,
+}
+
+/// Records an operator's acknowledgement of foreign messages in the entity's history, with the
+/// same optimistic concurrency as a command. A sequence that is not a foreign message of this
+/// entity is refused; a retry (same command id) is answered with what its record says.
+async fn acknowledge<A: Aggregate>(
+    store: &EventStore,
+    settings: &Settings,
+    slot: &mut Option<Entity<A>>,
+    id: &A::Id,
+    seqs: Option<&[u64]>,
+    note: &str,
+    meta: &CommandMeta,
+) -> Result<Acknowledged, CommandError> {
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let entity = load(store, slot, id).await?;
+        if let Some(seq) = entity.recent_seq(&meta.command_id) {
+            let message = store.message(seq).await?;
+            if message.command_id() == Some(meta.command_id.as_str())
+                && let Some(acknowledged) = crate::store::provenance::acknowledged(&message)
+            {
+                return Ok(Acknowledged {
+                    acknowledged,
+                    remaining: entity.foreign().to_vec(),
+                    seq,
+                });
+            }
+        }
+        let foreign: Vec<u64> = entity.foreign().iter().map(|f| f.seq).collect();
+        let wanted = match seqs {
+            None => foreign,
+            Some(seqs) => {
+                if let Some(unknown) = seqs.iter().find(|seq| !foreign.contains(seq)) {
+                    return Err(CommandError::Rejected {
+                        kind: crate::domain::ErrorKind::Invalid,
+                        message: format!(
+                            "message {unknown} is not an unacknowledged foreign message of {} {:?}; its foreign messages are {foreign:?}",
+                            A::KIND,
+                            id.as_str()
+                        ),
+                        reason: None,
+                    });
+                }
+                seqs.to_vec()
+            }
+        };
+        if wanted.is_empty() {
+            return Ok(Acknowledged {
+                acknowledged: Vec::new(),
+                remaining: entity.foreign().to_vec(),
+                seq: entity.last_seq,
+            });
+        }
+        let record = Record::AcknowledgedForeign(AcknowledgedForeign {
+            seqs: wanted.clone(),
+            note: note.to_owned(),
+        });
+        let appended = store
+            .append_record(RecordCommit {
+                kind: A::KIND,
+                entity: id.as_str(),
+                expected: entity.last_seq,
+                entity_version: entity.version,
+                command_id: &meta.command_id,
+                principal: &meta.principal,
+                recorded_at: (settings.clock)(),
+                record: &record,
+            })
+            .await;
+        match appended {
+            Ok(Appended { seq, duplicate }) => {
+                if duplicate {
+                    store.catch_up(entity).await?;
+                } else {
+                    entity.record_store_record(seq, &meta.command_id, &record);
+                }
+                return Ok(Acknowledged {
+                    acknowledged: wanted,
+                    remaining: entity.foreign().to_vec(),
+                    seq,
+                });
+            }
+            Err(StoreError::Conflict { .. }) if attempts <= settings.conflict_retries => {
+                if store.catch_up(entity).await? == 0 {
+                    *slot = None;
+                }
+            }
+            Err(StoreError::Conflict { .. }) => {
+                return Err(CommandError::Contended {
+                    kind: A::KIND,
+                    id: id.to_string(),
+                    attempts,
+                });
+            }
+            Err(err) => {
+                *slot = None;
+                return Err(err.into());
+            }
+        }
+    }
 }

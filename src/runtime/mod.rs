@@ -143,6 +143,7 @@ impl CommandError {
                 StoreError::Conflict { .. }
                     | StoreError::TooLarge { .. }
                     | StoreError::Encode { .. }
+                    | StoreError::Newer { .. }
             ),
             CommandError::Dropped { .. } => false,
         }
@@ -152,6 +153,9 @@ impl CommandError {
     pub fn reason(&self) -> Option<&'static str> {
         match self {
             CommandError::Rejected { reason, .. } => *reason,
+            CommandError::Store(StoreError::Newer { .. }) => {
+                Some(crate::store::NEWER_EVENT_VERSION)
+            }
             _ => None,
         }
     }

@@ -13,6 +13,7 @@ use tokio::sync::{mpsc, watch};
 use super::feed::{Feed, FeedItem};
 use crate::domain::{Aggregate, EntityId, Timestamp};
 use crate::metrics::{Metrics, ProjectionLabels};
+use crate::store::provenance::{self, Foreign, ForeignMessage, Provenance};
 use crate::store::{EventStore, StoreError, StoredMessage};
 use crate::subject::Subjects;
 use crate::telemetry;
@@ -20,10 +21,13 @@ use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProjectionError {
-    #[error("subject {subject} is not an event subject of this projection")]
-    Subject { subject: String },
+    /// The store did not write it: skipped and reported, never a reason to stop.
+    #[error("message {} on {} is not the store's: {}", .0.seq, .0.subject, .0.reason)]
+    Foreign(ForeignMessage),
+    /// It cannot be read, and skipping it would leave a hole the read model's users would act
+    /// on (an event of a newer Switchyard): the read model stops.
     #[error(transparent)]
-    Store(#[from] StoreError),
+    Unreadable(#[from] StoreError),
 }
 
 /// Where a read model stands, for `/readyz` and for everything that reads it.
@@ -59,8 +63,8 @@ pub trait Projection: Send + Unpin + 'static {
     fn name(&self) -> String;
     /// The subjects it reads.
     fn filter(&self, subjects: &Subjects) -> String;
-    /// Applies one message. An error skips that message (logged and counted); a read model
-    /// never stops because of one bad record.
+    /// Applies one message. A foreign message is skipped (reported); an unreadable one stops
+    /// the read model, which then answers nothing rather than answer from a hole.
     fn apply(
         &mut self,
         subjects: &Subjects,
@@ -168,10 +172,26 @@ impl<A: Aggregate> Projection for EntityTable<A> {
         let id = subjects
             .parse_event(&message.subject)
             .and_then(|(_, id)| A::Id::parse(&id).ok())
-            .ok_or_else(|| ProjectionError::Subject {
-                subject: message.subject.clone(),
+            .ok_or_else(|| {
+                ProjectionError::Foreign(ForeignMessage::new(message, &Foreign::Subject))
             })?;
-        let events = message.decode::<A::Event>()?;
+        let events = match provenance::classify::<A::Event>(A::KIND, message) {
+            Provenance::Commit { events, .. } => events,
+            // A record changes no state; the actor takes its acknowledgements.
+            Provenance::Record { .. } => return Ok(()),
+            Provenance::Foreign(reason) => {
+                return Err(ProjectionError::Foreign(ForeignMessage::new(
+                    message, &reason,
+                )));
+            }
+            Provenance::Newer(event) => {
+                return Err(ProjectionError::Unreadable(StoreError::Newer {
+                    seq: message.seq,
+                    subject: message.subject.clone(),
+                    event,
+                }));
+            }
+        };
         let row = match self.rows.get_mut(&id) {
             Some(row) => row,
             None => self.rows.entry(id.clone()).or_insert_with(|| Row {
@@ -211,6 +231,9 @@ pub struct ProjectionActor<P: Projection> {
     ready: watch::Sender<Readiness>,
     position_gauge: Gauge,
     errors: Counter,
+    foreign: crate::metrics::ForeignLog,
+    /// Why it stopped applying, once it met a message it cannot read.
+    stopped: Option<String>,
     /// Set once asked to stop, so the end of the feed is not taken for a failure.
     stopping: bool,
     /// What the feed sends; taken when the actor starts.
@@ -252,9 +275,21 @@ impl<P: Projection> ProjectionActor<P> {
             tracing::Span::none()
         };
         let _applying = span.enter();
-        if let Err(err) = self.projection.apply(self.store.subjects(), message) {
-            self.errors.inc();
-            tracing::error!(projection = %self.name, seq = message.seq, subject = %message.subject, error = &err as &dyn std::error::Error, "skipping a message the projection cannot apply");
+        if let Some(seqs) = provenance::acknowledged(message) {
+            self.foreign.acknowledge(&seqs);
+        }
+        match self.projection.apply(self.store.subjects(), message) {
+            Ok(()) => {}
+            Err(ProjectionError::Foreign(foreign)) => {
+                self.errors.inc();
+                self.foreign.report(foreign);
+            }
+            Err(ProjectionError::Unreadable(err)) => {
+                let why = crate::runtime::error_chain(&err);
+                tracing::error!(projection = %self.name, seq = message.seq, reason = %why, "the read model cannot read a message and stops: reconcilers and reapers that read it pause, its queries answer unavailable");
+                self.ready.send_replace(Readiness::Stopped(why.clone()));
+                self.stopped = Some(why);
+            }
         }
     }
 }
@@ -268,11 +303,19 @@ impl<P: Projection> StreamHandler<FeedItem> for ProjectionActor<P> {
                 self.catching_up = Some(caught_up_at);
             }
             FeedItem::Chunk { messages, position } => {
+                if self.stopped.is_some() {
+                    // Stays where it stopped: nothing after a hole is applied.
+                    return;
+                }
                 for message in &messages {
                     // The feed never repeats a sequence; this guards the read model anyway.
                     if message.seq > self.position {
                         let live = self.catching_up.is_none_or(|at| message.seq > at);
                         self.apply(message, live);
+                        if self.stopped.is_some() {
+                            // Its position stays before the message it could not read.
+                            return;
+                        }
                         self.position = message.seq;
                     }
                 }
@@ -285,7 +328,7 @@ impl<P: Projection> StreamHandler<FeedItem> for ProjectionActor<P> {
     }
 
     fn finished(&mut self, _: &mut Context<Self>) {
-        if !self.stopping {
+        if !self.stopping && self.stopped.is_none() {
             // Stale from now on: say so on /readyz rather than answer from an old state.
             tracing::error!(projection = %self.name, position = self.position, "the event feed ended; this read model no longer follows the stream");
             self.ready.send_replace(Readiness::Stopped(format!(
@@ -370,6 +413,8 @@ impl<P: Projection> ProjectionHandle<P> {
             ready,
             position_gauge: metrics.projection_position.get_or_create_owned(&labels),
             errors: metrics.projection_errors.get_or_create_owned(&labels),
+            foreign: metrics.foreign.clone(),
+            stopped: None,
             stopping: false,
             feed: Some(receiver),
         };

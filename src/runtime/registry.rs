@@ -272,6 +272,31 @@ impl<A: Aggregate> Entities<A> {
         }))
     }
 
+    /// Acknowledges foreign messages in the entity's history (all when `seqs` is `None`).
+    pub async fn acknowledge_foreign(
+        &self,
+        id: A::Id,
+        seqs: Option<Vec<u64>>,
+        note: String,
+        meta: CommandMeta,
+    ) -> Result<super::entity::Acknowledged, CommandError> {
+        let (reply, answer) = oneshot::channel();
+        let kind_id = id.to_string();
+        self.registry.do_send(Route {
+            id,
+            work: Work::Acknowledge {
+                seqs,
+                note,
+                meta,
+                reply,
+            },
+        });
+        answer.await.unwrap_or(Err(CommandError::Dropped {
+            kind: A::KIND,
+            id: kind_id,
+        }))
+    }
+
     /// How many actors of this kind are in memory.
     pub async fn active(&self) -> usize {
         self.registry.send(ActiveCount).await.unwrap_or(0)

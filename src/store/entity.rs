@@ -3,6 +3,7 @@
 
 use std::collections::VecDeque;
 
+use super::provenance::{self, Foreign, ForeignMessage, Provenance, Record};
 use super::snapshot::{SnapshotError, SnapshotRecord};
 use super::{EventStore, Result, StoreError, StoredMessage};
 use crate::codec::Bincode;
@@ -14,6 +15,10 @@ use crate::subject::snapshot_key;
 /// server's duplicate window. Kept as hashes: 16 bytes each, 1 KiB in all.
 pub const RECENT_COMMANDS: usize = 64;
 
+/// How many foreign messages an entity lists (the oldest beyond this are forgotten, still
+/// skipped; `/readyz` and the audit show them all).
+pub const FOREIGN_LISTED: usize = 64;
+
 /// An aggregate's state after folding its log up to `last_seq`.
 #[derive(Debug, Clone)]
 pub struct Entity<A: Aggregate> {
@@ -24,6 +29,11 @@ pub struct Entity<A: Aggregate> {
     /// Stream sequence of the entity's last message; 0 while it has none.
     pub last_seq: u64,
     recent: VecDeque<(u64, u64)>,
+    /// Foreign messages in its history, not yet acknowledged by an operator.
+    foreign: Vec<ForeignMessage>,
+    /// Whether its position is known good: always from a full replay; from a snapshot only
+    /// once the first message after it lines up (gapless entity versions).
+    verified: bool,
     snapshot: Option<SnapshotMark>,
 }
 
@@ -42,17 +52,63 @@ impl<A: Aggregate> Entity<A> {
             version: 0,
             last_seq: 0,
             recent: VecDeque::new(),
+            foreign: Vec::new(),
+            verified: true,
             snapshot: None,
         }
     }
 
-    /// Folds one stored message in, checking that entity versions stay gapless.
+    /// Folds one stored message in: the store's commits and records; a foreign message is
+    /// skipped (its position still counts, so the next append expects it) and listed; an
+    /// event of a newer Switchyard is an error, never a hole.
     pub fn fold(&mut self, message: &StoredMessage) -> Result<()> {
-        let events = message.decode::<A::Event>()?;
-        let expected = self.version + events.len() as u64;
-        if let Some(found) = message.entity_version()
-            && found != expected
-        {
+        match provenance::classify::<A::Event>(A::KIND, message) {
+            Provenance::Commit {
+                events,
+                entity_version,
+            } => {
+                let expected = self.version + events.len() as u64;
+                self.check_version(message, expected, entity_version)?;
+                for event in &events {
+                    self.state.apply(event);
+                }
+                self.version = expected;
+            }
+            Provenance::Record {
+                record,
+                entity_version,
+            } => {
+                self.check_version(message, self.version, entity_version)?;
+                match record {
+                    Record::AcknowledgedForeign(ack) => {
+                        self.foreign.retain(|f| !ack.seqs.contains(&f.seq));
+                    }
+                }
+            }
+            Provenance::Foreign(reason) => {
+                self.skip(message, &reason);
+                return Ok(());
+            }
+            Provenance::Newer(event) => {
+                return Err(StoreError::Newer {
+                    seq: message.seq,
+                    subject: message.subject.clone(),
+                    event,
+                });
+            }
+        }
+        self.verified = true;
+        self.last_seq = message.seq;
+        if let Some(command_id) = message.command_id() {
+            self.remember(command_id, message.seq);
+        }
+        Ok(())
+    }
+
+    /// A snapshot not yet verified must line up with the first message after it; otherwise
+    /// the version header only describes (a full replay counts events, which is the truth).
+    fn check_version(&self, message: &StoredMessage, expected: u64, found: u64) -> Result<()> {
+        if !self.verified && found != expected {
             return Err(StoreError::VersionGap {
                 seq: message.seq,
                 subject: message.subject.clone(),
@@ -60,15 +116,36 @@ impl<A: Aggregate> Entity<A> {
                 found,
             });
         }
-        for event in &events {
-            self.state.apply(event);
-        }
-        self.version = expected;
-        self.last_seq = message.seq;
-        if let Some(command_id) = message.command_id() {
-            self.remember(command_id, message.seq);
+        if found != expected {
+            tracing::warn!(seq = message.seq, subject = %message.subject, expected, found, "a commit's entity version does not follow the history; counting events");
         }
         Ok(())
+    }
+
+    fn skip(&mut self, message: &StoredMessage, reason: &Foreign) {
+        tracing::warn!(seq = message.seq, subject = %message.subject, reason = %reason, "skipping a message the store did not write");
+        self.last_seq = message.seq;
+        if self.foreign.len() == FOREIGN_LISTED {
+            self.foreign.remove(0);
+        }
+        self.foreign.push(ForeignMessage::new(message, reason));
+    }
+
+    /// Foreign messages in its history that no operator has acknowledged.
+    pub fn foreign(&self) -> &[ForeignMessage] {
+        &self.foreign
+    }
+
+    /// Folds in a record this process just appended at `seq`.
+    pub fn record_store_record(&mut self, seq: u64, command_id: &CommandId, record: &Record) {
+        match record {
+            Record::AcknowledgedForeign(ack) => {
+                self.foreign.retain(|f| !ack.seqs.contains(&f.seq));
+            }
+        }
+        self.last_seq = seq;
+        self.verified = true;
+        self.remember(command_id.as_str(), seq);
     }
 
     /// Folds in the events of a commit this process just appended at `seq`.
@@ -78,6 +155,7 @@ impl<A: Aggregate> Entity<A> {
         }
         self.version += events.len() as u64;
         self.last_seq = seq;
+        self.verified = true;
         self.remember(command_id.as_str(), seq);
     }
 
@@ -115,6 +193,16 @@ impl<A: Aggregate> Entity<A> {
             version: record.version,
             last_seq: record.seq,
             recent: record.recent.iter().copied().collect(),
+            foreign: record
+                .foreign
+                .iter()
+                .map(|(seq, subject, reason)| ForeignMessage {
+                    seq: *seq,
+                    subject: subject.clone(),
+                    reason: reason.clone(),
+                })
+                .collect(),
+            verified: false,
             snapshot: Some(SnapshotMark {
                 revision,
                 version: record.version,
@@ -141,7 +229,7 @@ impl EventStore {
             match Entity::from_snapshot(id.clone(), record, *revision) {
                 Some(mut entity) => match self.catch_up(&mut entity).await {
                     Ok(_) => return Ok(entity),
-                    Err(err @ (StoreError::VersionGap { .. } | StoreError::Decode { .. })) => {
+                    Err(err @ StoreError::VersionGap { .. }) => {
                         tracing::warn!(%key, error = &err as &dyn std::error::Error, "snapshot does not line up with the log; replaying the full history");
                     }
                     Err(err) => return Err(err),
@@ -201,6 +289,11 @@ impl EventStore {
             seq: entity.last_seq,
             version: entity.version,
             recent: entity.recent.iter().copied().collect(),
+            foreign: entity
+                .foreign
+                .iter()
+                .map(|f| (f.seq, f.subject.clone(), f.reason.clone()))
+                .collect(),
             state,
         };
         match self

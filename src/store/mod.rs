@@ -8,6 +8,7 @@
 //! from the command id (idempotent retries). Snapshots live in a KV bucket (`<P>_SNAPSHOTS`).
 
 pub mod entity;
+pub mod provenance;
 pub mod snapshot;
 
 use std::time::Duration;
@@ -61,6 +62,13 @@ pub enum StoreError {
         #[source]
         source: CodecError,
     },
+    #[error("message {seq} on {subject} was written by a newer Switchyard")]
+    Newer {
+        seq: u64,
+        subject: String,
+        #[source]
+        event: provenance::NewerEvent,
+    },
     #[error("message {seq} on {subject} says entity version {found}, expected {expected}")]
     VersionGap {
         seq: u64,
@@ -91,6 +99,7 @@ impl StoreError {
             StoreError::Conflict { .. } => ErrorKind::Conflict,
             StoreError::TooLarge { .. } => ErrorKind::Invalid,
             StoreError::Unacknowledged { .. }
+            | StoreError::Newer { .. }
             | StoreError::Publish { .. }
             | StoreError::Read { .. }
             | StoreError::Setup { .. } => ErrorKind::Unavailable,
@@ -101,6 +110,9 @@ impl StoreError {
         }
     }
 }
+
+/// The reason on `unavailable` when an entity's history holds an event of a newer Switchyard.
+pub const NEWER_EVENT_VERSION: &str = "newer_event_version";
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
@@ -120,6 +132,20 @@ pub struct Commit<'a, E> {
     pub principal: &'a Principal,
     pub recorded_at: Timestamp,
     pub events: &'a [E],
+}
+
+/// One store record, ready to append.
+#[derive(Debug)]
+pub struct RecordCommit<'a> {
+    pub kind: &'static str,
+    pub entity: &'a str,
+    pub expected: ExpectedSequence,
+    /// The entity's version, unchanged by a record.
+    pub entity_version: u64,
+    pub command_id: &'a CommandId,
+    pub principal: &'a Principal,
+    pub recorded_at: Timestamp,
+    pub record: &'a provenance::Record,
 }
 
 /// The acknowledgement of an append.
@@ -276,17 +302,67 @@ impl EventStore {
                 }
             })?;
         let headers = commit_headers(&commit, self.inner.config.encoding);
+        self.publish(
+            subject,
+            payload,
+            headers,
+            commit.command_id,
+            commit.expected,
+            commit.kind,
+        )
+        .await
+    }
+
+    /// Appends one of the store's own records (an acknowledgement) to an entity's subject,
+    /// with the same optimistic concurrency and idempotency as a commit. It holds no events:
+    /// the entity version stays where it is.
+    pub async fn append_record(&self, commit: RecordCommit<'_>) -> Result<Appended> {
+        let subject = self.inner.subjects.event(commit.kind, commit.entity);
+        let (payload, content_type) = provenance::encode_record(commit.record);
+        let mut headers = HeaderMap::new();
+        headers.insert(provenance::RECORD, commit.record.name());
+        headers.insert(
+            header::ENTITY_VERSION,
+            commit.entity_version.to_string().as_str(),
+        );
+        headers.insert(header::COMMAND_ID, commit.command_id.as_str());
+        headers.insert(header::PRINCIPAL, commit.principal.as_str());
+        headers.insert(header::RECORDED_AT, commit.recorded_at.to_string().as_str());
+        headers.insert(header::CONTENT_TYPE, content_type);
+        telemetry::inject(&Span::current(), &mut headers);
+        self.publish(
+            subject,
+            payload,
+            headers,
+            commit.command_id,
+            commit.expected,
+            commit.kind,
+        )
+        .await
+    }
+
+    /// The one JetStream publish in Switchyard (see clippy.toml): `payload` on `subject` if
+    /// the subject is still at `expected`, deduplicated by the command's message id.
+    async fn publish(
+        &self,
+        subject: String,
+        payload: Bytes,
+        headers: HeaderMap,
+        command_id: &CommandId,
+        expected: ExpectedSequence,
+        kind: &str,
+    ) -> Result<Appended> {
         let message = jetstream::message::PublishMessage::build()
             .payload(payload)
             .headers(headers)
-            .message_id(message_id(commit.command_id, &subject))
-            .expected_last_subject_sequence(commit.expected);
+            .message_id(message_id(command_id, &subject))
+            .expected_last_subject_sequence(expected);
         let publish_error = |source: jetstream::context::PublishError| {
             use jetstream::context::PublishErrorKind as Kind;
             match source.kind() {
                 Kind::WrongLastSequence => StoreError::Conflict {
                     subject: subject.clone(),
-                    expected: commit.expected,
+                    expected,
                 },
                 Kind::MaxPayloadExceeded => StoreError::TooLarge {
                     subject: subject.clone(),
@@ -300,7 +376,6 @@ impl EventStore {
                 },
             }
         };
-        // The one JetStream publish in Switchyard (see clippy.toml).
         #[allow(clippy::disallowed_methods)]
         let ack = self
             .inner
@@ -309,7 +384,7 @@ impl EventStore {
             .await
             .map_err(publish_error)?;
         let ack = ack.await.map_err(publish_error)?;
-        if crate::failpoint::armed("append.lose_ack", commit.kind) {
+        if crate::failpoint::armed("append.lose_ack", kind) {
             return Err(StoreError::Unacknowledged { subject });
         }
         Ok(Appended {

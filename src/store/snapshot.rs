@@ -11,7 +11,7 @@ use crate::config::StoreConfig;
 use crate::domain::event::Format;
 
 /// The layout of [`SnapshotRecord`] itself; bump it when the record changes shape.
-const RECORD_FORMAT: u16 = 1;
+const RECORD_FORMAT: u16 = 2;
 
 /// What a snapshot holds besides the state: where in the log it was taken.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -25,6 +25,8 @@ pub struct SnapshotRecord {
     pub version: u64,
     /// The entity's recent commands: `(hash of command id, sequence)`.
     pub recent: Vec<(u64, u64)>,
+    /// Foreign messages in its history not yet acknowledged: `(sequence, subject, reason)`.
+    pub foreign: Vec<(u64, String, String)>,
     /// The state, bincode-encoded.
     pub state: Vec<u8>,
 }

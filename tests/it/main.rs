@@ -11,6 +11,7 @@ mod crash;
 mod external;
 mod feed;
 mod harness;
+mod history;
 mod store;
 mod switchboard;
 mod traces;

@@ -400,10 +400,18 @@ async fn concurrent_writers_get_one_success_per_expected_sequence() {
 async fn old_schema_versions_and_json_commits_are_upcast_on_read() {
     let fx = store().await;
     let js = async_nats::jetstream::new(fx.client.clone());
+    // The headers every release of the store has written.
+    let old_headers = || {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(header::EVENT_TYPE, "counter.created");
+        headers.insert(header::SCHEMA_VERSION, "1");
+        headers.insert(header::ENTITY_VERSION, "1");
+        headers.insert(header::COMMAND_ID, "created-by-an-older-release");
+        headers
+    };
     // A counter.created v1 (limit 0 meant unbounded), written as JSON by an older release.
-    let mut headers = async_nats::HeaderMap::new();
+    let mut headers = old_headers();
     headers.insert(header::CONTENT_TYPE, "application/json");
-    headers.insert(header::ENTITY_VERSION, "1");
     let payload = r#"[{"type":"counter.created","version":1,"data":{"limit":0,"at":"2024-01-01T00:00:00Z"}}]"#;
     js.publish_with_headers("sy.evt.counter.legacy", headers, payload.into())
         .await
@@ -411,11 +419,9 @@ async fn old_schema_versions_and_json_commits_are_upcast_on_read() {
         .await
         .unwrap();
     // And the same event as bincode v1, from the golden fixture.
-    let mut headers = async_nats::HeaderMap::new();
-    headers.insert(header::ENTITY_VERSION, "1");
     js.publish_with_headers(
         "sy.evt.counter.legacy-bin",
-        headers,
+        old_headers(),
         GOLDEN_CREATED_V1.to_vec().into(),
     )
     .await
