@@ -214,6 +214,10 @@ pub struct ApiConfig {
     pub command_retry_delay: Duration,
     /// The NATS queue group shared by all control plane instances.
     pub queue_group: String,
+    /// One instance at a time pulls fire-and-forget commands (so one entity's are applied in
+    /// order); when it stops pulling, another takes over after this long.
+    #[serde(with = "humantime_serde")]
+    pub command_failover: Duration,
 }
 
 impl Default for ApiConfig {
@@ -224,6 +228,7 @@ impl Default for ApiConfig {
             command_ack_wait: Duration::from_secs(30),
             command_retry_delay: Duration::from_secs(1),
             queue_group: "switchyard".to_owned(),
+            command_failover: Duration::from_secs(15),
         }
     }
 }

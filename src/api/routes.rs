@@ -33,6 +33,10 @@ pub enum Mode {
 /// Binds a route to the running services.
 pub type Bind = Box<dyn Fn(&Services) -> Arc<dyn Handler> + Send + Sync>;
 
+/// The id of the entity a command request is for, if it names one: what orders fire-and-forget
+/// commands (one entity's are applied in the order they were published).
+pub type EntityOf = fn(&ApiRequest) -> Option<String>;
+
 /// A route, described without the services it will run on.
 pub struct RouteSpec {
     pub kind: &'static str,
@@ -42,6 +46,24 @@ pub struct RouteSpec {
     pub request_schema: fn(&mut SchemaGenerator) -> Schema,
     pub reply_schema: fn(&mut SchemaGenerator) -> Schema,
     pub bind: Bind,
+    pub entity: Option<EntityOf>,
+}
+
+impl RouteSpec {
+    /// Names the entity a request of this route is for.
+    pub fn with_entity(mut self, entity: EntityOf) -> Self {
+        self.entity = Some(entity);
+        self
+    }
+}
+
+/// The string field `field` of a request's body.
+pub fn body_field(request: &ApiRequest, field: &str) -> Option<String> {
+    request
+        .body
+        .get(field)
+        .and_then(serde_json::Value::as_str)
+        .map(str::to_owned)
 }
 
 impl std::fmt::Debug for RouteSpec {
@@ -167,6 +189,11 @@ where
                 _request: PhantomData,
             })
         }),
+        entity: Some(|request| {
+            body_as::<C>(request)
+                .ok()
+                .map(|body| body.into_command().0.to_string())
+        }),
     }
 }
 
@@ -215,6 +242,7 @@ where
                 entities: A::entities(services).clone(),
             })
         }),
+        entity: None,
     }
 }
 
@@ -276,6 +304,7 @@ where
                 table: A::table(services).clone(),
             })
         }),
+        entity: None,
     }
 }
 
@@ -352,6 +381,7 @@ where
                 entities: A::entities(services).clone(),
             })
         }),
+        entity: Some(|request| body_field(request, "id")),
     }
 }
 
@@ -378,6 +408,7 @@ pub fn custom<Req: JsonSchema, Rep: JsonSchema, S: Clone + Send + Sync + 'static
                 run,
             })
         }),
+        entity: None,
     }
 }
 
@@ -397,6 +428,7 @@ pub struct Route {
     pub mode: Mode,
     pub handler: Arc<dyn Handler>,
     pub metrics: RouteMetrics,
+    pub entity: Option<EntityOf>,
 }
 
 /// Every route, bound to running services: what the API server and the work queue dispatch to.
@@ -417,6 +449,7 @@ impl Router {
                     mode: spec.mode,
                     handler: (spec.bind)(services),
                     metrics: metrics.route(spec.kind, spec.verb),
+                    entity: spec.entity,
                 };
                 (format!("{}.{}", spec.kind, spec.verb), route)
             })

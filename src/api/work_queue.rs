@@ -1,20 +1,28 @@
 //! Fire-and-forget commands. A publisher sends a command to `<prefix>.cmd.<kind>.<verb>`; the
 //! `<P>_COMMANDS` work-queue stream keeps it until a control plane has processed it, so a command
-//! survives a control plane that is down. Processing is at least once; the command id makes a
-//! repeat harmless. Each outcome is published (core NATS, not stored) on
+//! survives a control plane that is down. Each outcome is published (core NATS, not stored) on
 //! `<prefix>.result.<command id>` for publishers that want to know.
+//!
+//! A command is either applied once or kept: it is acknowledged only once its outcome is
+//! definite (applied, or refused for good). While it meets a transient failure (`unavailable`,
+//! or a `conflict` with reason `contended`) it is retried where it stands, its acknowledgement
+//! deadline pushed back, so it is never dropped and never overtaken. Commands for one entity
+//! are applied in the order the stream holds them: one control plane at a time pulls the queue
+//! (a JetStream consumer in a pinned priority group; another takes over when it stops pulling),
+//! and it runs one command per entity at a time, the others waiting in that entity's lane.
 //!
 //! The command id is, in order: `command_id` in the body, the `Switchyard-Command-Id` header,
 //! the publisher's `Nats-Msg-Id`, or one derived from the command's stream sequence.
 
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, AckKind, consumer, stream};
 use bytes::Bytes;
 use futures::StreamExt;
-use tokio::sync::Semaphore;
-use tokio::task::JoinHandle;
+use tokio::sync::watch;
+use tokio::task::{JoinHandle, JoinSet};
 use tracing::Instrument;
 
 use super::server::{ApiContext, accepts_fire_and_forget, encode_reply};
@@ -22,13 +30,18 @@ use super::{ApiError, parse_request};
 use crate::config::StoreConfig;
 use crate::domain::{CommandId, ErrorKind};
 use crate::metrics::OutcomeLabels;
-use crate::runtime::derived_command_id;
+use crate::runtime::{CONTENDED, derived_command_id};
 use crate::telemetry;
 
 /// The durable consumer every control plane instance pulls from.
 pub const CONSUMER: &str = "switchyard";
-/// Commands processed at once per instance.
+/// The priority group whose pinned client alone receives commands.
+pub const GROUP: &str = "switchyard";
+/// Entities whose commands run at once per instance.
 const CONCURRENCY: usize = 256;
+/// How long a pull request waits on the server, at most; well below the pin's timeout
+/// (`api.command_failover`), so the pinned instance keeps its pin while the queue is quiet.
+const PULL_EXPIRES: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkQueueError {
@@ -48,7 +61,7 @@ pub enum WorkQueueError {
 
 pub struct WorkQueue {
     task: JoinHandle<()>,
-    stop: tokio::sync::oneshot::Sender<()>,
+    stop: watch::Sender<bool>,
 }
 
 impl WorkQueue {
@@ -58,109 +71,367 @@ impl WorkQueue {
         store: &StoreConfig,
     ) -> Result<Self, WorkQueueError> {
         let name = store.commands_stream();
-        let stream = js
-            .create_or_update_stream(stream::Config {
-                name: name.clone(),
-                description: Some(
-                    "Switchyard fire-and-forget commands, until processed".to_owned(),
-                ),
-                subjects: vec![context.subjects.all_commands()],
-                retention: stream::RetentionPolicy::WorkQueue,
-                storage: stream::StorageType::File,
-                max_age: store.command_retention,
-                max_message_size: i32::try_from(context.config.max_payload).unwrap_or(i32::MAX),
-                duplicate_window: store.duplicate_window,
-                num_replicas: store.replicas,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| WorkQueueError::Stream {
-                stream: name.clone(),
-                source: e.into(),
-            })?;
-        let _ = stream;
+        let stream_error = |e: async_nats::Error| WorkQueueError::Stream {
+            stream: name.clone(),
+            source: e,
+        };
+        js.create_or_update_stream(stream::Config {
+            name: name.clone(),
+            description: Some("Switchyard fire-and-forget commands, until processed".to_owned()),
+            subjects: vec![context.subjects.all_commands()],
+            retention: stream::RetentionPolicy::WorkQueue,
+            storage: stream::StorageType::File,
+            max_age: store.command_retention,
+            max_message_size: i32::try_from(context.config.max_payload).unwrap_or(i32::MAX),
+            duplicate_window: store.duplicate_window,
+            num_replicas: store.replicas,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| stream_error(e.into()))?;
         let stream = js
             .get_stream(&name)
             .await
-            .map_err(|e| WorkQueueError::Stream {
-                stream: name.clone(),
-                source: e.into(),
-            })?;
-        let consumer: consumer::PullConsumer = stream
-            .get_or_create_consumer(
-                CONSUMER,
-                consumer::pull::Config {
-                    durable_name: Some(CONSUMER.to_owned()),
-                    description: Some("Switchyard control planes".to_owned()),
-                    ack_policy: consumer::AckPolicy::Explicit,
-                    ack_wait: context.config.command_ack_wait,
-                    max_deliver: -1,
-                    max_ack_pending: 4 * CONCURRENCY as i64,
-                    ..Default::default()
-                },
-            )
-            .await
-            .map_err(|e| WorkQueueError::Consumer {
-                stream: name.clone(),
-                source: e.into(),
-            })?;
-        let (stop, mut stopping) = tokio::sync::oneshot::channel();
-        let task = tokio::spawn(async move {
-            let limit = Arc::new(Semaphore::new(CONCURRENCY));
-            'pull: loop {
-                let mut messages = match consumer.messages().await {
-                    Ok(messages) => messages,
-                    Err(err) => {
-                        tracing::warn!(
-                            error = &err as &dyn std::error::Error,
-                            "cannot pull commands; retrying"
-                        );
-                        tokio::select! {
-                            _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                            _ = &mut stopping => break,
-                        }
-                    }
-                };
-                loop {
-                    let message = tokio::select! {
-                        message = messages.next() => message,
-                        _ = &mut stopping => break 'pull,
-                    };
-                    match message {
-                        Some(Ok(message)) => {
-                            let Ok(permit) = limit.clone().acquire_owned().await else {
-                                break 'pull;
-                            };
-                            let context = context.clone();
-                            tokio::spawn(async move {
-                                process(&context, message).await;
-                                drop(permit);
-                            });
-                        }
-                        Some(Err(err)) => {
-                            tracing::warn!(
-                                error = &err as &dyn std::error::Error,
-                                "command pull failed"
-                            );
-                        }
-                        None => continue 'pull,
-                    }
-                }
-            }
-            // Let the commands in flight finish (they are redelivered if this is cut short).
-            let _ = limit.acquire_many(CONCURRENCY as u32).await;
-        });
+            .map_err(|e| stream_error(e.into()))?;
+        let consumer = pinned_consumer(&stream, &context, &name).await?;
+        let (stop, stopping) = watch::channel(false);
+        let task = tokio::spawn(run(context, stream, consumer, stopping));
         Ok(Self { task, stop })
     }
 
-    /// Stops pulling and waits for the commands in flight, for at most `grace`.
+    /// Stops pulling, gives back what waits in the lanes, and waits for the commands in
+    /// flight, for at most `grace`.
     pub async fn stop(self, grace: Duration) {
-        let _ = self.stop.send(());
+        let _ = self.stop.send(true);
         let _ = tokio::time::timeout(grace, self.task).await;
     }
 }
 
-async fn process(context: &ApiContext, message: jetstream::Message) {
+/// The durable consumer, in a pinned priority group. A consumer of an older release (without
+/// the group) is replaced: on a work queue, its messages stay in the stream for the new one.
+async fn pinned_consumer(
+    stream: &jetstream::stream::Stream,
+    context: &ApiContext,
+    name: &str,
+) -> Result<consumer::PullConsumer, WorkQueueError> {
+    let config = consumer::pull::Config {
+        durable_name: Some(CONSUMER.to_owned()),
+        description: Some("Switchyard control planes (one pinned at a time)".to_owned()),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: context.config.command_ack_wait,
+        max_deliver: -1,
+        max_ack_pending: 4 * CONCURRENCY as i64,
+        priority_policy: consumer::PriorityPolicy::PinnedClient,
+        priority_groups: vec![GROUP.to_owned()],
+        priority_timeout: context.config.command_failover.max(Duration::from_secs(1)),
+        ..Default::default()
+    };
+    let consumer_error = |e: async_nats::Error| WorkQueueError::Consumer {
+        stream: name.to_owned(),
+        source: e,
+    };
+    match stream
+        .get_consumer::<consumer::pull::Config>(CONSUMER)
+        .await
+    {
+        Ok(existing)
+            if existing.cached_info().config.priority_policy
+                != consumer::PriorityPolicy::PinnedClient =>
+        {
+            tracing::info!(
+                consumer = CONSUMER,
+                "replacing the command consumer of an older release with a pinned one"
+            );
+            // Another instance starting alongside may have replaced it already.
+            if let Err(err) = stream.delete_consumer(CONSUMER).await {
+                tracing::debug!(
+                    error = &err as &dyn std::error::Error,
+                    "the old command consumer is gone already"
+                );
+            }
+        }
+        _ => {}
+    }
+    stream
+        .create_consumer(config)
+        .await
+        .map_err(|e| consumer_error(e.into()))
+}
+
+/// Pulls commands and runs them: one lane per entity, one command of a lane at a time, in
+/// stream order.
+async fn run(
+    context: Arc<ApiContext>,
+    stream: jetstream::stream::Stream,
+    mut consumer: consumer::PullConsumer,
+    mut stopping: watch::Receiver<bool>,
+) {
+    let mut lanes = Lanes::default();
+    let mut running: JoinSet<()> = JoinSet::new();
+    // Messages waiting behind their lane's head are kept from being redelivered meanwhile.
+    let mut progress = tokio::time::interval(
+        (context.config.command_ack_wait / 3).max(Duration::from_millis(100)),
+    );
+    let mut gate_check = tokio::time::interval(Duration::from_millis(100));
+    let expires = PULL_EXPIRES
+        .min(context.config.command_failover / 3)
+        .max(Duration::from_millis(300));
+    'pull: loop {
+        let mut messages = match consumer
+            .stream()
+            .group(GROUP)
+            .expires(expires)
+            .heartbeat(expires / 3)
+            .messages()
+            .await
+        {
+            Ok(messages) => messages,
+            Err(err) => {
+                tracing::warn!(
+                    error = &err as &dyn std::error::Error,
+                    "cannot pull commands; retrying"
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    _ = stopping.changed() => break,
+                }
+            }
+        };
+        // A new pull starts closed: commands delivered to an earlier holder of the pin (one
+        // that crashed) come back only when their acknowledgement deadline passes, after
+        // newer ones. Nothing runs until every command the consumer has out is one this
+        // instance holds; the lanes then run them in stream order.
+        lanes.gated = true;
+        loop {
+            tokio::select! {
+                _ = stopping.changed() => break 'pull,
+                Some(done) = running.join_next_with_id() => {
+                    let id = match done {
+                        Ok((id, ())) => id,
+                        Err(err) => err.id(),
+                    };
+                    if let Some(key) = lanes.finished(id) {
+                        start(&mut lanes, &mut running, &context, &stopping, &key);
+                    }
+                    // A slot is free: a lane held back by the limit may start.
+                    if running.len() < CONCURRENCY && lanes.queued.len() > running.len() {
+                        for key in lanes.keys() {
+                            start(&mut lanes, &mut running, &context, &stopping, &key);
+                        }
+                    }
+                }
+                message = messages.next(), if lanes.held() < MAX_HELD => match message {
+                    Some(Ok(message)) => {
+                        let key = lane(&context, &message);
+                        lanes.admit(&key, message);
+                        start(&mut lanes, &mut running, &context, &stopping, &key);
+                    }
+                    Some(Err(err)) => {
+                        tracing::warn!(error = &err as &dyn std::error::Error, "command pull failed");
+                    }
+                    None => continue 'pull,
+                },
+                _ = gate_check.tick(), if lanes.gated => {
+                    match consumer.info().await {
+                        Ok(info) if info.num_ack_pending <= lanes.held() => {
+                            lanes.gated = false;
+                            for key in lanes.keys() {
+                                start(&mut lanes, &mut running, &context, &stopping, &key);
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(err) => tracing::debug!(error = &err as &dyn std::error::Error, "cannot read the command consumer"),
+                    }
+                }
+                _ = progress.tick() => {
+                    for message in lanes.waiting() {
+                        let _ = message.ack_with(AckKind::Progress).await;
+                    }
+                }
+            }
+        }
+    }
+    // Give back what waits, in stream order, and the pin: another instance takes over now
+    // rather than after the pin times out. What is in flight finishes (or is redelivered).
+    let mut waiting: Vec<&(u64, jetstream::Message)> = lanes.queued.values().flatten().collect();
+    waiting.sort_by_key(|(seq, _)| *seq);
+    for (_, message) in waiting {
+        let _ = message.ack_with(AckKind::Nak(None)).await;
+    }
+    while running.join_next().await.is_some() {}
+    if let Err(err) = stream.unpin_consumer(CONSUMER, GROUP).await {
+        tracing::debug!(
+            error = &err as &dyn std::error::Error,
+            "cannot hand the command queue's pin over"
+        );
+    }
+}
+
+/// Commands held at once (running and waiting): the consumer's own bound on what is out.
+const MAX_HELD: usize = 4 * CONCURRENCY;
+
+/// Starts the next command of lane `key`, if the lane is free and the gate open.
+fn start(
+    lanes: &mut Lanes,
+    running: &mut JoinSet<()>,
+    context: &Arc<ApiContext>,
+    stopping: &watch::Receiver<bool>,
+    key: &str,
+) {
+    if running.len() >= CONCURRENCY {
+        return;
+    }
+    if let Some(message) = lanes.next(key) {
+        let id = running
+            .spawn(process_until_definite(
+                context.clone(),
+                message,
+                stopping.clone(),
+            ))
+            .id();
+        lanes.started(id, key.to_owned());
+    }
+}
+
+/// The lane of a command: its entity (`<kind>\n<id>`), or its own when it names none (it will
+/// be refused anyway).
+fn lane(context: &ApiContext, message: &jetstream::Message) -> String {
+    let (kind, verb) = context
+        .subjects
+        .parse_route(message.subject.as_str(), "cmd")
+        .unwrap_or(("", ""));
+    let entity = context.router.route(kind, verb).ok().and_then(|route| {
+        let entity_of = route.entity?;
+        let request = parse_request(
+            kind,
+            verb,
+            &message.payload,
+            message.headers.as_ref(),
+            context.config.max_payload,
+            crate::runtime::new_command_id,
+        )
+        .ok()?;
+        entity_of(&request)
+    });
+    match entity {
+        Some(entity) => format!("{kind}\n{entity}"),
+        None => format!("\n{}", stream_sequence(message)),
+    }
+}
+
+fn stream_sequence(message: &jetstream::Message) -> u64 {
+    message
+        .info()
+        .map(|info| info.stream_sequence)
+        .unwrap_or_default()
+}
+
+/// The lanes: what each entity has waiting, in stream order, and which have one running.
+#[derive(Default)]
+struct Lanes {
+    /// While set, nothing starts (see `run`).
+    gated: bool,
+    queued: HashMap<String, VecDeque<(u64, jetstream::Message)>>,
+    running: HashMap<tokio::task::Id, String>,
+    busy: HashSet<String>,
+}
+
+impl Lanes {
+    /// Queues `message` in its lane, by stream sequence: a redelivery of an older command goes
+    /// before the newer ones that overtook it.
+    fn admit(&mut self, key: &str, message: jetstream::Message) {
+        let seq = stream_sequence(&message);
+        let queue = self.queued.entry(key.to_owned()).or_default();
+        let at = queue.partition_point(|(queued, _)| *queued < seq);
+        if queue.get(at).is_some_and(|(queued, _)| *queued == seq) {
+            // The same command delivered again while it waits: keep the newer delivery.
+            queue[at] = (seq, message);
+        } else {
+            queue.insert(at, (seq, message));
+        }
+    }
+
+    /// The lane's next command to run, if the lane is free and the gate open.
+    fn next(&mut self, key: &str) -> Option<jetstream::Message> {
+        if self.gated || self.busy.contains(key) {
+            return None;
+        }
+        let queue = self.queued.get_mut(key)?;
+        let (_, message) = queue.pop_front()?;
+        if queue.is_empty() {
+            self.queued.remove(key);
+        }
+        self.busy.insert(key.to_owned());
+        Some(message)
+    }
+
+    fn started(&mut self, task: tokio::task::Id, key: String) {
+        self.running.insert(task, key);
+    }
+
+    /// A lane's command is done; returns the lane, free again.
+    fn finished(&mut self, task: tokio::task::Id) -> Option<String> {
+        let key = self.running.remove(&task)?;
+        self.busy.remove(&key);
+        Some(key)
+    }
+
+    fn keys(&self) -> Vec<String> {
+        self.queued.keys().cloned().collect()
+    }
+
+    /// Commands received and not yet finished.
+    fn held(&self) -> usize {
+        self.running.len() + self.queued.values().map(VecDeque::len).sum::<usize>()
+    }
+
+    fn waiting(&self) -> impl Iterator<Item = &jetstream::Message> {
+        self.queued.values().flatten().map(|(_, message)| message)
+    }
+}
+
+/// Whether an outcome may change if the command is tried again.
+fn transient(error: &ApiError) -> bool {
+    error.code == ErrorKind::Unavailable
+        || (error.code == ErrorKind::Conflict && error.reason == Some(CONTENDED))
+}
+
+/// Runs a command until its outcome is definite, retrying where it stands while the failure
+/// is transient, then acknowledges it. Asked to stop, it leaves the command unacknowledged
+/// for redelivery.
+async fn process_until_definite(
+    context: Arc<ApiContext>,
+    message: jetstream::Message,
+    stopping: watch::Receiver<bool>,
+) {
+    loop {
+        let retry = process(&context, &message).await;
+        if !retry {
+            return;
+        }
+        context
+            .metrics
+            .work_queue
+            .get_or_create(&OutcomeLabels {
+                outcome: "retry".to_owned(),
+            })
+            .inc();
+        // Still ours: push the redelivery deadline back while it waits.
+        let _ = message.ack_with(AckKind::Progress).await;
+        if *stopping.borrow() {
+            return;
+        }
+        let mut stopping = stopping.clone();
+        tokio::select! {
+            _ = tokio::time::sleep(context.config.command_retry_delay) => {}
+            _ = stopping.changed() => return,
+        }
+    }
+}
+
+/// Runs one command once and publishes its outcome; acknowledges it unless the outcome is
+/// transient. Returns whether it should be tried again.
+async fn process(context: &ApiContext, message: &jetstream::Message) -> bool {
     let started = Instant::now();
     let seq = message
         .info()
@@ -197,7 +468,7 @@ async fn process(context: &ApiContext, message: jetstream::Message) {
             &message.payload,
             message.headers.as_ref(),
             context.config.max_payload,
-            || command_id_of(&message, seq),
+            || command_id_of(message, seq),
         )?;
         tracing::Span::current().record("command_id", request.meta.command_id.as_str());
         command_id = Some(request.meta.command_id.clone());
@@ -214,7 +485,7 @@ async fn process(context: &ApiContext, message: jetstream::Message) {
         .router
         .metrics(kind, verb)
         .record(code, started.elapsed());
-    let retry = matches!(&result, Err(e) if e.code == ErrorKind::Unavailable);
+    let retry = matches!(&result, Err(e) if transient(e));
     if let Err(err) = &result {
         span.in_scope(|| match err.code {
             ErrorKind::Unavailable | ErrorKind::Internal => {
@@ -230,12 +501,10 @@ async fn process(context: &ApiContext, message: jetstream::Message) {
         result,
     )
     .await;
-    let (ack, outcome) = if retry {
-        (
-            AckKind::Nak(Some(context.config.command_retry_delay)),
-            "retry",
-        )
-    } else if code == ErrorKind::Internal.as_str() {
+    if retry {
+        return true;
+    }
+    let (ack, outcome) = if code == ErrorKind::Internal.as_str() {
         // A bug or corrupt data: redelivering would fail the same way forever.
         (AckKind::Term, "terminated")
     } else {
@@ -255,6 +524,7 @@ async fn process(context: &ApiContext, message: jetstream::Message) {
             "cannot acknowledge a command; it will be redelivered"
         );
     }
+    false
 }
 
 /// Without an id from the publisher, the command's place in its stream names it: a redelivery

@@ -288,16 +288,18 @@ pub async fn execute<A: Aggregate>(
             }
             Err(StoreError::Conflict { .. }) => {
                 metrics.conflicts.inc();
+                // Someone else wrote: catch up whether or not this command tries again, so
+                // the next one does not start from the same stale state. A stale read (a
+                // lagging replica) shows nothing new: reload from scratch.
+                if store.catch_up(entity).await? == 0 {
+                    *slot = None;
+                }
                 if attempts > settings.conflict_retries {
                     return Err(CommandError::Contended {
                         kind: A::KIND,
                         id: id.to_string(),
                         attempts,
                     });
-                }
-                // A stale read (a lagging replica) shows nothing new: reload from scratch.
-                if store.catch_up(entity).await? == 0 {
-                    *slot = None;
                 }
             }
             Err(err) => {
@@ -427,17 +429,17 @@ async fn acknowledge<A: Aggregate>(
                     seq,
                 });
             }
-            Err(StoreError::Conflict { .. }) if attempts <= settings.conflict_retries => {
+            Err(StoreError::Conflict { .. }) => {
                 if store.catch_up(entity).await? == 0 {
                     *slot = None;
                 }
-            }
-            Err(StoreError::Conflict { .. }) => {
-                return Err(CommandError::Contended {
-                    kind: A::KIND,
-                    id: id.to_string(),
-                    attempts,
-                });
+                if attempts > settings.conflict_retries {
+                    return Err(CommandError::Contended {
+                        kind: A::KIND,
+                        id: id.to_string(),
+                        attempts,
+                    });
+                }
             }
             Err(err) => {
                 *slot = None;

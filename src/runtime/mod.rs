@@ -28,6 +28,10 @@ impl actix::Message for Stop {
     type Result = ();
 }
 
+/// The reason on `conflict` when an entity kept changing under a command: unlike a definite
+/// conflict (a reused command id), retrying it may well succeed.
+pub const CONTENDED: &str = "contended";
+
 /// A fresh, time-ordered command id, for callers that did not supply one.
 pub fn new_command_id() -> CommandId {
     uuid_command_id(uuid::Uuid::now_v7())
@@ -153,6 +157,7 @@ impl CommandError {
     pub fn reason(&self) -> Option<&'static str> {
         match self {
             CommandError::Rejected { reason, .. } => *reason,
+            CommandError::Contended { .. } => Some(CONTENDED),
             CommandError::Store(StoreError::Newer { .. }) => {
                 Some(crate::store::NEWER_EVENT_VERSION)
             }

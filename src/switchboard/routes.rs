@@ -262,7 +262,8 @@ pub fn specs() -> Vec<RouteSpec> {
             "Reserve a meeting point for a machine on the least loaded pod (unavailable/no_pods if none)",
             board,
             reserve,
-        ),
+        )
+        .with_entity(|request| routes::body_field(request, "machine")),
         routes::custom::<MeetingPointRequest, CommandReply<ClearReply>, _>(
             MeetingPoint::KIND,
             "clear",
@@ -270,7 +271,8 @@ pub fn specs() -> Vec<RouteSpec> {
             "Clear a machine's meeting point and free its port; clearing a missing one succeeds",
             board,
             clear,
-        ),
+        )
+        .with_entity(|request| routes::body_field(request, "machine")),
         routes::custom::<MachineRequest, GetReply<MeetingPointView>, _>(
             MeetingPoint::KIND,
             "get",
@@ -633,7 +635,8 @@ fn reserve(board: Switchboard, request: ApiRequest) -> BoxFuture<'static, Result
             return Err(ApiError::new(
                 ErrorKind::Conflict,
                 format!("the meeting point of {machine} was cleared while it was reserved; retry"),
-            ));
+            )
+            .with_reason(crate::runtime::CONTENDED));
         };
         // 3. Give back what is no longer used: the machine's previous port, and ours if this
         // is a retry whose first attempt got its meeting point on another pod.

@@ -228,6 +228,89 @@ async fn kill_9_with_a_thousand_commands_in_flight_loses_no_acknowledged_command
     switchyard.kill_9();
 }
 
+/// Fire-and-forget commands published through JetStream (each waiting for the stream's ack)
+/// while the control plane is killed twice: every one is applied exactly once, and each
+/// counter's in the order published.
+#[tokio::test]
+async fn kill_9_twice_under_fire_and_forget_loses_and_reorders_nothing() {
+    const COMMANDS: usize = 600;
+    const COUNTERS: usize = 4;
+    let nats = start_nats();
+    let logs = tempfile::tempdir().unwrap();
+    let log = logs.path().join("switchyard.log");
+    let client = connect(&nats).await;
+    let fast = [
+        ("SWITCHYARD_API__COMMAND_FAILOVER", "2s"),
+        ("SWITCHYARD_API__COMMAND_ACK_WAIT", "2s"),
+        ("SWITCHYARD_API__COMMAND_RETRY_DELAY", "50ms"),
+    ];
+    let mut switchyard = Switchyard::spawn_with(&nats.url(), &log, &fast);
+    wait_serving(&client).await;
+    for c in 0..COUNTERS {
+        request(
+            &client,
+            "counter.create",
+            json!({"id": format!("c{c}")}).to_string(),
+            None,
+        )
+        .await
+        .ok();
+    }
+    let js = async_nats::jetstream::new(client.clone());
+    let store = EventStore::open(
+        connect(&nats).await,
+        &StoreConfig::default(),
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    let applied = || async {
+        let seen = command_ids_in_log(&store).await;
+        seen.keys().filter(|id| id.starts_with("add-")).count()
+    };
+    for i in 0..COMMANDS {
+        #[allow(clippy::disallowed_methods)] // a publisher's publish, not the control plane's
+        let ack = js
+            .publish("sy.cmd.counter.add", add(i, COUNTERS).to_string().into())
+            .await
+            .unwrap();
+        ack.await.unwrap();
+        if i == COMMANDS / 3 || i == 2 * COMMANDS / 3 {
+            // Kill it once it has applied some of what was published so far.
+            let before = applied().await;
+            wait_for(
+                "some commands to be applied",
+                Duration::from_secs(20),
+                || async { (applied().await > before).then_some(()) },
+            )
+            .await;
+            switchyard.kill_9();
+            switchyard = Switchyard::spawn_with(&nats.url(), &log, &fast);
+        }
+    }
+    wait_for(
+        "every published command to be applied",
+        Duration::from_secs(60),
+        || async { (applied().await == COMMANDS).then_some(()) },
+    )
+    .await;
+    let seen = command_ids_in_log(&store).await;
+    assert!(seen.values().all(|n| *n == 1), "no command applied twice");
+    for c in 0..COUNTERS {
+        let subject = store.subjects().event("counter", &format!("c{c}"));
+        let order: Vec<usize> = store
+            .read_subject(&subject, 1, None)
+            .await
+            .unwrap()
+            .iter()
+            .filter_map(|m| m.command_id()?.strip_prefix("add-")?.parse().ok())
+            .collect();
+        let published: Vec<usize> = (0..COMMANDS).filter(|i| i % COUNTERS == c).collect();
+        assert_eq!(order, published, "c{c}: applied in publish order");
+    }
+    switchyard.kill_9();
+}
+
 trait StateView {
     fn state_view(&self, id: &str) -> Option<switchyard::domain::counter::CounterView>;
 }
