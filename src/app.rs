@@ -62,8 +62,14 @@ pub struct App {
 }
 
 impl App {
-    /// Starts everything on the current actix system.
+    /// Starts everything on the current actix system; returns once the API is served (every
+    /// read model has caught up).
     pub async fn start(config: &Config, clock: Clock) -> Result<Self, AppError> {
+        // Boxed: the start-up future is large, and every caller would carry it.
+        Box::pin(Self::start_inner(config, clock)).await
+    }
+
+    async fn start_inner(config: &Config, clock: Clock) -> Result<Self, AppError> {
         let client = connect(&config.nats).await?;
         let store =
             EventStore::open(client.clone(), &config.store, config.nats.request_timeout).await?;
@@ -96,6 +102,7 @@ impl App {
             metrics,
             client: client.clone(),
             read_models: services.readiness(),
+            informational: services.informational(),
             api_serving: Arc::new(AtomicBool::new(false)),
         };
         let (http, http_addr) =

@@ -21,6 +21,11 @@ pub mod header {
     pub const ENTITY_VERSION: &str = "Switchyard-Entity-Version";
     pub const COMMAND_ID: &str = "Switchyard-Command-Id";
     pub const PRINCIPAL: &str = "Switchyard-Principal";
+    /// A digest of what the command said (route and body); a retry carries the same one.
+    pub const COMMAND_DIGEST: &str = "Switchyard-Command-Digest";
+    /// `true` when the command id was generated for the command (the caller gave none): no
+    /// retry can carry it, so the command index skips it.
+    pub const COMMAND_ID_GENERATED: &str = "Switchyard-Command-Id-Generated";
     /// When the control plane decided the command (RFC 3339); the stream keeps its own time too.
     pub const RECORDED_AT: &str = "Switchyard-Recorded-At";
     pub const CONTENT_TYPE: &str = "Content-Type";

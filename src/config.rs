@@ -91,6 +91,10 @@ pub struct StoreConfig {
     /// the last commands each entity remembers itself.
     #[serde(with = "humantime_serde")]
     pub duplicate_window: Duration,
+    /// How long a retry (the same command id on the same entity) is recognised and answered
+    /// with its first reply, however many commands the entity took since.
+    #[serde(with = "humantime_serde")]
+    pub idempotency_window: Duration,
     /// Optional size limit of the event stream. Events are never discarded silently: with a
     /// limit, a full stream refuses new commits.
     pub max_bytes: Option<i64>,
@@ -110,6 +114,7 @@ impl Default for StoreConfig {
             stream_prefix: "SWITCHYARD".to_owned(),
             replicas: 1,
             duplicate_window: Duration::from_secs(120),
+            idempotency_window: Duration::from_secs(24 * 3600),
             max_bytes: None,
             encoding: Encoding::Bincode,
             snapshot_every: 100,
@@ -129,6 +134,10 @@ impl StoreConfig {
 
     pub fn snapshot_bucket(&self) -> String {
         format!("{}_SNAPSHOTS", self.stream_prefix)
+    }
+
+    pub fn command_index_bucket(&self) -> String {
+        format!("{}_COMMAND_IDS", self.stream_prefix)
     }
 }
 

@@ -21,6 +21,8 @@ pub struct Probes {
     pub metrics: Metrics,
     pub client: async_nats::Client,
     pub read_models: Vec<(String, watch::Receiver<Readiness>)>,
+    /// Shown, not required: see `Services::informational`.
+    pub informational: Vec<(String, watch::Receiver<Readiness>)>,
     pub api_serving: Arc<AtomicBool>,
 }
 
@@ -43,6 +45,9 @@ impl Probes {
             let readiness = readiness.borrow();
             ready &= readiness.is_ready();
             checks.insert(name.clone(), json!(readiness.describe()));
+        }
+        for (name, readiness) in &self.informational {
+            checks.insert(name.clone(), json!(readiness.borrow().describe()));
         }
         let mut body = json!({ "ready": ready, "checks": checks });
         // Reported, not failed: the store skips them, so nothing is wrong with serving; an

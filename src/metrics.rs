@@ -64,6 +64,10 @@ pub struct Metrics {
     pub repairs: Family<KindLabels, Counter>,
     /// Messages in the event stream that the store did not write.
     pub foreign: ForeignLog,
+    /// Commits written to the command index.
+    pub indexed: Counter,
+    /// Lookups in the command index, by whether they found the command.
+    pub index_lookups: Family<OutcomeLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -142,9 +146,23 @@ impl Metrics {
             "Times a reader met a message the store did not write (skipped)",
             foreign.seen.clone(),
         );
+        let indexed = Counter::default();
+        registry.register(
+            "command_index_writes",
+            "Commits written to the command index",
+            indexed.clone(),
+        );
+        let index_lookups = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "command_index_lookups",
+            "Retry checks beyond an entity's recent commands, by outcome (found, missing)",
+            index_lookups.clone(),
+        );
         Self {
             registry: Arc::new(registry),
             foreign,
+            indexed,
+            index_lookups,
             requests,
             request_seconds,
             appends,
@@ -192,6 +210,12 @@ impl Metrics {
                 .get_or_create_owned(&Metrics::kind(kind)),
             activations: self.activations.get_or_create_owned(&Metrics::kind(kind)),
             passivations: self.passivations.get_or_create_owned(&Metrics::kind(kind)),
+            index_found: self.index_lookups.get_or_create_owned(&OutcomeLabels {
+                outcome: "found".to_owned(),
+            }),
+            index_missing: self.index_lookups.get_or_create_owned(&OutcomeLabels {
+                outcome: "missing".to_owned(),
+            }),
         }
     }
 
@@ -227,6 +251,8 @@ pub struct EntityMetrics {
     pub active: Gauge,
     pub activations: Counter,
     pub passivations: Counter,
+    pub index_found: Counter,
+    pub index_missing: Counter,
 }
 
 /// Per-route API metrics.

@@ -23,6 +23,7 @@ use crate::switchboard::{self, Switchboard};
 /// The running actors the routes are bound to.
 #[derive(Clone)]
 pub struct Services {
+    indexer: crate::runtime::indexer::Indexer,
     pub counters: Entities<Counter>,
     pub counter_table: ProjectionHandle<EntityTable<Counter>>,
     counter_reaper: actix::Addr<Reaper<Counter>>,
@@ -116,6 +117,12 @@ impl Services {
             store.clone(),
             metrics.clone(),
         );
+        let indexer = crate::runtime::indexer::Indexer::start(
+            store.clone(),
+            &mut feed,
+            clock.clone(),
+            metrics.clone(),
+        );
         // It ends by itself once every read model has stopped.
         feed.start();
         let counter_reaper = actix::Actor::start(Reaper::new(
@@ -126,6 +133,7 @@ impl Services {
             metrics.clone(),
         ));
         Self {
+            indexer,
             counters,
             counter_table,
             counter_reaper,
@@ -142,6 +150,20 @@ impl Services {
             self.counters.shutdown(grace),
             self.switchboard.shutdown(&self.switchboard_timers, grace)
         );
+    }
+
+    /// What `/readyz` shows without waiting for it: the command index (lookups read the log
+    /// past its position, so a lagging index slows retries of old commands, nothing more).
+    pub fn informational(
+        &self,
+    ) -> Vec<(
+        String,
+        tokio::sync::watch::Receiver<crate::runtime::Readiness>,
+    )> {
+        vec![(
+            crate::runtime::indexer::Indexer::NAME.to_owned(),
+            self.indexer.readiness(),
+        )]
     }
 
     /// The read models, by name, and whether each has caught up: for `/readyz`.

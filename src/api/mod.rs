@@ -113,14 +113,25 @@ pub struct ApiRequest {
     pub meta: CommandMeta,
 }
 
+/// Where a request's command id comes from when the caller gave none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdSource {
+    /// A new id, generated now: no earlier attempt can have used it.
+    Fresh,
+    /// One derived from where the request was found (a fire-and-forget command's stream
+    /// sequence): a redelivery gets the same one.
+    Derived,
+}
+
 /// Parses the parts every request shares. `default_id` supplies a command id when the caller
-/// gave none.
+/// gave none; `source` says what kind of id it supplies.
 pub fn parse_request(
     kind: &str,
     verb: &str,
     payload: &[u8],
     headers: Option<&HeaderMap>,
     max_payload: usize,
+    source: IdSource,
     default_id: impl FnOnce() -> CommandId,
 ) -> Result<ApiRequest, ApiError> {
     if payload.len() > max_payload {
@@ -162,16 +173,18 @@ pub fn parse_request(
             )));
         }
     };
-    let command_id = match (from_body, header(COMMAND_ID_HEADER)) {
+    let (command_id, fresh) = match (from_body, header(COMMAND_ID_HEADER)) {
         (Some(a), Some(b)) if a != b => {
             return Err(ApiError::invalid(format!(
                 "command_id {a:?} in the body differs from {COMMAND_ID_HEADER} {b:?}"
             )));
         }
-        (Some(id), _) | (None, Some(id)) => {
-            CommandId::new(id).map_err(|e| ApiError::invalid(format!("invalid command_id: {e}")))?
-        }
-        (None, None) => default_id(),
+        (Some(id), _) | (None, Some(id)) => (
+            CommandId::new(id)
+                .map_err(|e| ApiError::invalid(format!("invalid command_id: {e}")))?,
+            false,
+        ),
+        (None, None) => (default_id(), source == IdSource::Fresh),
     };
     let principal = match header(PRINCIPAL_HEADER) {
         Some(p) => Principal::new(p)
@@ -181,12 +194,56 @@ pub fn parse_request(
     Ok(ApiRequest {
         kind: kind.to_owned(),
         verb: verb.to_owned(),
-        body,
         meta: CommandMeta {
             command_id,
             principal,
+            digest: Some(digest(kind, verb, &body)),
+            fresh,
         },
+        body,
     })
+}
+
+/// What a command says, as a short hex string: its route and its body without the command id,
+/// keys sorted at every level. A retry carries the same body; the same id with another digest
+/// is a reused id.
+pub fn digest(kind: &str, verb: &str, body: &Map<String, Value>) -> String {
+    fn canonical(value: &Value, out: &mut String) {
+        match value {
+            Value::Object(map) => {
+                let mut keys: Vec<&String> = map.keys().collect();
+                keys.sort_unstable();
+                out.push('{');
+                for (i, key) in keys.into_iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    out.push_str(&Value::String(key.clone()).to_string());
+                    out.push(':');
+                    canonical(&map[key], out);
+                }
+                out.push('}');
+            }
+            Value::Array(items) => {
+                out.push('[');
+                for (i, item) in items.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    canonical(item, out);
+                }
+                out.push(']');
+            }
+            other => out.push_str(&other.to_string()),
+        }
+    }
+    let mut text = format!("{kind}.{verb}\n");
+    canonical(&Value::Object(body.clone()), &mut text);
+    let hash = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
+    hash.as_ref()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 fn json_type(value: &Value) -> &'static str {
@@ -221,6 +278,7 @@ mod tests {
             payload,
             None,
             100,
+            IdSource::Fresh,
             crate::runtime::new_command_id,
         )
     }
@@ -239,6 +297,39 @@ mod tests {
     }
 
     #[test]
+    fn a_digest_names_what_a_command_says_whatever_the_key_order() {
+        let body = |json: &str| match serde_json::from_str::<Value>(json).unwrap() {
+            Value::Object(map) => map,
+            _ => unreachable!(),
+        };
+        let a = digest(
+            "counter",
+            "add",
+            &body(r#"{"id":"x","amount":3,"n":{"b":1,"a":2}}"#),
+        );
+        let b = digest(
+            "counter",
+            "add",
+            &body(r#"{"n":{"a":2,"b":1},"amount":3,"id":"x"}"#),
+        );
+        assert_eq!(a, b);
+        assert_eq!(a.len(), 32);
+        assert_ne!(
+            a,
+            digest("counter", "add", &body(r#"{"id":"x","amount":4}"#))
+        );
+        assert_ne!(
+            digest("counter", "add", &body("{}")),
+            digest("counter", "delete", &body("{}"))
+        );
+        // The command id is not part of what the command says.
+        let with_id = parse(br#"{"command_id":"c1","id":"x"}"#).unwrap();
+        let without = parse(br#"{"id":"x"}"#).unwrap();
+        assert_eq!(with_id.meta.digest, without.meta.digest);
+        assert!(!with_id.meta.fresh && without.meta.fresh);
+    }
+
+    #[test]
     fn command_ids_come_from_body_or_header_and_must_agree() {
         let request = parse(br#"{"command_id":"abc","id":"x"}"#).unwrap();
         assert_eq!(request.meta.command_id.as_str(), "abc");
@@ -251,6 +342,7 @@ mod tests {
             br#"{"command_id":"abc"}"#,
             Some(&headers),
             100,
+            IdSource::Fresh,
             crate::runtime::new_command_id,
         );
         assert!(err.unwrap_err().message.contains("differs"));
@@ -260,6 +352,7 @@ mod tests {
             b"{}",
             Some(&headers),
             100,
+            IdSource::Fresh,
             crate::runtime::new_command_id,
         )
         .unwrap();

@@ -171,6 +171,7 @@ async fn dispatch(
         &message.payload,
         message.headers.as_ref(),
         context.config.max_payload,
+        super::IdSource::Fresh,
         crate::runtime::new_command_id,
     )?;
     tracing::Span::current().record("command_id", request.meta.command_id.as_str());

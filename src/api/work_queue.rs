@@ -308,6 +308,7 @@ fn lane(context: &ApiContext, message: &jetstream::Message) -> String {
             &message.payload,
             message.headers.as_ref(),
             context.config.max_payload,
+            super::IdSource::Fresh,
             crate::runtime::new_command_id,
         )
         .ok()?;
@@ -468,6 +469,7 @@ async fn process(context: &ApiContext, message: &jetstream::Message) -> bool {
             &message.payload,
             message.headers.as_ref(),
             context.config.max_payload,
+            super::IdSource::Derived,
             || command_id_of(message, seq),
         )?;
         tracing::Span::current().record("command_id", request.meta.command_id.as_str());

@@ -344,6 +344,20 @@ impl Bench {
         in_flight: usize,
         duration: Duration,
     ) -> anyhow::Result<f64> {
+        self.throughput_with(entities, in_flight, duration, false)
+            .await
+    }
+
+    /// As [`Bench::throughput`]; with `command_ids`, every add carries a command id of its own,
+    /// as a caller that retries would send: each is checked against the entity's commands of
+    /// the idempotency window (past its last 64, the command index) and indexed.
+    async fn throughput_with(
+        &self,
+        entities: usize,
+        in_flight: usize,
+        duration: Duration,
+        command_ids: bool,
+    ) -> anyhow::Result<f64> {
         let subject = self.subject("add");
         let bodies: Arc<Vec<Bytes>> =
             Arc::new((0..entities).map(|i| Self::body(i, "add")).collect());
@@ -357,7 +371,15 @@ impl Bench {
                     let mut done = 0u64;
                     let mut k = 0;
                     while started.elapsed() < duration {
-                        let body = bodies[(w + k * in_flight) % bodies.len()].clone();
+                        let entity = (w + k * in_flight) % bodies.len();
+                        let body = if command_ids {
+                            Bytes::from(
+                                json!({"id": format!("c{entity}"), "amount": 1, "command_id": format!("b{w}-{k}")})
+                                    .to_string(),
+                            )
+                        } else {
+                            bodies[entity].clone()
+                        };
                         k += 1;
                         let reply = client.request(subject.clone(), body).await?;
                         anyhow::ensure!(
@@ -671,6 +693,14 @@ async fn throughput_and_latency(
     )
     .await?;
     let (raw_ours, raw_server) = cpu.per_op(raw_rate * options.duration.as_secs_f64());
+    // The same load with a command id of the caller's on every command: what recognising a
+    // retry for the whole idempotency window costs (every entity has long passed its last 64
+    // commands, so each command is looked up in the command index, and then indexed).
+    let cpu = CpuWindow::start(server_pid);
+    let id_rate = bench
+        .throughput_with(options.entities, options.in_flight, options.duration, true)
+        .await?;
+    let (id_ours, id_server) = cpu.per_op(id_rate * options.duration.as_secs_f64());
     let label = if scenario == "durable" {
         "durable"
     } else {
@@ -710,6 +740,39 @@ async fn throughput_and_latency(
             "CPU per command: nats-server",
             "us",
             server,
+            Some(raw_server),
+            None,
+        ),
+    )?;
+    report.add(
+        out,
+        Row::new(
+            label_cpu,
+            "commands/s, each with a caller's command id (24 h retry check)",
+            "per s",
+            id_rate,
+            Some(raw_rate),
+            None,
+        ),
+    )?;
+    report.add(
+        out,
+        Row::new(
+            label_cpu,
+            "CPU per command with command ids: this process",
+            "us",
+            id_ours,
+            Some(raw_ours),
+            None,
+        ),
+    )?;
+    report.add(
+        out,
+        Row::new(
+            label_cpu,
+            "CPU per command with command ids: nats-server",
+            "us",
+            id_server,
             Some(raw_server),
             None,
         ),
@@ -811,6 +874,8 @@ async fn seed(store: &EventStore, entities: usize, events: usize) -> anyhow::Res
                         entity_version: version,
                         command_id: &command_id,
                         principal: &Principal::system(),
+                        digest: None,
+                        generated_id: false,
                         recorded_at: Timestamp::EPOCH,
                         events: &[event],
                     })
@@ -1001,6 +1066,8 @@ async fn activation(url: &str, report: &mut Report, out: &mut dyn Write) -> anyh
                 entity_version: version,
                 command_id: &command_id,
                 principal: &Principal::system(),
+                digest: None,
+                generated_id: false,
                 recorded_at: Timestamp::EPOCH,
                 events: &[CounterEvent::Added(Added {
                     amount: 1,

@@ -31,6 +31,12 @@ impl Timestamp {
         Self(self.0.saturating_add(nanos))
     }
 
+    /// This instant minus `d`, saturating at the far past instead of overflowing.
+    pub fn saturating_sub(self, d: Duration) -> Self {
+        let nanos = i64::try_from(d.as_nanos()).unwrap_or(i64::MAX);
+        Self(self.0.saturating_sub(nanos))
+    }
+
     /// How long after `earlier` this is; zero when it is not later.
     pub fn since(self, earlier: Timestamp) -> Duration {
         Duration::from_nanos(u64::try_from(self.0.saturating_sub(earlier.0)).unwrap_or(0))

@@ -232,7 +232,11 @@ pub async fn execute<A: Aggregate>(
     loop {
         attempts += 1;
         let entity = load(store, slot, id).await?;
-        if let Some(seq) = entity.recent_seq(&meta.command_id)
+        let seen = match entity.recent_seq(&meta.command_id) {
+            Some(seq) => Some(seq),
+            None => seen_before(store, metrics, entity, meta).await?,
+        };
+        if let Some(seq) = seen
             && let Some(outcome) = first_reply::<A>(store, id, seq, command, meta).await?
         {
             return Ok(outcome);
@@ -258,6 +262,8 @@ pub async fn execute<A: Aggregate>(
                 entity_version: version,
                 command_id: &meta.command_id,
                 principal: &meta.principal,
+                digest: meta.digest.as_deref(),
+                generated_id: meta.fresh,
                 recorded_at: now,
                 events: &events,
             })
@@ -313,9 +319,48 @@ pub async fn execute<A: Aggregate>(
     }
 }
 
+/// Where a command the entity no longer remembers was stored, if it was, within the
+/// idempotency window: the command index, and the entity's own messages the index has not
+/// reached yet. Skipped for a fresh id (none can have used it) and for an entity that remembers
+/// every command it ever had.
+async fn seen_before<A: Aggregate>(
+    store: &EventStore,
+    metrics: &EntityMetrics,
+    entity: &Entity<A>,
+    meta: &CommandMeta,
+) -> Result<Option<u64>, CommandError> {
+    if meta.fresh || entity.remembers_every_command() {
+        return Ok(None);
+    }
+    let index = store.command_index();
+    let subject = store.subjects().event(A::KIND, entity.id.as_str());
+    // Read the position first: whatever the lookup misses is past it.
+    let indexed = index.position();
+    if let Some(seq) = index.lookup(&meta.command_id, &subject).await? {
+        metrics.index_found.inc();
+        return Ok(Some(seq));
+    }
+    let found = if indexed >= entity.last_seq || entity.remembers_since(indexed + 1) {
+        None
+    } else {
+        store
+            .read_subject(&subject, indexed + 1, Some(entity.last_seq))
+            .await?
+            .iter()
+            .find(|message| message.command_id() == Some(meta.command_id.as_str()))
+            .map(|message| message.seq)
+    };
+    match found {
+        Some(_) => metrics.index_found.inc(),
+        None => metrics.index_missing.inc(),
+    };
+    Ok(found)
+}
+
 /// The reply the command got when it was stored at `seq`: the entity is rebuilt as it was right
-/// after that message. `None` if the message there is another command's (a hash collision in
-/// the recent-command list).
+/// after that message. `None` if the message there is not this command's commit on this entity
+/// (a hash collision in the recent-command list, or a foreign message bearing its id); a
+/// conflict if it is, but the command then said something else: the id was reused.
 async fn first_reply<A: Aggregate>(
     store: &EventStore,
     id: &A::Id,
@@ -324,8 +369,29 @@ async fn first_reply<A: Aggregate>(
     meta: &CommandMeta,
 ) -> Result<Option<Outcome<A::Reply>>, CommandError> {
     let message = store.message(seq).await?;
-    if message.command_id() != Some(meta.command_id.as_str()) {
+    if message.command_id() != Some(meta.command_id.as_str())
+        || message.subject != store.subjects().event(A::KIND, id.as_str())
+        || !matches!(
+            crate::store::provenance::classify::<A::Event>(A::KIND, &message),
+            crate::store::provenance::Provenance::Commit { .. }
+        )
+    {
         return Ok(None);
+    }
+    if let (Some(then), Some(now)) = (
+        message.header(crate::codec::header::COMMAND_DIGEST),
+        &meta.digest,
+    ) && then != now
+    {
+        return Err(CommandError::Rejected {
+            kind: crate::domain::ErrorKind::Conflict,
+            message: format!(
+                "command id {} was used at sequence {seq} for a different {} command; a retry must repeat the request unchanged, and a new command needs a new id",
+                meta.command_id,
+                A::KIND
+            ),
+            reason: Some(crate::domain::COMMAND_ID_REUSED),
+        });
     }
     let then = store.load_as_of::<A>(id, seq).await?;
     tracing::debug!(seq, "command seen before; answering with its first reply");

@@ -6,6 +6,7 @@
 
 pub mod entity;
 pub mod feed;
+pub mod indexer;
 pub mod projection;
 pub mod reaper;
 pub mod registry;
@@ -85,6 +86,34 @@ impl std::fmt::Debug for Settings {
 pub struct CommandMeta {
     pub command_id: CommandId,
     pub principal: Principal,
+    /// What the command said (route and body), for telling a retry from a reused id; `None`
+    /// for the control plane's own commands.
+    pub digest: Option<String>,
+    /// The id was generated for this command just now, so no earlier attempt can have used
+    /// it: the long-horizon retry check is skipped.
+    pub fresh: bool,
+}
+
+impl CommandMeta {
+    /// A command with an id that may have been used before: a caller's, or a derived one.
+    pub fn new(command_id: CommandId, principal: Principal) -> Self {
+        Self {
+            command_id,
+            principal,
+            digest: None,
+            fresh: false,
+        }
+    }
+
+    /// A command with a new id, which no earlier attempt can have used.
+    pub fn fresh(principal: Principal) -> Self {
+        Self {
+            command_id: new_command_id(),
+            principal,
+            digest: None,
+            fresh: true,
+        }
+    }
 }
 
 /// A command's result: the aggregate's reply, and where the entity stands after it.

@@ -68,10 +68,7 @@ impl<A: Aggregate> Reaper<A> {
                     // sequence, unlike the entity's version, never repeats: a re-created
                     // entity's expiry is a new command, not a retry of its last life's.
                     let name = format!("reaper\n{}\n{}\n{seq}", A::KIND, id.as_str());
-                    let meta = CommandMeta {
-                        command_id: derived_command_id(&name),
-                        principal: Principal::system(),
-                    };
+                    let meta = CommandMeta::new(derived_command_id(&name), Principal::system());
                     // A new trace, linked to the command that made the entity due: the expiry
                     // happens long after that request ended.
                     let span = tracing::debug_span!("reaper", kind = A::KIND, id = %id);

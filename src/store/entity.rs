@@ -170,6 +170,17 @@ impl<A: Aggregate> Entity<A> {
             .map(|(_, seq)| *seq)
     }
 
+    /// Whether the recent commands are all it ever had (fewer than [`RECENT_COMMANDS`]): then
+    /// a command id not among them was never used on this entity.
+    pub fn remembers_every_command(&self) -> bool {
+        self.recent.len() < RECENT_COMMANDS
+    }
+
+    /// Whether every command stored at or after `seq` is among the recent ones.
+    pub fn remembers_since(&self, seq: u64) -> bool {
+        self.remembers_every_command() || self.recent.front().is_some_and(|(_, at)| *at <= seq)
+    }
+
     fn remember(&mut self, command_id: &str, seq: u64) {
         if self.recent.len() == RECENT_COMMANDS {
             self.recent.pop_front();

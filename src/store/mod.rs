@@ -8,6 +8,7 @@
 //! from the command id (idempotent retries). Snapshots live in a KV bucket (`<P>_SNAPSHOTS`).
 
 pub mod entity;
+pub mod index;
 pub mod provenance;
 pub mod snapshot;
 
@@ -130,6 +131,11 @@ pub struct Commit<'a, E> {
     pub entity_version: u64,
     pub command_id: &'a CommandId,
     pub principal: &'a Principal,
+    /// What the command said (`CommandMeta::digest`), recorded so a reused id is told apart
+    /// from a retry.
+    pub digest: Option<&'a str>,
+    /// The command id was generated for it (`CommandMeta::fresh`).
+    pub generated_id: bool,
     pub recorded_at: Timestamp,
     pub events: &'a [E],
 }
@@ -233,6 +239,7 @@ struct Inner {
     stream: String,
     config: StoreConfig,
     snapshots: SnapshotStore,
+    index: index::CommandIndex,
     timeout: Duration,
 }
 
@@ -253,6 +260,7 @@ impl EventStore {
                 source: source.into(),
             })?;
         let snapshots = SnapshotStore::open(&js, config).await?;
+        let index = index::CommandIndex::open(&js, config).await?;
         Ok(Self {
             inner: std::sync::Arc::new(Inner {
                 client,
@@ -261,6 +269,7 @@ impl EventStore {
                 stream,
                 config: config.clone(),
                 snapshots,
+                index,
                 timeout,
             }),
         })
@@ -280,6 +289,11 @@ impl EventStore {
 
     pub fn snapshots(&self) -> &SnapshotStore {
         &self.inner.snapshots
+    }
+
+    /// Where each entity's commands of the idempotency window were stored.
+    pub fn command_index(&self) -> &index::CommandIndex {
+        &self.inner.index
     }
 
     pub fn client(&self) -> &Client {
@@ -672,6 +686,12 @@ fn commit_headers<E: DomainEvent>(commit: &Commit<'_, E>, encoding: Encoding) ->
     );
     headers.insert(header::COMMAND_ID, commit.command_id.as_str());
     headers.insert(header::PRINCIPAL, commit.principal.as_str());
+    if let Some(digest) = commit.digest {
+        headers.insert(header::COMMAND_DIGEST, digest);
+    }
+    if commit.generated_id {
+        headers.insert(header::COMMAND_ID_GENERATED, "true");
+    }
     headers.insert(header::RECORDED_AT, commit.recorded_at.to_string().as_str());
     headers.insert(header::CONTENT_TYPE, encoding.content_type());
     telemetry::inject(&Span::current(), &mut headers);

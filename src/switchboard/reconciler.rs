@@ -106,10 +106,7 @@ async fn apply(board: &Switchboard, repair: Repair) {
                 "reconcile\nrelease\n{}\n{port}\n{lease}\n{observed}",
                 pod.as_str()
             );
-            let meta = CommandMeta {
-                command_id: derived_command_id(&name),
-                principal,
-            };
+            let meta = CommandMeta::new(derived_command_id(&name), principal);
             let command = PodCommand::Release {
                 port: *port,
                 lease: Some(lease.clone()),
@@ -153,10 +150,7 @@ async fn clear(
         "reconcile\nclear\n{}\n{lease}\n{observed}",
         machine.as_str()
     );
-    let meta = CommandMeta {
-        command_id: derived_command_id(&name),
-        principal,
-    };
+    let meta = CommandMeta::new(derived_command_id(&name), principal);
     let command = MeetingPointCommand::Clear {
         expect: Expect::lease(lease.clone()),
         reason: ClearReason::LeaseLost,

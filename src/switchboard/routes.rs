@@ -26,7 +26,7 @@ use crate::domain::switchboard::{
     PortRange, SshPublicKey, Username,
 };
 use crate::domain::{Aggregate, CommandRequest, ErrorKind};
-use crate::runtime::{CommandMeta, derived_command_id, error_chain, new_command_id};
+use crate::runtime::{CommandMeta, derived_command_id, error_chain};
 use crate::tunnel::keys;
 
 /// The reason on `unavailable` when no pod takes meeting points.
@@ -508,6 +508,8 @@ fn step(meta: &CommandMeta, step: &str, entity: &str) -> CommandMeta {
     CommandMeta {
         command_id: derived_command_id(&format!("{}\n{step}\n{entity}", meta.command_id)),
         principal: meta.principal.clone(),
+        digest: meta.digest.clone(),
+        fresh: false,
     }
 }
 
@@ -569,10 +571,7 @@ fn reserve(board: Switchboard, request: ApiRequest) -> BoxFuture<'static, Result
             // A fresh id: the pod recognises a retried lease by its lease id against its
             // current state, so a retry after the reconciler released the port leases anew
             // instead of being answered from history with a port no longer held.
-            let meta = CommandMeta {
-                command_id: new_command_id(),
-                principal: request.meta.principal.clone(),
-            };
+            let meta = CommandMeta::fresh(request.meta.principal.clone());
             match board.pods.execute(pod.clone(), command, meta).await {
                 Ok(outcome) => match outcome.reply.port {
                     Some(port) => {

@@ -249,6 +249,80 @@ async fn a_retried_command_gets_its_first_reply_and_writes_once() {
     assert_eq!(got["result"]["value"], 7);
 }
 
+/// A retry was recognised only while its id was among the entity's last 64 commands or within
+/// JetStream's duplicate window (2 minutes); an outside drill found every retry older than 120 s
+/// on a busy entity applied a second time. And a reused id with another body got the old reply.
+#[actix_rt::test]
+async fn a_retry_is_recognised_for_the_idempotency_window_however_busy_the_entity() {
+    let test = start_app(|config| {
+        // The server's own deduplication ends quickly here, so only the index can answer.
+        config.store.duplicate_window = Duration::from_secs(1);
+    })
+    .await;
+    call(&test, "counter.create", json!({"id": "busy"}))
+        .await
+        .ok();
+    let first = call(
+        &test,
+        "counter.add",
+        json!({"id": "busy", "amount": 5, "command_id": "early"}),
+    )
+    .await
+    .ok();
+    for _ in 0..100 {
+        call(&test, "counter.add", json!({"id": "busy", "amount": 1}))
+            .await
+            .ok();
+    }
+    // Past the server's duplicate window (a bounded wait for a server timer, not for an effect).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let before = last_seq(&test).await;
+    let retry = call(
+        &test,
+        "counter.add",
+        json!({"id": "busy", "amount": 5, "command_id": "early"}),
+    )
+    .await
+    .ok();
+    assert_eq!(retry, first, "answered with its first reply");
+    assert_eq!(last_seq(&test).await, before, "applied once");
+    let reused = call(
+        &test,
+        "counter.add",
+        json!({"id": "busy", "amount": 7, "command_id": "early"}),
+    )
+    .await;
+    assert_eq!(reused.code_and_reason(), "conflict/command_id_reused");
+    assert_eq!(last_seq(&test).await, before);
+    // From a fresh process too: the index is durable.
+    let TestApp {
+        server,
+        app,
+        client,
+        config,
+    } = test;
+    app.shutdown().await;
+    let app = switchyard::app::App::start(&config, switchyard::runtime::system_clock())
+        .await
+        .unwrap();
+    let test = TestApp {
+        server,
+        app,
+        client,
+        config,
+    };
+    let retry = call(
+        &test,
+        "counter.add",
+        json!({"id": "busy", "amount": 5, "command_id": "early"}),
+    )
+    .await
+    .ok();
+    assert_eq!(retry, first);
+    let got = call(&test, "counter.get", json!({"id": "busy"})).await.ok();
+    assert_eq!(got["result"]["value"], 105);
+}
+
 #[actix_rt::test]
 async fn a_retry_is_recognised_after_a_restart_of_the_control_plane() {
     let test = start_app(|_| {}).await;
@@ -341,6 +415,8 @@ async fn a_restarting_control_plane_takes_no_request_before_its_read_models_caug
                         entity_version: events.len() as u64,
                         command_id: &switchyard::runtime::new_command_id(),
                         principal: &Principal::anonymous(),
+                        digest: None,
+                        generated_id: false,
                         recorded_at: Timestamp::from_unix_nanos(3),
                         events,
                     })

@@ -247,6 +247,8 @@ async fn an_event_of_a_newer_version_stops_the_read_model_and_the_reconciler_wai
             entity_version: pod.version + 1,
             command_id: &switchyard::runtime::new_command_id(),
             principal: &switchyard::domain::Principal::new("newer-replica").unwrap(),
+            digest: None,
+            generated_id: false,
             recorded_at: switchyard::runtime::system_clock()(),
             events: &[PodEvent::PortLeased(PortLeased {
                 port: 10000,

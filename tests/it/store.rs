@@ -68,6 +68,8 @@ async fn append_as(
             entity_version: version,
             command_id,
             principal: &Principal::anonymous(),
+            digest: None,
+            generated_id: false,
             recorded_at: Timestamp::from_unix_nanos(3),
             events,
         })
