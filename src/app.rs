@@ -8,11 +8,12 @@ use std::time::Duration;
 
 use async_nats::Client;
 
+use crate::api::auth::{Auth, AuthError};
 use crate::api::micro::Micro;
 use crate::api::server::{ApiContext, ApiServer};
 use crate::api::work_queue::{WorkQueue, WorkQueueError};
 use crate::api::{Router, Services, routes};
-use crate::config::{Config, NatsConfig};
+use crate::config::{AuthMode, Config, NatsConfig};
 use crate::http::{self, Probes};
 use crate::metrics::Metrics;
 use crate::runtime::{Clock, Readiness};
@@ -37,6 +38,8 @@ pub enum AppError {
     },
     #[error("cannot open the event store")]
     Store(#[from] StoreError),
+    #[error("invalid principal table")]
+    Auth(#[from] AuthError),
     #[error("cannot subscribe to the API subjects")]
     Subscribe(#[from] async_nats::SubscribeError),
     #[error("cannot start the fire-and-forget command queue")]
@@ -89,8 +92,19 @@ impl App {
             &config.api.queue_group,
             started,
         ));
+        let auth = Auth::new(&config.auth)?;
+        match auth.mode() {
+            AuthMode::Open => tracing::warn!(
+                "authentication is off (auth.mode = \"open\"): every caller is an operator and names itself with Switchyard-Principal; fine for one account on one machine, see deploy/ for the secure layout"
+            ),
+            AuthMode::Nats => tracing::info!(
+                principals = config.auth.principals.len(),
+                "callers are the users NATS authenticated (auth.mode = \"nats\")"
+            ),
+        }
         let context = Arc::new(ApiContext {
             client: client.clone(),
+            auth,
             subjects: store.subjects().clone(),
             router: Router::new(&specs, &services, &metrics),
             micro: micro.clone(),
@@ -229,8 +243,20 @@ pub async fn connect(config: &NatsConfig) -> Result<Client, AppError> {
         })?;
         options = options.nkey(seed.trim().to_owned());
     }
-    if let (Some(user), Some(password)) = (&config.user, &config.password) {
-        options = options.user_and_password(user.clone(), password.clone());
+    // A user and password in the server URL (`nats://user:secret@host`) count as configured;
+    // async-nats itself ignores them.
+    let from_url = config
+        .servers
+        .first()
+        .and_then(|url| url.parse::<async_nats::ServerAddr>().ok())
+        .and_then(|addr| Some((addr.username()?.to_owned(), addr.password()?.to_owned())));
+    let user = config
+        .user
+        .clone()
+        .zip(config.password.clone())
+        .or(from_url);
+    if let Some((user, password)) = user {
+        options = options.user_and_password(user, password);
     }
     if let Some(token) = &config.token {
         options = options.token(token.clone());

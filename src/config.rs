@@ -20,8 +20,68 @@ pub struct Config {
     pub runtime: RuntimeConfig,
     pub switchboard: SwitchboardConfig,
     pub api: ApiConfig,
+    pub auth: AuthConfig,
     pub http: HttpConfig,
     pub log: LogConfig,
+}
+
+/// Who callers are, and what they may do.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    pub mode: AuthMode,
+    /// How authenticated NATS users map to principals and roles (mode `nats`); the first entry
+    /// that matches a caller applies.
+    pub principals: Vec<PrincipalRule>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// No caller is authenticated: everyone is an operator, and `Switchyard-Principal` names
+    /// the caller on the events. For one account on one machine (the embedded default).
+    #[default]
+    Open,
+    /// The caller is the user NATS authenticated, from the `Nats-Request-Info` header that
+    /// the server adds to requests imported with `share: true`; `principals` gives its roles.
+    Nats,
+}
+
+/// One entry of the principal table.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrincipalRule {
+    /// The caller's NATS account; any account if absent.
+    #[serde(default)]
+    pub account: Option<String>,
+    /// The caller's NATS user; every user of the account if absent (and fire-and-forget
+    /// commands, which carry only their account, match only such an entry).
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Recorded on the events; the user's name (or the account's) if absent. For a `pod` or a
+    /// `machine`, it is also the pod or machine it may act on.
+    #[serde(default)]
+    pub principal: Option<String>,
+    pub roles: Vec<Role>,
+    /// May name the principal it acts for with `Switchyard-Principal` (a portal, a CI system);
+    /// from anyone else that header is ignored.
+    #[serde(default)]
+    pub gateway: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Everything.
+    Operator,
+    /// Queries only (and the log itself, through its own NATS permissions).
+    Auditor,
+    /// Register, keep alive and remove the pod named by its principal; read the meeting
+    /// points on it.
+    Pod,
+    /// Reserve, keep alive, clear and read the meeting point of the machine named by its
+    /// principal; read pods.
+    Machine,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

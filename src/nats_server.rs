@@ -109,6 +109,8 @@ pub struct Options {
     pub sync_always: bool,
     /// Where the server logs; in its temporary work directory if `None`.
     pub log_file: Option<PathBuf>,
+    /// More configuration, appended as is (accounts, authorization).
+    pub extra_config: Option<String>,
 }
 
 impl Options {
@@ -119,6 +121,7 @@ impl Options {
             store_dir: None,
             sync_always: false,
             log_file: None,
+            extra_config: None,
         }
     }
 }
@@ -234,6 +237,10 @@ impl NatsServer {
             ports = ports_dir.display().to_string(),
             store = self.store_dir.display().to_string(),
         );
+        let config = match &self.options.extra_config {
+            Some(extra) => format!("{config}{extra}\n"),
+            None => config,
+        };
         let config_path = dir.join("nats.conf");
         fs::File::create(&config_path)
             .and_then(|mut f| f.write_all(config.as_bytes()))

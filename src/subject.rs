@@ -178,6 +178,25 @@ impl Subjects {
         (!verb.contains('.') && !kind.is_empty() && !verb.is_empty()).then_some((kind, verb))
     }
 
+    /// `(account, kind, verb)` of a fire-and-forget subject: `<prefix>.cmd.<kind>.<verb>`, or
+    /// `<prefix>.cmd.<account>.<kind>.<verb>` when it came through another account's import
+    /// that names the account (see `deploy/`).
+    pub fn parse_command<'a>(
+        &self,
+        subject: &'a str,
+    ) -> Option<(Option<&'a str>, &'a str, &'a str)> {
+        let rest = self.strip(subject, "cmd")?;
+        let tokens: Vec<&str> = rest.split('.').collect();
+        if tokens.iter().any(|t| t.is_empty()) {
+            return None;
+        }
+        match tokens[..] {
+            [kind, verb] => Some((None, kind, verb)),
+            [account, kind, verb] => Some((Some(account), kind, verb)),
+            _ => None,
+        }
+    }
+
     fn strip<'a>(&self, subject: &'a str, channel: &str) -> Option<&'a str> {
         subject
             .strip_prefix(self.prefix.as_str())?
@@ -285,6 +304,16 @@ mod tests {
         );
         assert_eq!(s.parse_route("sy.api.counter.add.x", "api"), None);
         assert_eq!(s.parse_route("sy.cmd.counter.add", "api"), None);
+        assert_eq!(
+            s.parse_command("sy.cmd.counter.add"),
+            Some((None, "counter", "add"))
+        );
+        assert_eq!(
+            s.parse_command("sy.cmd.APP.counter.add"),
+            Some((Some("APP"), "counter", "add"))
+        );
+        assert_eq!(s.parse_command("sy.cmd.a.b.c.d"), None);
+        assert_eq!(s.parse_command("sy.cmd.counter..add"), None);
         assert!(Subjects::new("bad prefix").is_err());
         assert!(Subjects::new("a..b").is_err());
         assert!(Subjects::new("tenant-1.sy").is_ok());

@@ -6,6 +6,7 @@
 //! `Switchyard-Command-Id` header): the same id is the same command, applied once, answered with
 //! its first reply. `Switchyard-Principal` names the caller on the events.
 
+pub mod auth;
 pub mod catalog;
 pub mod micro;
 pub mod routes;

@@ -11,6 +11,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
+use super::auth::{Auth, Origin};
 use super::micro::Micro;
 use super::{ApiError, ERROR_CODE_HEADER, ERROR_REASON_HEADER, Mode, Router, parse_request};
 use crate::config::ApiConfig;
@@ -22,6 +23,7 @@ use crate::telemetry;
 /// What every request handler shares.
 pub struct ApiContext {
     pub client: Client,
+    pub auth: super::auth::Auth,
     pub subjects: Subjects,
     pub router: Router,
     pub micro: Arc<Micro>,
@@ -164,8 +166,9 @@ async fn dispatch(
             context.subjects.api("<kind>", "<verb>")
         )));
     }
-    let handler = context.router.route(kind, verb)?.handler.clone();
-    let request = parse_request(
+    let route = context.router.route(kind, verb)?;
+    let (mode, handler) = (route.mode, route.handler.clone());
+    let mut request = parse_request(
         kind,
         verb,
         &message.payload,
@@ -175,7 +178,17 @@ async fn dispatch(
         crate::runtime::new_command_id,
     )?;
     tracing::Span::current().record("command_id", request.meta.command_id.as_str());
-    handler.handle(request).await
+    let caller = context.auth.identify(
+        Origin::Request(message.headers.as_ref()),
+        &request.meta.principal,
+    )?;
+    request.meta.principal = caller.principal.clone();
+    let check = context
+        .auth
+        .authorize(&caller, kind, verb, mode, &request)?;
+    let reply = handler.handle(request).await?;
+    Auth::after(&check, &reply)?;
+    Ok(reply)
 }
 
 /// Sends a reply: the JSON result, or the typed error in the body and in the micro headers.

@@ -296,10 +296,10 @@ fn start(
 /// The lane of a command: its entity (`<kind>\n<id>`), or its own when it names none (it will
 /// be refused anyway).
 fn lane(context: &ApiContext, message: &jetstream::Message) -> String {
-    let (kind, verb) = context
+    let (_, kind, verb) = context
         .subjects
-        .parse_route(message.subject.as_str(), "cmd")
-        .unwrap_or(("", ""));
+        .parse_command(message.subject.as_str())
+        .unwrap_or((None, "", ""));
     let entity = context.router.route(kind, verb).ok().and_then(|route| {
         let entity_of = route.entity?;
         let request = parse_request(
@@ -438,10 +438,10 @@ async fn process(context: &ApiContext, message: &jetstream::Message) -> bool {
         .info()
         .map(|info| info.stream_sequence)
         .unwrap_or_default();
-    let (kind, verb) = context
+    let (account, kind, verb) = context
         .subjects
-        .parse_route(message.subject.as_str(), "cmd")
-        .map_or(("", ""), |(k, v)| (k, v));
+        .parse_command(message.subject.as_str())
+        .unwrap_or((None, "", ""));
     let span = tracing::debug_span!(
         "cmd",
         otel.name = %message.subject,
@@ -463,7 +463,7 @@ async fn process(context: &ApiContext, message: &jetstream::Message) -> bool {
                 context.subjects.api(kind, verb)
             )));
         }
-        let request = parse_request(
+        let mut request = parse_request(
             kind,
             verb,
             &message.payload,
@@ -474,6 +474,17 @@ async fn process(context: &ApiContext, message: &jetstream::Message) -> bool {
         )?;
         tracing::Span::current().record("command_id", request.meta.command_id.as_str());
         command_id = Some(request.meta.command_id.clone());
+        let caller = context.auth.identify(
+            super::auth::Origin::FireAndForget {
+                account,
+                headers: message.headers.as_ref(),
+            },
+            &request.meta.principal,
+        )?;
+        request.meta.principal = caller.principal.clone();
+        context
+            .auth
+            .authorize(&caller, kind, verb, mode, &request)?;
         handler.handle(request).await
     }
     .instrument(span.clone())

@@ -35,10 +35,12 @@ pub enum ErrorKind {
     Unavailable,
     /// A bug or corrupt data; the command may or may not have been applied.
     Internal,
+    /// The caller may not do this; nothing was written.
+    Forbidden,
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 7] = [
+    pub const ALL: [ErrorKind; 8] = [
         ErrorKind::Invalid,
         ErrorKind::NotFound,
         ErrorKind::AlreadyExists,
@@ -46,6 +48,7 @@ impl ErrorKind {
         ErrorKind::Capacity,
         ErrorKind::Unavailable,
         ErrorKind::Internal,
+        ErrorKind::Forbidden,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -57,6 +60,7 @@ impl ErrorKind {
             ErrorKind::Capacity => "capacity",
             ErrorKind::Unavailable => "unavailable",
             ErrorKind::Internal => "internal",
+            ErrorKind::Forbidden => "forbidden",
         }
     }
 
@@ -69,6 +73,7 @@ impl ErrorKind {
             ErrorKind::Capacity => 429,
             ErrorKind::Unavailable => 503,
             ErrorKind::Internal => 500,
+            ErrorKind::Forbidden => 403,
         }
     }
 }

@@ -12,6 +12,7 @@ mod external;
 mod feed;
 mod harness;
 mod history;
+mod identity;
 mod store;
 mod switchboard;
 mod traces;
