@@ -593,7 +593,8 @@ async fn audit(mut config: Config, args: AuditArgs) -> anyhow::Result<()> {
         config.nats.servers = vec![server];
     }
     let client = connect(&config.nats).await?;
-    let store = EventStore::open(client, &config.store, config.nats.request_timeout).await?;
+    // Reads only: an auditor's NATS permissions need not allow changing the streams.
+    let store = EventStore::attach(client, &config.store, config.nats.request_timeout).await?;
     let (kind, entity) = match &args.entity {
         Some(entity) => {
             let (kind, id) = entity.split_once('/').context("--entity takes KIND/ID")?;

@@ -63,6 +63,25 @@ impl CommandIndex {
         })
     }
 
+    /// The bucket as it is, created by someone else.
+    pub(super) async fn attach(js: &jetstream::Context, config: &StoreConfig) -> Result<Self> {
+        let bucket = config.command_index_bucket();
+        let kv = js
+            .get_key_value(&bucket)
+            .await
+            .map_err(|e| StoreError::Setup {
+                what: "bucket",
+                name: bucket.clone(),
+                source: e.into(),
+            })?;
+        Ok(Self {
+            kv,
+            bucket,
+            window: config.idempotency_window,
+            position: Arc::new(AtomicU64::new(0)),
+        })
+    }
+
     pub fn window(&self) -> Duration {
         self.window
     }

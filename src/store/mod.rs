@@ -275,6 +275,37 @@ impl EventStore {
         })
     }
 
+    /// Connects to an event store that exists, creating and changing nothing: for readers
+    /// (`switchyard audit`) whose NATS permissions allow only reading.
+    pub async fn attach(client: Client, config: &StoreConfig, timeout: Duration) -> Result<Self> {
+        let subjects = Subjects::new(&config.subject_prefix)?;
+        let js = jetstream::ContextBuilder::new()
+            .timeout(timeout)
+            .build(client.clone());
+        let stream = config.events_stream();
+        js.get_stream(&stream)
+            .await
+            .map_err(|source| StoreError::Setup {
+                what: "stream",
+                name: stream.clone(),
+                source: source.into(),
+            })?;
+        let snapshots = SnapshotStore::attach(&js, config).await?;
+        let index = index::CommandIndex::attach(&js, config).await?;
+        Ok(Self {
+            inner: std::sync::Arc::new(Inner {
+                client,
+                js,
+                subjects,
+                stream,
+                config: config.clone(),
+                snapshots,
+                index,
+                timeout,
+            }),
+        })
+    }
+
     pub fn subjects(&self) -> &Subjects {
         &self.inner.subjects
     }

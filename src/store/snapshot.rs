@@ -77,6 +77,20 @@ impl SnapshotStore {
         Ok(Self { kv })
     }
 
+    /// The bucket as it is, created by someone else.
+    pub(super) async fn attach(js: &jetstream::Context, config: &StoreConfig) -> Result<Self> {
+        let bucket = config.snapshot_bucket();
+        let kv = js
+            .get_key_value(&bucket)
+            .await
+            .map_err(|e| StoreError::Setup {
+                what: "bucket",
+                name: bucket,
+                source: e.into(),
+            })?;
+        Ok(Self { kv })
+    }
+
     /// The snapshot under `key` and its KV revision. A snapshot that cannot be read or decoded
     /// is reported as missing (with a warning): the caller then replays the full history.
     pub async fn get(&self, key: &str) -> Option<(SnapshotRecord, u64)> {

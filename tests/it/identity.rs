@@ -404,3 +404,102 @@ async fn an_external_client_is_recorded_as_the_user_it_authenticated_as() {
     let record: Value = serde_json::from_str(stdout.lines().next().unwrap()).unwrap();
     assert_eq!(record["principal"], "alice", "{stdout}");
 }
+
+/// The shipped secure layout, as is: `deploy/nats/accounts.conf` on the server and the `[auth]`
+/// table of `deploy/switchyard.toml` in the control plane. An operator, a pod, a machine and the
+/// read-only auditor each do what their role allows; the auditor can write nothing.
+#[actix_rt::test]
+async fn the_shipped_layout_authenticates_every_kind_of_caller() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let mut accounts = std::fs::read_to_string(root.join("deploy/nats/accounts.conf")).unwrap();
+    for (variable, value) in [
+        ("$SWITCHYARD_PASSWORD", "sy"),
+        ("$AUDITOR_PASSWORD", "au"),
+        ("$OPERATOR_PASSWORD", "op"),
+        ("$PORTAL_PASSWORD", "po"),
+        ("$POD_PASSWORD", "pd"),
+        ("$MACHINE_PASSWORD", "ma"),
+    ] {
+        accounts = accounts.replace(variable, value);
+    }
+    let mut options = Options::new(nats_binary());
+    options.extra_config = Some(accounts);
+    let server = NatsServer::start(options).expect("nats-server takes the shipped accounts");
+    let mut config =
+        switchyard::config::Config::load(Some(&root.join("deploy/switchyard.toml"))).unwrap();
+    let test = crate::harness::test_config(&server);
+    config.nats.servers = test.nats.servers;
+    config.nats.password = Some("sy".to_owned());
+    config.nats.retry_on_initial_connect = false;
+    config.store.replicas = 1;
+    config.http = test.http;
+    let app = switchyard::app::App::start(&config, switchyard::runtime::system_clock())
+        .await
+        .expect("control plane starts with the shipped configuration");
+    let secured = Secured { server, app };
+    let operator = secured.client("operator", "op").await;
+    let pod = secured.client("switch-pod-0", "pd").await;
+    let machine = secured.client("skia-rpi-001.example.com", "ma").await;
+
+    call(&pod, "pod.add", json!({"pod": "switch-pod-0"}))
+        .await
+        .ok();
+    let reserved = call(
+        &machine,
+        "meeting_point.reserve",
+        json!({"machine": "skia-rpi-001.example.com", "username": "root"}),
+    )
+    .await
+    .ok();
+    assert_eq!(reserved["result"]["pod"], "switch-pod-0");
+    assert_eq!(
+        call(&machine, "pod.remove", json!({"pod": "switch-pod-0"}))
+            .await
+            .code(),
+        "forbidden"
+    );
+    call(&operator, "counter.create", json!({"id": "ops"}))
+        .await
+        .ok();
+
+    // The auditor reads the log with `switchyard audit`, and may not write to it.
+    let audit = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["audit", "--format", "json"])
+        .args(["--server", &secured.url("auditor", "au")])
+        .output()
+        .await
+        .expect("switchyard audit runs");
+    let stdout = String::from_utf8_lossy(&audit.stdout);
+    assert!(
+        audit.status.success(),
+        "{}",
+        String::from_utf8_lossy(&audit.stderr)
+    );
+    let principals: Vec<String> = stdout
+        .lines()
+        .map(|line| serde_json::from_str::<Value>(line).unwrap()["principal"].to_string())
+        .collect();
+    assert_eq!(
+        principals,
+        [
+            "\"switch-pod-0\"",
+            "\"skia-rpi-001.example.com\"",
+            "\"skia-rpi-001.example.com\"",
+            "\"operator\""
+        ],
+        "{stdout}"
+    );
+    let auditor = secured.client("auditor", "au").await;
+    let before = secured.last_seq().await;
+    let js = async_nats::jetstream::ContextBuilder::new()
+        .timeout(Duration::from_millis(500))
+        .build(auditor);
+    #[allow(clippy::disallowed_methods)] // an intruder's publish
+    let written = js.publish("sy.evt.counter.ops", "garbage".into()).await;
+    let refused = match written {
+        Err(_) => true,
+        Ok(ack) => ack.await.is_err(),
+    };
+    assert!(refused, "the auditor cannot write the log");
+    assert_eq!(secured.last_seq().await, before);
+}
