@@ -42,6 +42,90 @@ pub fn config(host_key: PrivateKey) -> Arc<russh::server::Config> {
 /// the pod's sockets.
 pub const LOGIN_GRACE: Duration = Duration::from_secs(30);
 
+/// Lookups of meeting points for logins, per second and in a burst: from one peer address, and
+/// from all of them together. Strangers offering key after key, or connection after
+/// connection, cost the control plane no more than this; one peer cannot use up the others'
+/// share.
+const LOGIN_LOOKUPS_PER_PEER: Bucket = Bucket {
+    per_second: 2.0,
+    burst: 10.0,
+};
+const LOGIN_LOOKUPS: Bucket = Bucket {
+    per_second: 20.0,
+    burst: 50.0,
+};
+/// Machine ids one connection may try to log in as.
+const USERS_PER_CONNECTION: usize = 2;
+/// Peers whose budget is remembered at once; beyond it the oldest are forgotten (each starts
+/// again with a full burst, which the shared budget still bounds).
+const PEERS_KEPT: usize = 4096;
+
+#[derive(Clone, Copy)]
+struct Bucket {
+    per_second: f64,
+    burst: f64,
+}
+
+/// A token bucket's level and when it was last filled.
+#[derive(Clone, Copy)]
+struct Tokens {
+    left: f64,
+    at: std::time::Instant,
+}
+
+impl Tokens {
+    fn full(bucket: Bucket, now: std::time::Instant) -> Self {
+        Self {
+            left: bucket.burst,
+            at: now,
+        }
+    }
+
+    fn refill(&mut self, bucket: Bucket, now: std::time::Instant) {
+        let earned = now.duration_since(self.at).as_secs_f64() * bucket.per_second;
+        self.left = (self.left + earned).min(bucket.burst);
+        self.at = now;
+    }
+}
+
+/// How many login lookups the pod may still make, per peer and in all.
+struct LoginBudget {
+    state: Mutex<(Tokens, HashMap<IpAddr, Tokens>)>,
+}
+
+impl LoginBudget {
+    fn new() -> Self {
+        let now = std::time::Instant::now();
+        Self {
+            state: Mutex::new((Tokens::full(LOGIN_LOOKUPS, now), HashMap::new())),
+        }
+    }
+
+    /// Takes one lookup from `peer`'s budget and the shared one, if both have it.
+    fn take(&self, peer: IpAddr) -> bool {
+        let now = std::time::Instant::now();
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let (all, peers) = &mut *state;
+        if !peers.contains_key(&peer) && peers.len() >= PEERS_KEPT {
+            peers.retain(|_, tokens| tokens.left < LOGIN_LOOKUPS_PER_PEER.burst);
+            if peers.len() >= PEERS_KEPT {
+                peers.clear();
+            }
+        }
+        let mine = peers
+            .entry(peer)
+            .or_insert_with(|| Tokens::full(LOGIN_LOOKUPS_PER_PEER, now));
+        mine.refill(LOGIN_LOOKUPS_PER_PEER, now);
+        all.refill(LOGIN_LOOKUPS, now);
+        if mine.left < 1.0 || all.left < 1.0 {
+            return false;
+        }
+        mine.left -= 1.0;
+        all.left -= 1.0;
+        true
+    }
+}
+
 /// What every machine connection shares.
 pub struct Shared {
     api: ApiClient,
@@ -56,6 +140,7 @@ pub struct Shared {
     /// The forward holding each port. A port has one meeting point, so a newly authorized
     /// forward takes the port from whatever stale session still holds it.
     forwards: Mutex<HashMap<u16, Held>>,
+    logins: LoginBudget,
 }
 
 struct Held {
@@ -82,6 +167,7 @@ impl Shared {
             connections: Arc::new(Semaphore::new(max_connections.max(1))),
             next_connection: AtomicU64::new(1),
             forwards: Mutex::new(HashMap::new()),
+            logins: LoginBudget::new(),
         }
     }
 
@@ -115,6 +201,8 @@ pub async fn serve(listener: TcpListener, config: Arc<russh::server::Config>, sh
             id: shared.next_connection.fetch_add(1, Ordering::Relaxed),
             peer,
             machine: None,
+            login: None,
+            users_tried: 0,
             authenticated: authenticated.clone(),
         };
         let config = config.clone();
@@ -167,6 +255,11 @@ struct MachineConnection {
     peer: SocketAddr,
     /// Set once the machine has authenticated.
     machine: Option<(MachineId, PublicKey)>,
+    /// The meeting point this connection's login was checked against: every key it offers,
+    /// and its signature, are checked against this one answer.
+    login: Option<(MachineId, Option<MeetingPointView>)>,
+    /// Machine ids it has tried to log in as.
+    users_tried: usize,
     authenticated: Arc<AtomicBool>,
 }
 
@@ -200,6 +293,10 @@ pub enum Refusal {
         port: u16,
         asked: u32,
     },
+    #[error("too many logins are being checked; machine {machine} is refused for now")]
+    Throttled { machine: String },
+    #[error("this connection already tried {USERS_PER_CONNECTION} machine ids")]
+    TooManyUsers,
     #[error("cannot read the meeting point of machine {machine}")]
     Lookup {
         machine: String,
@@ -208,32 +305,45 @@ pub enum Refusal {
     },
 }
 
-/// The machine's meeting point, if it stands on this pod and names `key`.
+/// The machine's meeting point as the control plane has it now (`None`: it has none).
+async fn lookup(api: &ApiClient, machine: &MachineId) -> Result<Option<MeetingPointView>, Refusal> {
+    let body = MachineRequest {
+        machine: machine.clone(),
+    };
+    match api
+        .call::<_, GetReply<MeetingPointView>>("meeting_point.get", &body)
+        .await
+    {
+        Ok(reply) => Ok(Some(reply.result)),
+        Err(err) if err.code() == Some(ErrorKind::NotFound) => Ok(None),
+        Err(source) => Err(Refusal::Lookup {
+            machine: machine.to_string(),
+            source,
+        }),
+    }
+}
+
+/// The machine's meeting point now, if it stands on this pod and names `key`.
 async fn authorize(
     shared: &Shared,
     machine: &MachineId,
     key: &PublicKey,
 ) -> Result<MeetingPointView, Refusal> {
-    let body = MachineRequest {
-        machine: machine.clone(),
-    };
-    let view = match shared
-        .api
-        .call::<_, GetReply<MeetingPointView>>("meeting_point.get", &body)
-        .await
-    {
-        Ok(reply) => reply.result,
-        Err(err) if err.code() == Some(ErrorKind::NotFound) => {
-            return Err(Refusal::NoMeetingPoint {
-                machine: machine.to_string(),
-            });
-        }
-        Err(source) => {
-            return Err(Refusal::Lookup {
-                machine: machine.to_string(),
-                source,
-            });
-        }
+    let view = lookup(&shared.api, machine).await?;
+    check(shared, machine, view, key)
+}
+
+/// `view` (the machine's meeting point, if any), if it stands on this pod and names `key`.
+fn check(
+    shared: &Shared,
+    machine: &MachineId,
+    view: Option<MeetingPointView>,
+    key: &PublicKey,
+) -> Result<MeetingPointView, Refusal> {
+    let Some(view) = view else {
+        return Err(Refusal::NoMeetingPoint {
+            machine: machine.to_string(),
+        });
     };
     if view.pod != shared.pod {
         return Err(Refusal::OtherPod {
@@ -254,11 +364,32 @@ async fn authorize(
 }
 
 impl MachineConnection {
-    async fn check_login(&self, user: &str, key: &PublicKey) -> Result<MachineId, Refusal> {
+    /// Whether `user` may log in with `key`. A connection costs the control plane at most one
+    /// lookup per machine id it tries (and it may try only a few), each taken from its peer's
+    /// budget and the pod's: a stranger offering key after key, or connection after
+    /// connection, gets no more than that.
+    async fn check_login(&mut self, user: &str, key: &PublicKey) -> Result<MachineId, Refusal> {
         let machine = MachineId::new(user).map_err(|_| Refusal::BadUser {
             user: user.to_owned(),
         })?;
-        authorize(&self.shared, &machine, key).await?;
+        let view = match &self.login {
+            Some((checked, view)) if checked == &machine => view.clone(),
+            _ => {
+                if self.users_tried >= USERS_PER_CONNECTION {
+                    return Err(Refusal::TooManyUsers);
+                }
+                self.users_tried += 1;
+                if !self.shared.logins.take(self.peer.ip()) {
+                    return Err(Refusal::Throttled {
+                        machine: machine.to_string(),
+                    });
+                }
+                let view = lookup(&self.shared.api, &machine).await?;
+                self.login = Some((machine.clone(), view.clone()));
+                view
+            }
+        };
+        check(&self.shared, &machine, view, key)?;
         Ok(machine)
     }
 

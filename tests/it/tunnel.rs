@@ -703,3 +703,84 @@ async fn a_machine_comes_back_after_its_pod_agent_is_killed_and_restarted() {
         "active"
     );
 }
+
+/// How many `meeting_point.get` requests the control plane has answered.
+fn meeting_point_lookups(test: &TestApp) -> u64 {
+    test.app
+        .metrics()
+        .render()
+        .lines()
+        .filter(|line| {
+            line.starts_with("switchyard_requests_total{kind=\"meeting_point\",verb=\"get\"")
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// A stranger offering key after key, connection after connection: the pod once asked the
+/// control plane for the meeting point once per offered key. Now a connection costs at most
+/// one lookup per machine id it tries, taken from a budget per peer address (and one for the
+/// whole pod).
+#[actix_rt::test]
+async fn strangers_offering_keys_cost_the_control_plane_a_bounded_number_of_lookups() {
+    let test = start_app(|_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let _pod_agent = pod_agent(
+        &test.server.url(),
+        dir.path(),
+        "switch-pod-0",
+        free_port(),
+        &[],
+    );
+    let pod = wait_valid(&test, "switch-pod-0").await;
+    let pod_ssh = pod["ssh_address"].as_str().unwrap().to_owned();
+    let (host, port) = pod_ssh.rsplit_once(':').unwrap();
+    let keys: Vec<PathBuf> = (0..6)
+        .map(|i| keygen(dir.path(), &format!("stranger_{i}")).0)
+        .collect();
+    let attempt = |user: String, keys: Vec<PathBuf>| {
+        let (host, port) = (host.to_owned(), port.to_owned());
+        async move {
+            let mut command = ssh();
+            command.args([
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+            ]);
+            for key in &keys {
+                command.arg("-i").arg(key);
+            }
+            let output = command
+                .args(["-p", &port, "-l", &user, &host, "true"])
+                .output()
+                .await
+                .unwrap();
+            assert!(!output.status.success(), "{user} got in");
+        }
+    };
+
+    let before = meeting_point_lookups(&test);
+    attempt("intruder".to_owned(), keys.clone()).await;
+    assert_eq!(
+        meeting_point_lookups(&test) - before,
+        1,
+        "six offered keys, one lookup"
+    );
+
+    // Many strangers at once from one address, each under another name: the peer's budget
+    // (a burst of 10, then 2 a second, less the one above) bounds the lookups.
+    let before = meeting_point_lookups(&test);
+    let started = std::time::Instant::now();
+    futures::future::join_all(
+        (0..60).map(|i| attempt(format!("intruder-{i}"), vec![keys[i % keys.len()].clone()])),
+    )
+    .await;
+    let allowed = 10.0 + 2.0 * started.elapsed().as_secs_f64();
+    let made = meeting_point_lookups(&test) - before;
+    assert!(
+        (made as f64) <= allowed + 1.0,
+        "{made} lookups for 60 strangers in {:?}",
+        started.elapsed()
+    );
+}
