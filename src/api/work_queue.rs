@@ -392,10 +392,15 @@ impl Lanes {
 }
 
 /// Whether an outcome may change if the command is tried again.
+/// `internal` counts: it says the command may or may not have been applied, so it is kept
+/// and tried again (a retry is recognised if it was), never dropped.
 fn transient(error: &ApiError) -> bool {
-    error.code == ErrorKind::Unavailable
+    matches!(error.code, ErrorKind::Unavailable | ErrorKind::Internal)
         || (error.code == ErrorKind::Conflict && error.reason == Some(CONTENDED))
 }
+
+/// The longest wait between two tries of one command.
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(30);
 
 /// Runs a command until its outcome is definite, retrying where it stands while the failure
 /// is transient, then acknowledges it. Asked to stop, it leaves the command unacknowledged
@@ -405,6 +410,7 @@ async fn process_until_definite(
     message: jetstream::Message,
     stopping: watch::Receiver<bool>,
 ) {
+    let mut delay = context.config.command_retry_delay;
     loop {
         let retry = process(&context, &message).await;
         if !retry {
@@ -424,9 +430,11 @@ async fn process_until_definite(
         }
         let mut stopping = stopping.clone();
         tokio::select! {
-            _ = tokio::time::sleep(context.config.command_retry_delay) => {}
+            _ = tokio::time::sleep(delay) => {}
             _ = stopping.changed() => return,
         }
+        // Each failure in a row waits longer, up to a bound.
+        delay = (delay * 2).min(MAX_RETRY_DELAY.max(context.config.command_retry_delay));
     }
 }
 
@@ -517,12 +525,7 @@ async fn process(context: &ApiContext, message: &jetstream::Message) -> bool {
     if retry {
         return true;
     }
-    let (ack, outcome) = if code == ErrorKind::Internal.as_str() {
-        // A bug or corrupt data: redelivering would fail the same way forever.
-        (AckKind::Term, "terminated")
-    } else {
-        (AckKind::Ack, code)
-    };
+    let (ack, outcome) = (AckKind::Ack, code);
     context
         .metrics
         .work_queue
