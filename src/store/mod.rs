@@ -244,54 +244,56 @@ struct Inner {
 }
 
 impl EventStore {
-    /// Connects to the event stream and snapshot bucket, creating or updating them to match
+    /// Connects to the event stream and its buckets, creating or updating them to match
     /// `config`.
     pub async fn open(client: Client, config: &StoreConfig, timeout: Duration) -> Result<Self> {
-        let subjects = Subjects::new(&config.subject_prefix)?;
-        let js = jetstream::ContextBuilder::new()
-            .timeout(timeout)
-            .build(client.clone());
-        let stream = config.events_stream();
-        js.create_or_update_stream(events_stream_config(config, &subjects))
-            .await
-            .map_err(|source| StoreError::Setup {
-                what: "stream",
-                name: stream.clone(),
-                source: source.into(),
-            })?;
-        let snapshots = SnapshotStore::open(&js, config).await?;
-        let index = index::CommandIndex::open(&js, config).await?;
-        Ok(Self {
-            inner: std::sync::Arc::new(Inner {
-                client,
-                js,
-                subjects,
-                stream,
-                config: config.clone(),
-                snapshots,
-                index,
-                timeout,
-            }),
-        })
+        Self::connect(client, config, timeout, true).await
     }
 
     /// Connects to an event store that exists, creating and changing nothing: for readers
     /// (`switchyard audit`) whose NATS permissions allow only reading.
     pub async fn attach(client: Client, config: &StoreConfig, timeout: Duration) -> Result<Self> {
+        Self::connect(client, config, timeout, false).await
+    }
+
+    async fn connect(
+        client: Client,
+        config: &StoreConfig,
+        timeout: Duration,
+        set_up: bool,
+    ) -> Result<Self> {
         let subjects = Subjects::new(&config.subject_prefix)?;
         let js = jetstream::ContextBuilder::new()
             .timeout(timeout)
             .build(client.clone());
         let stream = config.events_stream();
-        js.get_stream(&stream)
-            .await
-            .map_err(|source| StoreError::Setup {
-                what: "stream",
-                name: stream.clone(),
-                source: source.into(),
-            })?;
-        let snapshots = SnapshotStore::attach(&js, config).await?;
-        let index = index::CommandIndex::attach(&js, config).await?;
+        let found = if set_up {
+            js.create_or_update_stream(events_stream_config(config, &subjects))
+                .await
+                .map(|_| ())
+                .map_err(async_nats::Error::from)
+        } else {
+            js.get_stream(&stream)
+                .await
+                .map(|_| ())
+                .map_err(async_nats::Error::from)
+        };
+        found.map_err(|source| StoreError::Setup {
+            what: "stream",
+            name: stream.clone(),
+            source,
+        })?;
+        let (snapshots, index) = if set_up {
+            (
+                SnapshotStore::open(&js, config).await?,
+                index::CommandIndex::open(&js, config).await?,
+            )
+        } else {
+            (
+                SnapshotStore::attach(&js, config).await?,
+                index::CommandIndex::attach(&js, config).await?,
+            )
+        };
         Ok(Self {
             inner: std::sync::Arc::new(Inner {
                 client,

@@ -295,22 +295,7 @@ async fn a_retry_is_recognised_for_the_idempotency_window_however_busy_the_entit
     assert_eq!(reused.code_and_reason(), "conflict/command_id_reused");
     assert_eq!(last_seq(&test).await, before);
     // From a fresh process too: the index is durable.
-    let TestApp {
-        server,
-        app,
-        client,
-        config,
-    } = test;
-    app.shutdown().await;
-    let app = switchyard::app::App::start(&config, switchyard::runtime::system_clock())
-        .await
-        .unwrap();
-    let test = TestApp {
-        server,
-        app,
-        client,
-        config,
-    };
+    let test = test.restart().await;
     let retry = call(
         &test,
         "counter.add",
@@ -340,22 +325,7 @@ async fn a_retry_is_recognised_after_a_restart_of_the_control_plane() {
     )
     .await
     .ok();
-    let TestApp {
-        server,
-        app,
-        client,
-        config,
-    } = test;
-    app.shutdown().await;
-    let app = switchyard::app::App::start(&config, switchyard::runtime::system_clock())
-        .await
-        .unwrap();
-    let test = TestApp {
-        server,
-        app,
-        client,
-        config,
-    };
+    let test = test.restart().await;
     let retry = call(
         &test,
         "counter.add",

@@ -124,6 +124,29 @@ pub async fn start_app_with_clock(
     test
 }
 
+impl TestApp {
+    /// Shuts the control plane down and starts a new one on the same server and configuration,
+    /// as a restart of the process would (everything is rebuilt from the log).
+    pub async fn restart(self) -> TestApp {
+        let TestApp {
+            server,
+            app,
+            client,
+            config,
+        } = self;
+        app.shutdown().await;
+        let app = switchyard::app::App::start(&config, switchyard::runtime::system_clock())
+            .await
+            .expect("control plane restarts");
+        TestApp {
+            server,
+            app,
+            client,
+            config,
+        }
+    }
+}
+
 /// A reply, split into its outcome.
 #[derive(Debug)]
 pub enum Reply {

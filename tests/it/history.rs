@@ -174,22 +174,7 @@ async fn a_garbage_publish_is_skipped_reported_and_repaired_by_an_operator() {
     assert_eq!(ack.principal.as_deref(), Some("anonymous"));
 
     // A new process rebuilds the same state and reports nothing acknowledged.
-    let TestApp {
-        server,
-        app,
-        client,
-        config,
-    } = test;
-    app.shutdown().await;
-    let app = switchyard::app::App::start(&config, switchyard::runtime::system_clock())
-        .await
-        .unwrap();
-    let test = TestApp {
-        server,
-        app,
-        client,
-        config,
-    };
+    let test = test.restart().await;
     assert!(readyz(&test).await.1.get("foreign_messages").is_none());
     let got = call(&test, "counter.get", json!({"id": "forged"}))
         .await
