@@ -90,9 +90,8 @@ pub struct EntityTable<A: Aggregate> {
 
 pub struct Row<A: Aggregate> {
     pub state: A,
-    /// Events folded in this life of the entity (a row is dropped when its entity is deleted).
-    pub version: u64,
-    /// The stream sequence of the entity's last message.
+    /// The stream sequence of the entity's last message: what reactions name their commands
+    /// after (it never repeats, unlike a version, which a re-created entity's row restarts).
     pub last_seq: u64,
     /// The `traceparent` of the entity's last message, for whoever reacts to it later.
     pub traceparent: Option<String>,
@@ -196,7 +195,6 @@ impl<A: Aggregate> Projection for EntityTable<A> {
             Some(row) => row,
             None => self.rows.entry(id.clone()).or_insert_with(|| Row {
                 state: A::default(),
-                version: 0,
                 last_seq: 0,
                 traceparent: None,
             }),
@@ -204,7 +202,6 @@ impl<A: Aggregate> Projection for EntityTable<A> {
         for event in &events {
             row.state.apply(event);
         }
-        row.version += events.len() as u64;
         row.last_seq = message.seq;
         let traceparent = message.header(crate::codec::header::TRACEPARENT);
         if row.traceparent.as_deref() != traceparent {
