@@ -198,7 +198,8 @@ pub fn parse_request(
         meta: CommandMeta {
             command_id,
             principal,
-            digest: Some(digest(kind, verb, &body)),
+            // Only an id that may come again needs telling a retry from a reuse.
+            digest: (!fresh).then(|| digest(kind, verb, &body)),
             fresh,
         },
         body,
@@ -209,22 +210,23 @@ pub fn parse_request(
 /// keys sorted at every level. A retry carries the same body; the same id with another digest
 /// is a reused id.
 pub fn digest(kind: &str, verb: &str, body: &Map<String, Value>) -> String {
+    fn object(map: &Map<String, Value>, out: &mut String) {
+        let mut keys: Vec<&String> = map.keys().collect();
+        keys.sort_unstable();
+        out.push('{');
+        for (i, key) in keys.into_iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            out.push_str(&Value::String(key.clone()).to_string());
+            out.push(':');
+            canonical(&map[key], out);
+        }
+        out.push('}');
+    }
     fn canonical(value: &Value, out: &mut String) {
         match value {
-            Value::Object(map) => {
-                let mut keys: Vec<&String> = map.keys().collect();
-                keys.sort_unstable();
-                out.push('{');
-                for (i, key) in keys.into_iter().enumerate() {
-                    if i > 0 {
-                        out.push(',');
-                    }
-                    out.push_str(&Value::String(key.clone()).to_string());
-                    out.push(':');
-                    canonical(&map[key], out);
-                }
-                out.push('}');
-            }
+            Value::Object(map) => object(map, out),
             Value::Array(items) => {
                 out.push('[');
                 for (i, item) in items.iter().enumerate() {
@@ -239,7 +241,7 @@ pub fn digest(kind: &str, verb: &str, body: &Map<String, Value>) -> String {
         }
     }
     let mut text = format!("{kind}.{verb}\n");
-    canonical(&Value::Object(body.clone()), &mut text);
+    object(body, &mut text);
     let hash = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
     hash.as_ref()[..16]
         .iter()
@@ -326,8 +328,13 @@ mod tests {
         // The command id is not part of what the command says.
         let with_id = parse(br#"{"command_id":"c1","id":"x"}"#).unwrap();
         let without = parse(br#"{"id":"x"}"#).unwrap();
-        assert_eq!(with_id.meta.digest, without.meta.digest);
+        assert_eq!(
+            with_id.meta.digest,
+            Some(digest("counter", "add", &without.body))
+        );
         assert!(!with_id.meta.fresh && without.meta.fresh);
+        // A generated id is never retried: nothing to tell apart, no digest.
+        assert_eq!(without.meta.digest, None);
     }
 
     #[test]
