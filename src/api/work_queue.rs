@@ -26,7 +26,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tracing::Instrument;
 
 use super::server::{ApiContext, accepts_fire_and_forget, encode_reply};
-use super::{ApiError, parse_request};
+use super::{ApiError, ApiRequest, parse_request};
 use crate::config::StoreConfig;
 use crate::domain::{CommandId, ErrorKind};
 use crate::metrics::OutcomeLabels;
@@ -222,8 +222,9 @@ async fn run(
                 }
                 message = messages.next(), if lanes.held() < MAX_HELD => match message {
                     Some(Ok(message)) => {
-                        let key = lane(&context, &message);
-                        lanes.admit(&key, message);
+                        let pulled = Pulled::new(&context, message);
+                        let key = pulled.lane.clone();
+                        lanes.admit(&key, pulled);
                         start(&mut lanes, &mut running, &context, &stopping, &key);
                     }
                     Some(Err(err)) => {
@@ -253,10 +254,10 @@ async fn run(
     }
     // Give back what waits, in stream order, and the pin: another instance takes over now
     // rather than after the pin times out. What is in flight finishes (or is redelivered).
-    let mut waiting: Vec<&(u64, jetstream::Message)> = lanes.queued.values().flatten().collect();
-    waiting.sort_by_key(|(seq, _)| *seq);
-    for (_, message) in waiting {
-        let _ = message.ack_with(AckKind::Nak(None)).await;
+    let mut waiting: Vec<&Pulled> = lanes.queued.values().flatten().collect();
+    waiting.sort_by_key(|pulled| pulled.seq);
+    for pulled in waiting {
+        let _ = pulled.message.ack_with(AckKind::Nak(None)).await;
     }
     while running.join_next().await.is_some() {}
     if let Err(err) = stream.unpin_consumer(CONSUMER, GROUP).await {
@@ -281,11 +282,11 @@ fn start(
     if running.len() >= CONCURRENCY {
         return;
     }
-    if let Some(message) = lanes.next(key) {
+    if let Some(pulled) = lanes.next(key) {
         let id = running
             .spawn(process_until_definite(
                 context.clone(),
-                message,
+                pulled,
                 stopping.clone(),
             ))
             .id();
@@ -293,30 +294,76 @@ fn start(
     }
 }
 
-/// The lane of a command: its entity (`<kind>\n<id>`), or its own when it names none (it will
-/// be refused anyway).
-fn lane(context: &ApiContext, message: &jetstream::Message) -> String {
-    let (_, kind, verb) = context
-        .subjects
-        .parse_command(message.subject.as_str())
-        .unwrap_or((None, "", ""));
-    let entity = context.router.route(kind, verb).ok().and_then(|route| {
-        let entity_of = route.entity?;
-        let request = parse_request(
+/// A command as pulled, read once however often it is tried: its route and request (or why it
+/// cannot run), who sent it, and its lane.
+struct Pulled {
+    message: jetstream::Message,
+    seq: u64,
+    kind: String,
+    verb: String,
+    /// Known as soon as the request parses.
+    command_id: Option<CommandId>,
+    /// The request, authorized, with its caller's principal; or the definite refusal.
+    request: Result<ApiRequest, ApiError>,
+    /// Its entity (`<kind>\n<id>`), or its own when it names none (it is refused anyway).
+    lane: String,
+}
+
+impl Pulled {
+    fn new(context: &ApiContext, message: jetstream::Message) -> Self {
+        let seq = stream_sequence(&message);
+        let (account, kind, verb) = context
+            .subjects
+            .parse_command(message.subject.as_str())
+            .unwrap_or((None, "", ""));
+        let (kind, verb) = (kind.to_owned(), verb.to_owned());
+        let mut command_id = None;
+        let mut entity = None;
+        let request = (|| {
+            let route = context.router.route(&kind, &verb)?;
+            if !accepts_fire_and_forget(route.mode) {
+                return Err(ApiError::invalid(format!(
+                    "{kind}.{verb} is a query; send it as a request to {}",
+                    context.subjects.api(&kind, &verb)
+                )));
+            }
+            let mut request = parse_request(
+                &kind,
+                &verb,
+                &message.payload,
+                message.headers.as_ref(),
+                context.config.max_payload,
+                super::IdSource::Derived,
+                || command_id_of(&message, seq),
+            )?;
+            command_id = Some(request.meta.command_id.clone());
+            entity = route.entity.and_then(|entity_of| entity_of(&request));
+            let caller = context.auth.identify(
+                super::auth::Origin::FireAndForget {
+                    account,
+                    headers: message.headers.as_ref(),
+                },
+                &request.meta.principal,
+            )?;
+            request.meta.principal = caller.principal.clone();
+            context
+                .auth
+                .authorize(&caller, &kind, &verb, route.mode, &request)?;
+            Ok(request)
+        })();
+        let lane = match entity {
+            Some(entity) => format!("{kind}\n{entity}"),
+            None => format!("\n{seq}"),
+        };
+        Self {
+            message,
+            seq,
             kind,
             verb,
-            &message.payload,
-            message.headers.as_ref(),
-            context.config.max_payload,
-            super::IdSource::Fresh,
-            crate::runtime::new_command_id,
-        )
-        .ok()?;
-        entity_of(&request)
-    });
-    match entity {
-        Some(entity) => format!("{kind}\n{entity}"),
-        None => format!("\n{}", stream_sequence(message)),
+            command_id,
+            request,
+            lane,
+        }
     }
 }
 
@@ -332,7 +379,7 @@ fn stream_sequence(message: &jetstream::Message) -> u64 {
 struct Lanes {
     /// While set, nothing starts (see `run`).
     gated: bool,
-    queued: HashMap<String, VecDeque<(u64, jetstream::Message)>>,
+    queued: HashMap<String, VecDeque<Pulled>>,
     running: HashMap<tokio::task::Id, String>,
     busy: HashSet<String>,
 }
@@ -340,30 +387,29 @@ struct Lanes {
 impl Lanes {
     /// Queues `message` in its lane, by stream sequence: a redelivery of an older command goes
     /// before the newer ones that overtook it.
-    fn admit(&mut self, key: &str, message: jetstream::Message) {
-        let seq = stream_sequence(&message);
+    fn admit(&mut self, key: &str, pulled: Pulled) {
         let queue = self.queued.entry(key.to_owned()).or_default();
-        let at = queue.partition_point(|(queued, _)| *queued < seq);
-        if queue.get(at).is_some_and(|(queued, _)| *queued == seq) {
+        let at = queue.partition_point(|queued| queued.seq < pulled.seq);
+        if queue.get(at).is_some_and(|queued| queued.seq == pulled.seq) {
             // The same command delivered again while it waits: keep the newer delivery.
-            queue[at] = (seq, message);
+            queue[at] = pulled;
         } else {
-            queue.insert(at, (seq, message));
+            queue.insert(at, pulled);
         }
     }
 
     /// The lane's next command to run, if the lane is free and the gate open.
-    fn next(&mut self, key: &str) -> Option<jetstream::Message> {
+    fn next(&mut self, key: &str) -> Option<Pulled> {
         if self.gated || self.busy.contains(key) {
             return None;
         }
         let queue = self.queued.get_mut(key)?;
-        let (_, message) = queue.pop_front()?;
+        let pulled = queue.pop_front()?;
         if queue.is_empty() {
             self.queued.remove(key);
         }
         self.busy.insert(key.to_owned());
-        Some(message)
+        Some(pulled)
     }
 
     fn started(&mut self, task: tokio::task::Id, key: String) {
@@ -387,7 +433,7 @@ impl Lanes {
     }
 
     fn waiting(&self) -> impl Iterator<Item = &jetstream::Message> {
-        self.queued.values().flatten().map(|(_, message)| message)
+        self.queued.values().flatten().map(|pulled| &pulled.message)
     }
 }
 
@@ -407,12 +453,12 @@ const MAX_RETRY_DELAY: Duration = Duration::from_secs(30);
 /// for redelivery.
 async fn process_until_definite(
     context: Arc<ApiContext>,
-    message: jetstream::Message,
+    pulled: Pulled,
     stopping: watch::Receiver<bool>,
 ) {
     let mut delay = context.config.command_retry_delay;
     loop {
-        let retry = process(&context, &message).await;
+        let retry = process(&context, &pulled).await;
         if !retry {
             return;
         }
@@ -424,7 +470,7 @@ async fn process_until_definite(
             })
             .inc();
         // Still ours: push the redelivery deadline back while it waits.
-        let _ = message.ack_with(AckKind::Progress).await;
+        let _ = pulled.message.ack_with(AckKind::Progress).await;
         if *stopping.borrow() {
             return;
         }
@@ -440,16 +486,17 @@ async fn process_until_definite(
 
 /// Runs one command once and publishes its outcome; acknowledges it unless the outcome is
 /// transient. Returns whether it should be tried again.
-async fn process(context: &ApiContext, message: &jetstream::Message) -> bool {
+async fn process(context: &ApiContext, pulled: &Pulled) -> bool {
     let started = Instant::now();
-    let seq = message
-        .info()
-        .map(|info| info.stream_sequence)
-        .unwrap_or_default();
-    let (account, kind, verb) = context
-        .subjects
-        .parse_command(message.subject.as_str())
-        .unwrap_or((None, "", ""));
+    let Pulled {
+        message,
+        seq,
+        kind,
+        verb,
+        command_id,
+        ..
+    } = pulled;
+    let (seq, kind, verb) = (*seq, kind.as_str(), verb.as_str());
     let span = tracing::debug_span!(
         "cmd",
         otel.name = %message.subject,
@@ -457,42 +504,13 @@ async fn process(context: &ApiContext, message: &jetstream::Message) -> bool {
         messaging.system = "nats",
         kind,
         verb,
-        command_id = tracing::field::Empty,
+        command_id = command_id.as_ref().map(CommandId::as_str),
         code = tracing::field::Empty,
     );
     telemetry::continue_trace(&span, message.headers.as_ref());
-    let mut command_id = None;
     let result = async {
-        let route = context.router.route(kind, verb)?;
-        let (mode, handler) = (route.mode, route.handler.clone());
-        if !accepts_fire_and_forget(mode) {
-            return Err(ApiError::invalid(format!(
-                "{kind}.{verb} is a query; send it as a request to {}",
-                context.subjects.api(kind, verb)
-            )));
-        }
-        let mut request = parse_request(
-            kind,
-            verb,
-            &message.payload,
-            message.headers.as_ref(),
-            context.config.max_payload,
-            super::IdSource::Derived,
-            || command_id_of(message, seq),
-        )?;
-        tracing::Span::current().record("command_id", request.meta.command_id.as_str());
-        command_id = Some(request.meta.command_id.clone());
-        let caller = context.auth.identify(
-            super::auth::Origin::FireAndForget {
-                account,
-                headers: message.headers.as_ref(),
-            },
-            &request.meta.principal,
-        )?;
-        request.meta.principal = caller.principal.clone();
-        context
-            .auth
-            .authorize(&caller, kind, verb, mode, &request)?;
+        let request = pulled.request.clone()?;
+        let handler = context.router.route(kind, verb)?.handler.clone();
         handler.handle(request).await
     }
     .instrument(span.clone())
@@ -525,15 +543,14 @@ async fn process(context: &ApiContext, message: &jetstream::Message) -> bool {
     if retry {
         return true;
     }
-    let (ack, outcome) = (AckKind::Ack, code);
     context
         .metrics
         .work_queue
         .get_or_create(&OutcomeLabels {
-            outcome: outcome.to_owned(),
+            outcome: code.to_owned(),
         })
         .inc();
-    if let Err(err) = message.ack_with(ack).await {
+    if let Err(err) = message.ack_with(AckKind::Ack).await {
         tracing::warn!(
             seq,
             error = &*err,
