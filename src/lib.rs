@@ -11,6 +11,7 @@ pub mod client;
 pub mod codec;
 pub mod config;
 pub mod domain;
+pub mod error_chain;
 pub mod failpoint;
 pub mod http;
 pub mod metrics;

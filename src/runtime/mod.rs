@@ -204,14 +204,4 @@ impl CommandError {
     }
 }
 
-/// An error and its sources, one line: for replies and logs that must stand alone.
-pub fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(next) = source {
-        text.push_str(": ");
-        text.push_str(&next.to_string());
-        source = next.source();
-    }
-    text
-}
+pub use crate::error_chain::error_chain;

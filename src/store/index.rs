@@ -55,12 +55,7 @@ impl CommandIndex {
                 name: bucket.clone(),
                 source: e.into(),
             })?;
-        Ok(Self {
-            kv,
-            bucket,
-            window: config.idempotency_window,
-            position: Arc::new(AtomicU64::new(0)),
-        })
+        Ok(Self::on(kv, bucket, config))
     }
 
     /// The bucket as it is, created by someone else.
@@ -74,12 +69,16 @@ impl CommandIndex {
                 name: bucket.clone(),
                 source: e.into(),
             })?;
-        Ok(Self {
+        Ok(Self::on(kv, bucket, config))
+    }
+
+    fn on(kv: kv::Store, bucket: String, config: &StoreConfig) -> Self {
+        Self {
             kv,
             bucket,
             window: config.idempotency_window,
             position: Arc::new(AtomicU64::new(0)),
-        })
+        }
     }
 
     pub fn window(&self) -> Duration {

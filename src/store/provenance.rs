@@ -161,7 +161,7 @@ fn inspect<E: DomainEvent>(kind: &str, message: &StoredMessage) -> Result<Proven
         }
         Err(err) => {
             return Err(Foreign::Payload {
-                reason: chain(&err),
+                reason: crate::error_chain::error_chain(&err),
             });
         }
     };
@@ -230,18 +230,6 @@ fn record(name: &str, message: &StoredMessage) -> Result<Record, Foreign> {
             value: other.to_owned(),
         }),
     }
-}
-
-/// An error and its sources on one line.
-fn chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(next) = source {
-        text.push_str(": ");
-        text.push_str(&next.to_string());
-        source = next.source();
-    }
-    text
 }
 
 /// The acknowledged sequences, if `message` is an acknowledgement the store wrote.
