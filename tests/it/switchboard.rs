@@ -636,27 +636,30 @@ impl Reply {
     }
 }
 
-#[tokio::test]
-async fn kill_9_between_lease_and_meeting_point_leaks_nothing() {
-    let nats = start_nats();
-    let logs = tempfile::tempdir().unwrap();
-    let log = logs.path().join("switchyard.log");
+/// A control plane killed (SIGKILL, at the `reserve.after_lease` failpoint) in the middle of
+/// reserving `body` on the given pods, then started again with `fast` settings: the pod's
+/// port is leased, the meeting point not recorded. Returns the client, the reservation's body
+/// and the restarted process.
+async fn crash_after_lease(
+    nats: &switchyard::nats_server::NatsServer,
+    log: &std::path::Path,
+    fast: &[(&str, &str)],
+    pods: &[&str],
+) -> (async_nats::Client, Value, Switchyard) {
     let client = async_nats::ConnectOptions::new()
         .request_timeout(Some(Duration::from_secs(2)))
         .connect(nats.url())
         .await
         .unwrap();
-    let fast = [
-        ("SWITCHYARD_SWITCHBOARD__RECONCILE_INTERVAL", "100ms"),
-        ("SWITCHYARD_SWITCHBOARD__RECONCILE_GRACE", "1s"),
-    ];
     let mut crashing = fast.to_vec();
     crashing.push(("SWITCHYARD_FAILPOINTS", "reserve.after_lease"));
-    let mut switchyard = Switchyard::spawn_with(&nats.url(), &log, &crashing);
+    let mut switchyard = Switchyard::spawn_with(&nats.url(), log, &crashing);
     wait_serving(&client).await;
-    request(&client, "pod.add", json!({"pod": "p0"}).to_string(), None)
-        .await
-        .ok();
+    for pod in pods {
+        request(&client, "pod.add", json!({"pod": pod}).to_string(), None)
+            .await
+            .ok();
+    }
     let body = json!({"machine": "m1", "username": "root", "command_id": "reserve-1"});
     let reply = client
         .request("sy.api.meeting_point.reserve", body.to_string().into())
@@ -672,9 +675,21 @@ async fn kill_9_between_lease_and_meeting_point_leaks_nothing() {
     )
     .await;
     drop(switchyard);
-
-    let _restarted = Switchyard::spawn_with(&nats.url(), &log, &fast);
+    let restarted = Switchyard::spawn_with(&nats.url(), log, fast);
     wait_serving(&client).await;
+    (client, body, restarted)
+}
+
+#[tokio::test]
+async fn kill_9_between_lease_and_meeting_point_leaks_nothing() {
+    let nats = start_nats();
+    let logs = tempfile::tempdir().unwrap();
+    let log = logs.path().join("switchyard.log");
+    let fast = [
+        ("SWITCHYARD_SWITCHBOARD__RECONCILE_INTERVAL", "100ms"),
+        ("SWITCHYARD_SWITCHBOARD__RECONCILE_GRACE", "1s"),
+    ];
+    let (client, body, _restarted) = crash_after_lease(&nats, &log, &fast, &["p0"]).await;
     let counted = request(
         &client,
         "pod.count_meeting_points",
@@ -741,39 +756,13 @@ async fn kill_9_then_a_retry_on_another_pod_leaks_no_lease() {
     let nats = start_nats();
     let logs = tempfile::tempdir().unwrap();
     let log = logs.path().join("switchyard.log");
-    let client = async_nats::ConnectOptions::new()
-        .request_timeout(Some(Duration::from_secs(2)))
-        .connect(nats.url())
-        .await
-        .unwrap();
     // A grace long enough for the retry to come first, as it would for a caller that retries
     // at once.
     let fast = [
         ("SWITCHYARD_SWITCHBOARD__RECONCILE_INTERVAL", "100ms"),
         ("SWITCHYARD_SWITCHBOARD__RECONCILE_GRACE", "5s"),
     ];
-    let mut crashing = fast.to_vec();
-    crashing.push(("SWITCHYARD_FAILPOINTS", "reserve.after_lease"));
-    let mut switchyard = Switchyard::spawn_with(&nats.url(), &log, &crashing);
-    wait_serving(&client).await;
-    for pod in ["p0", "p1"] {
-        request(&client, "pod.add", json!({"pod": pod}).to_string(), None)
-            .await
-            .ok();
-    }
-    let body = json!({"machine": "m1", "username": "root", "command_id": "reserve-1"});
-    let reply = client
-        .request("sy.api.meeting_point.reserve", body.to_string().into())
-        .await;
-    assert!(reply.is_err(), "the process died before replying");
-    wait_for("the process to die", Duration::from_secs(5), || {
-        std::future::ready(switchyard.has_exited().then_some(()))
-    })
-    .await;
-    drop(switchyard);
-
-    let _restarted = Switchyard::spawn_with(&nats.url(), &log, &fast);
-    wait_serving(&client).await;
+    let (client, body, _restarted) = crash_after_lease(&nats, &log, &fast, &["p0", "p1"]).await;
     let count = |pod: &'static str| {
         let client = client.clone();
         async move {
