@@ -31,6 +31,10 @@ fn with_title(mut schema: Schema, id: &str, description: &str) -> Value {
 }
 
 /// Every generated file: path relative to `schemas/`, and its contents.
+/// The store's record of acknowledged foreign messages, in the event channels.
+const ACKNOWLEDGE_FOREIGN_RECORD: &str = "record.acknowledge_foreign";
+const ACKNOWLEDGE_FOREIGN_PATH: &str = "events/record.acknowledge_foreign.v1.json";
+
 pub fn generate() -> BTreeMap<String, String> {
     let mut files = BTreeMap::new();
     let subjects = Subjects::default();
@@ -143,6 +147,11 @@ pub fn generate() -> BTreeMap<String, String> {
                 );
             }
         }
+        // The store's own record, which any entity's history may hold.
+        messages.insert(
+            format!("{ACKNOWLEDGE_FOREIGN_RECORD}.v1"),
+            json!({ "name": ACKNOWLEDGE_FOREIGN_RECORD, "payload": { "$ref": format!("./{ACKNOWLEDGE_FOREIGN_PATH}") } }),
+        );
         channels.insert(format!("events.{}", kind.kind), json!({
             "address": format!("{}.evt.{}.{{entity}}", subjects.prefix(), kind.kind),
             "description": format!("Events of {} entities, one subject per entity; each message is one command's events, see events/commit.json", kind.kind),
@@ -150,6 +159,14 @@ pub fn generate() -> BTreeMap<String, String> {
             "messages": messages,
         }));
     }
+    files.insert(
+        ACKNOWLEDGE_FOREIGN_PATH.to_owned(),
+        pretty(&with_title(
+            generator().root_schema_for::<crate::store::provenance::AcknowledgedForeign>(),
+            ACKNOWLEDGE_FOREIGN_PATH,
+            "A record of the store, not an event: an operator acknowledged foreign messages in the entity's history (header Switchyard-Record: acknowledge_foreign, JSON payload, no Switchyard-Event-Type; the entity version is unchanged)",
+        )),
+    );
     files.insert("events/commit.json".to_owned(), pretty(&json!({
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": "events/commit.json",
@@ -255,6 +272,7 @@ mod tests {
     fn every_event_version_and_route_has_a_schema() {
         let files = generate();
         for name in [
+            "events/record.acknowledge_foreign.v1.json",
             "events/counter.created.v1.json",
             "events/counter.created.v2.json",
             "api/counter.add.request.json",
