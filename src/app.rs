@@ -44,6 +44,8 @@ pub enum AppError {
     Subscribe(#[from] async_nats::SubscribeError),
     #[error("cannot start the fire-and-forget command queue")]
     WorkQueue(#[from] WorkQueueError),
+    #[error("cannot take part in shard ownership")]
+    Cluster(#[from] crate::cluster::ClusterError),
     #[error("cannot serve HTTP on {addr}")]
     Http {
         addr: SocketAddr,
@@ -59,6 +61,8 @@ pub struct App {
     services: Services,
     probes: Probes,
     api: ApiServer,
+    forwarded: crate::cluster::forward::Forwarded,
+    ownership: crate::cluster::Ownership,
     work_queue: WorkQueue,
     http: actix_web::dev::ServerHandle,
     http_addr: SocketAddr,
@@ -77,12 +81,20 @@ impl App {
         let store =
             EventStore::open(client.clone(), &config.store, config.nats.request_timeout).await?;
         let metrics = Metrics::new();
+        let ownership = crate::cluster::Ownership::open(
+            store.jetstream(),
+            &config.store,
+            &config.cluster,
+            metrics.clone(),
+        )
+        .await?;
         let services = Services::start(
             &store,
             &config.runtime,
             &config.switchboard,
             clock.clone(),
             &metrics,
+            &ownership,
         );
         let specs = routes();
         let started = (clock)().to_offset_date_time();
@@ -91,6 +103,7 @@ impl App {
             store.subjects(),
             &config.api.queue_group,
             started,
+            ownership.clone(),
         ));
         let auth = Auth::new(&config.auth)?;
         match auth.mode() {
@@ -110,6 +123,7 @@ impl App {
             micro: micro.clone(),
             metrics: metrics.clone(),
             config: config.api.clone(),
+            ownership: ownership.clone(),
         });
         // Probes first, so `/readyz` says what the read models are doing while they rebuild.
         let probes = Probes {
@@ -128,17 +142,25 @@ impl App {
         // and a reservation would place from half a pod table. Until then the queue group
         // sends requests to replicas that are ready (or callers get "no responders").
         wait_caught_up(&services).await;
+        // Then take a share of the shards: other replicas send this one their requests from
+        // now on, so its own subjects are served first.
+        let forwarded =
+            crate::cluster::forward::Forwarded::start(context.clone(), services.endpoints())
+                .await?;
+        ownership.announce().await?;
         let api = ApiServer::start(context.clone()).await?;
         micro.serve(client.clone()).await?;
         let work_queue = WorkQueue::start(context, store.jetstream(), &config.store).await?;
         probes.api_serving.store(true, Ordering::Release);
-        tracing::info!(http = %http_addr, stream = store.stream_name(), "control plane started");
+        tracing::info!(http = %http_addr, stream = store.stream_name(), replica = ownership.replica(), shards = ?ownership.owned(), "control plane started");
         Ok(Self {
             client,
             store,
             services,
             probes,
             api,
+            forwarded,
+            ownership,
             work_queue,
             http,
             http_addr,
@@ -161,6 +183,10 @@ impl App {
         &self.services
     }
 
+    pub fn ownership(&self) -> &crate::cluster::Ownership {
+        &self.ownership
+    }
+
     pub fn metrics(&self) -> &Metrics {
         &self.probes.metrics
     }
@@ -175,6 +201,11 @@ impl App {
         self.probes.api_serving.store(false, Ordering::Release);
         self.api.stop(GRACE).await;
         self.work_queue.stop(GRACE).await;
+        // Hand the shards over at once (each after its appends in flight), then stop taking
+        // forwarded requests: a request already forwarded here finds the shard moved and looks
+        // again.
+        self.ownership.stop().await;
+        self.forwarded.stop().await;
         self.http.stop(true).await;
         self.services.shutdown(GRACE).await;
         // Drain: unsubscribe everything, flush, close; no reconnect noise after this.

@@ -28,6 +28,11 @@ pub mod header {
     pub const COMMAND_ID_GENERATED: &str = "Switchyard-Command-Id-Generated";
     /// When the control plane decided the command (RFC 3339); the stream keeps its own time too.
     pub const RECORDED_AT: &str = "Switchyard-Recorded-At";
+    /// The shard of the entity, the fencing token of the lease its owner held (the lease's
+    /// revision when taken), and the replica that wrote it: who owned the shard at each commit.
+    pub const SHARD: &str = "Switchyard-Shard";
+    pub const FENCE: &str = "Switchyard-Fence";
+    pub const REPLICA: &str = "Switchyard-Replica";
     pub const CONTENT_TYPE: &str = "Content-Type";
     pub const TRACEPARENT: &str = "traceparent";
     pub const TRACESTATE: &str = "tracestate";

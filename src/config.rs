@@ -19,6 +19,7 @@ pub struct Config {
     pub store: StoreConfig,
     pub runtime: RuntimeConfig,
     pub switchboard: SwitchboardConfig,
+    pub cluster: ClusterConfig,
     pub api: ApiConfig,
     pub auth: AuthConfig,
     pub http: HttpConfig,
@@ -299,6 +300,41 @@ impl Default for ApiConfig {
             queue_group: "switchyard".to_owned(),
             command_failover: Duration::from_secs(15),
         }
+    }
+}
+
+/// How replicas share the entities: shards, each owned by one replica at a time through a
+/// lease in the `<prefix>_SHARDS` bucket.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// How many shards the entities are hashed into. Every replica must agree: the first one
+    /// records it in the bucket and a replica configured otherwise refuses to start. More
+    /// shards than replicas spread the load evenly; changing it needs every replica stopped.
+    pub shards: u32,
+    /// How long a shard's lease lives without renewal: a killed replica's shards are taken
+    /// over within about this long. Its owner renews it every quarter of it and stops
+    /// serving the shard once three quarters have passed since its last successful renewal.
+    #[serde(with = "humantime_serde")]
+    pub lease_ttl: Duration,
+    /// This replica's name in leases, forwarding subjects and `/metrics`; a subject token.
+    /// Empty: the host name and a random suffix, new at every start.
+    pub replica: String,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            shards: 32,
+            lease_ttl: Duration::from_secs(6),
+            replica: String::new(),
+        }
+    }
+}
+
+impl StoreConfig {
+    pub fn shard_bucket(&self) -> String {
+        format!("{}_SHARDS", self.stream_prefix)
     }
 }
 

@@ -8,6 +8,7 @@ pub mod audit;
 pub mod bench;
 pub mod cli;
 pub mod client;
+pub mod cluster;
 pub mod codec;
 pub mod config;
 pub mod domain;

@@ -42,6 +42,11 @@ pub struct ProjectionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ShardLabels {
+    pub shard: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
     pub outcome: String,
 }
@@ -68,6 +73,12 @@ pub struct Metrics {
     pub indexed: Counter,
     /// Lookups in the command index, by whether they found the command.
     pub index_lookups: Family<OutcomeLabels, Counter>,
+    /// 1 for each shard this replica owns (and serves) now, 0 for the others.
+    pub shard_owned: Family<ShardLabels, Gauge>,
+    /// Shard leases taken, handed over, and lost (lapsed or taken by another), by outcome.
+    pub shard_changes: Family<OutcomeLabels, Counter>,
+    /// Requests sent on to the replica that owns their entity, by how (`api`, `entity`).
+    pub forwarded: Family<OutcomeLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -158,8 +169,29 @@ impl Metrics {
             "Retry checks beyond an entity's recent commands, by outcome (found, missing)",
             index_lookups.clone(),
         );
+        let shard_owned = Family::<ShardLabels, Gauge>::default();
+        registry.register(
+            "shard_owned",
+            "1 for each shard this replica owns and serves",
+            shard_owned.clone(),
+        );
+        let shard_changes = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "shard_changes",
+            "Shard leases acquired, released (handed over) and lost",
+            shard_changes.clone(),
+        );
+        let forwarded = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "forwarded",
+            "Requests forwarded to the replica owning their entity",
+            forwarded.clone(),
+        );
         Self {
             registry: Arc::new(registry),
+            shard_owned,
+            shard_changes,
+            forwarded,
             foreign,
             indexed,
             index_lookups,

@@ -308,3 +308,69 @@ impl Drop for NatsServer {
         self.kill();
     }
 }
+
+/// A cluster of real servers on this machine (loopback, free ports): each node is a
+/// [`NatsServer`] with a `cluster {}` block routing to the others. For fail-over tests,
+/// `switchyard dev --replicas 3` and the `replicas` benchmark.
+#[derive(Debug)]
+pub struct NatsCluster {
+    pub nodes: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    /// Starts `size` nodes named `n0`, `n1`, ...; `extra` is added to every node's config.
+    pub fn start(binary: &Path, size: usize, extra: Option<&str>) -> Result<Self> {
+        let cluster_ports: Vec<u16> = (0..size).map(|_| free_port()).collect::<Result<_>>()?;
+        let routes: Vec<String> = cluster_ports
+            .iter()
+            .map(|p| format!("nats-route://127.0.0.1:{p}"))
+            .collect();
+        let mut nodes = Vec::with_capacity(size);
+        for (i, port) in cluster_ports.iter().enumerate() {
+            let mut options = Options::new(binary.to_owned());
+            let cluster = format!(
+                "server_name: n{i}\ncluster {{\n  name: switchyard\n  listen: \"127.0.0.1:{port}\"\n  routes: [{}]\n}}\n{}",
+                routes.join(", "),
+                extra.unwrap_or("")
+            );
+            options.extra_config = Some(cluster);
+            nodes.push(NatsServer::start(options)?);
+        }
+        Ok(Self { nodes })
+    }
+
+    /// Every node's client URL.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(NatsServer::url).collect()
+    }
+}
+
+/// A port nobody listens on now (the OS picks it; a race with another process is possible
+/// but harmless on a test machine: the server then fails to start and says so).
+fn free_port() -> Result<u16> {
+    let listener =
+        std::net::TcpListener::bind("127.0.0.1:0").map_err(|source| NatsServerError::Files {
+            path: PathBuf::from("127.0.0.1:0"),
+            source,
+        })?;
+    listener
+        .local_addr()
+        .map(|a| a.port())
+        .map_err(|source| NatsServerError::Files {
+            path: PathBuf::from("127.0.0.1:0"),
+            source,
+        })
+}
+
+/// Waits until JetStream answers on `client` (a new cluster elects its meta leader first).
+pub async fn wait_for_jetstream(client: &async_nats::Client, limit: Duration) -> bool {
+    let js = async_nats::jetstream::new(client.clone());
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        if js.query_account().await.is_ok() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}

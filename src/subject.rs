@@ -157,6 +157,29 @@ impl Subjects {
         format!("{}.cmd.>", self.prefix)
     }
 
+    /// Where requests for the shards of `replica` are forwarded: `<prefix>.replica.<replica>.
+    /// api.<kind>.<verb>` (a caller's request, as it came) and `...entity.<kind>` (a command
+    /// or read of one entity, from another replica).
+    pub fn replica(&self, replica: &str) -> String {
+        format!("{}.replica.{replica}", self.prefix)
+    }
+
+    pub fn replica_api(&self, replica: &str, kind: &str, verb: &str) -> String {
+        format!("{}.replica.{replica}.api.{kind}.{verb}", self.prefix)
+    }
+
+    pub fn replica_entity(&self, replica: &str, kind: &str) -> String {
+        format!("{}.replica.{replica}.entity.{kind}", self.prefix)
+    }
+
+    /// `(channel, rest)` of a subject under `<prefix>.replica.<replica>.`: `("api",
+    /// "<kind>.<verb>")` or `("entity", "<kind>")`.
+    pub fn parse_replica<'a>(&self, subject: &'a str, replica: &str) -> Option<(&'a str, &'a str)> {
+        let rest = self.strip(subject, "replica")?;
+        let rest = rest.strip_prefix(replica)?.strip_prefix('.')?;
+        rest.split_once('.')
+    }
+
     pub fn result(&self, command_id: &str) -> String {
         format!("{}.result.{}", self.prefix, encode_token(command_id))
     }

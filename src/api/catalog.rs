@@ -92,8 +92,10 @@ impl Services {
         switchboard: &SwitchboardConfig,
         clock: Clock,
         metrics: &Metrics,
+        ownership: &crate::cluster::Ownership,
     ) -> Self {
         let settings = Arc::new(Settings {
+            ownership: ownership.clone(),
             mailbox_capacity: runtime.mailbox_capacity,
             passivate_after: runtime.passivate_after,
             conflict_retries: runtime.conflict_retries,
@@ -140,6 +142,16 @@ impl Services {
             switchboard,
             switchboard_timers,
         }
+    }
+
+    /// What answers other replicas' requests for entities of this replica's shards: one per
+    /// kind.
+    pub fn endpoints(&self) -> Vec<Arc<dyn crate::runtime::remote::Endpoint>> {
+        vec![
+            Arc::new(self.counters.clone()),
+            Arc::new(self.switchboard.pods.clone()),
+            Arc::new(self.switchboard.meeting_points.clone()),
+        ]
     }
 
     /// Stops reapers and read models, then every entity actor (each snapshots on the way out).

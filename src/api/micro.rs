@@ -47,6 +47,7 @@ pub struct Micro {
     started: OffsetDateTime,
     queue_group: String,
     endpoints: BTreeMap<(String, String), Endpoint>,
+    ownership: crate::cluster::Ownership,
 }
 
 impl Micro {
@@ -55,6 +56,7 @@ impl Micro {
         subjects: &Subjects,
         queue_group: &str,
         started: OffsetDateTime,
+        ownership: crate::cluster::Ownership,
     ) -> Self {
         let endpoints = specs
             .iter()
@@ -90,6 +92,7 @@ impl Micro {
             started,
             queue_group: queue_group.to_owned(),
             endpoints,
+            ownership,
         }
     }
 
@@ -116,13 +119,28 @@ impl Micro {
         }
     }
 
+    /// Which replica this is and the shards it owns now (micro metadata values are strings).
+    fn metadata(&self) -> Value {
+        let owned: Vec<String> = self
+            .ownership
+            .owned()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        json!({
+            "replica": self.ownership.replica(),
+            "shards": self.ownership.shards().to_string(),
+            "owned_shards": owned.join(","),
+        })
+    }
+
     fn ping(&self) -> Value {
         json!({
             "type": "io.nats.micro.v1.ping_response",
             "name": SERVICE_NAME,
             "id": self.id,
             "version": self.version,
-            "metadata": {},
+            "metadata": self.metadata(),
         })
     }
 
@@ -144,7 +162,7 @@ impl Micro {
             "name": SERVICE_NAME,
             "id": self.id,
             "version": self.version,
-            "metadata": {},
+            "metadata": self.metadata(),
             "description": SERVICE_DESCRIPTION,
             "endpoints": endpoints,
         })
@@ -181,7 +199,7 @@ impl Micro {
             "name": SERVICE_NAME,
             "id": self.id,
             "version": self.version,
-            "metadata": {},
+            "metadata": self.metadata(),
             "started": self.started.format(&Rfc3339).unwrap_or_default(),
             "endpoints": endpoints,
         })

@@ -242,7 +242,7 @@ where
                 entities: A::entities(services).clone(),
             })
         }),
-        entity: None,
+        entity: Some(|request| body_field(request, "id")),
     }
 }
 

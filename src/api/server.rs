@@ -29,6 +29,7 @@ pub struct ApiContext {
     pub micro: Arc<Micro>,
     pub metrics: Metrics,
     pub config: ApiConfig,
+    pub ownership: crate::cluster::Ownership,
 }
 
 /// The running request/reply server.
@@ -74,7 +75,7 @@ impl ApiServer {
                     Ok(permit) => {
                         let context = context.clone();
                         tokio::spawn(async move {
-                            handle(&context, message).await;
+                            handle(&context, message, Via::Caller).await;
                             drop(permit);
                         });
                     }
@@ -105,30 +106,60 @@ impl ApiServer {
     }
 }
 
-/// Handles one request end to end; never fails: every outcome is a reply.
-async fn handle(context: &ApiContext, message: Message) {
+/// How a request reached this replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// From the caller, through the queue group: it may belong to another replica's shard.
+    Caller,
+    /// Forwarded by another replica, which found this one owning the entity's shard.
+    Replica,
+}
+
+/// What became of a request.
+enum Handled {
+    Reply(Bytes),
+    /// Sent on to the replica owning its entity, which answers the caller directly.
+    Forwarded,
+}
+
+/// Handles one request end to end; never fails: every outcome is a reply (here, or from the
+/// replica it was forwarded to).
+pub async fn handle(context: &ApiContext, message: Message, via: Via) {
     let started = Instant::now();
     let Some(reply) = message.reply.clone() else {
         return;
     };
-    let (kind, verb) = context
-        .subjects
-        .parse_route(message.subject.as_str(), "api")
-        .map_or(("", ""), |(k, v)| (k, v));
+    let route = match via {
+        Via::Caller => context
+            .subjects
+            .parse_route(message.subject.as_str(), "api"),
+        Via::Replica => context
+            .subjects
+            .parse_replica(message.subject.as_str(), context.ownership.replica())
+            .and_then(|(channel, rest)| (channel == "api").then_some(rest))
+            .and_then(|rest| rest.split_once('.')),
+    };
+    let (kind, verb) = route.unwrap_or(("", ""));
     let span = tracing::debug_span!(
         "api",
-        otel.name = %message.subject,
+        otel.name = %format!("{}", context.subjects.api(kind, verb)),
         otel.kind = "server",
         messaging.system = "nats",
         kind,
         verb,
         command_id = tracing::field::Empty,
         code = tracing::field::Empty,
+        forwarded_to = tracing::field::Empty,
     );
     telemetry::continue_trace(&span, message.headers.as_ref());
-    let result = dispatch(context, kind, verb, &message)
+    let result = dispatch(context, kind, verb, &message, via)
         .instrument(span.clone())
         .await;
+    let result = match result {
+        Ok(Handled::Forwarded) => return,
+        Ok(Handled::Reply(body)) => Ok(body),
+        Err(err) => Err(err),
+    };
     let code = match &result {
         Ok(_) => "ok",
         Err(err) => err.code.as_str(),
@@ -158,7 +189,8 @@ async fn dispatch(
     kind: &str,
     verb: &str,
     message: &Message,
-) -> Result<Bytes, ApiError> {
+    via: Via,
+) -> Result<Handled, ApiError> {
     if kind.is_empty() {
         return Err(ApiError::not_found(format!(
             "{} is not an API subject; use {}",
@@ -178,6 +210,12 @@ async fn dispatch(
         crate::runtime::new_command_id,
     )?;
     tracing::Span::current().record("command_id", request.meta.command_id.as_str());
+    if via == Via::Caller
+        && let Some(entity) = route.entity.and_then(|entity_of| entity_of(&request))
+        && forward(context, kind, verb, &entity, message).await
+    {
+        return Ok(Handled::Forwarded);
+    }
     let caller = context.auth.identify(
         Origin::Request(message.headers.as_ref()),
         &request.meta.principal,
@@ -188,7 +226,57 @@ async fn dispatch(
         .authorize(&caller, kind, verb, mode, &request)?;
     let reply = handler.handle(request).await?;
     Auth::after(&check, &reply)?;
-    Ok(reply)
+    Ok(Handled::Reply(reply))
+}
+
+/// Sends the request, as it came (headers, body, the caller's reply subject), to the replica
+/// owning its entity's shard, if that is another one. The owner authenticates and answers it;
+/// this replica adds only a hop. Returns whether it did.
+async fn forward(
+    context: &ApiContext,
+    kind: &str,
+    verb: &str,
+    entity: &str,
+    message: &Message,
+) -> bool {
+    let ownership = &context.ownership;
+    let shard = ownership.shard_of(kind, entity);
+    let crate::cluster::Route::Remote { replica } = ownership.route(shard) else {
+        // Ours, or nobody's: handled here (a command waits for an owner and goes to it, a read
+        // goes to the log).
+        return false;
+    };
+    let Some(reply) = message.reply.clone() else {
+        return false;
+    };
+    tracing::Span::current().record("forwarded_to", replica.as_str());
+    let mut headers = message.headers.clone().unwrap_or_default();
+    telemetry::inject(&tracing::Span::current(), &mut headers);
+    let sent = context
+        .client
+        .publish_with_reply_and_headers(
+            context.subjects.replica_api(&replica, kind, verb),
+            reply,
+            headers,
+            message.payload.clone(),
+        )
+        .await;
+    match sent {
+        Ok(()) => {
+            context
+                .metrics
+                .forwarded
+                .get_or_create(&crate::metrics::OutcomeLabels {
+                    outcome: "api".to_owned(),
+                })
+                .inc();
+            true
+        }
+        Err(err) => {
+            tracing::debug!(error = %err, %replica, "cannot forward; handling here");
+            false
+        }
+    }
 }
 
 /// Sends a reply: the JSON result, or the typed error in the body and in the micro headers.

@@ -624,7 +624,7 @@ pub async fn run(options: &Options, out: &mut dyn Write) -> anyhow::Result<Repor
         activation(&url, &mut report, out).await?;
     }
     if wants(Scenario::Memory) {
-        memory(&url, options, &mut report, out).await?;
+        Box::pin(memory(&url, options, &mut report, out)).await?;
     }
     if wants(Scenario::Durable) {
         if options.nats_url.is_some() {
@@ -868,6 +868,7 @@ async fn seed(store: &EventStore, entities: usize, events: usize) -> anyhow::Res
                 let command_id = new_command_id();
                 last = store
                     .append(Commit {
+                        fence: None,
                         kind: Counter::KIND,
                         entity: id.as_str(),
                         expected: last,
@@ -1060,6 +1061,7 @@ async fn activation(url: &str, report: &mut Report, out: &mut dyn Write) -> anyh
         let command_id = new_command_id();
         last = store
             .append(Commit {
+                fence: None,
                 kind: Counter::KIND,
                 entity: id.as_str(),
                 expected: last,

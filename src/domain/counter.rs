@@ -32,7 +32,7 @@ pub struct Live {
     pub updated_at: Timestamp,
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum CounterCommand {
     Create {
         limit: Option<u64>,

@@ -123,10 +123,11 @@ pub trait Aggregate:
     const SNAPSHOT_VERSION: u16;
 
     type Id: EntityId;
-    type Command: std::fmt::Debug + Clone + Send + 'static;
+    /// Serializable so a replica can hand a command to the replica owning its entity.
+    type Command: std::fmt::Debug + Clone + Send + Sync + Serialize + DeserializeOwned + 'static;
     type Event: DomainEvent;
-    type Reply: Serialize + JsonSchema + Send + 'static;
-    type View: Serialize + JsonSchema + Clone + Send + 'static;
+    type Reply: Serialize + DeserializeOwned + JsonSchema + Send + 'static;
+    type View: Serialize + DeserializeOwned + JsonSchema + Clone + Send + 'static;
     type Error: Rejection;
 
     /// The events a command produces, or why it is refused. An empty list changes nothing.

@@ -68,6 +68,9 @@ impl<A: Aggregate> Work<A> {
 
 pub struct EntityActor<A: Aggregate> {
     id: A::Id,
+    /// The shard lease it serves under: it answers nothing once this replica no longer holds
+    /// it, and every commit it makes carries it.
+    fence: (u32, u64),
     store: EventStore,
     settings: Arc<Settings>,
     metrics: Arc<EntityMetrics>,
@@ -81,13 +84,16 @@ pub struct EntityActor<A: Aggregate> {
 impl<A: Aggregate> EntityActor<A> {
     pub fn new(
         id: A::Id,
+        token: u64,
         store: EventStore,
         settings: Arc<Settings>,
         metrics: Arc<EntityMetrics>,
         pending: Arc<AtomicUsize>,
     ) -> Self {
+        let shard = settings.ownership.shard_of(A::KIND, id.as_str());
         Self {
             id,
+            fence: (shard, token),
             store,
             settings,
             metrics,
@@ -113,7 +119,19 @@ impl<A: Aggregate> Actor for EntityActor<A> {
 impl<A: Aggregate> Handler<Work<A>> for EntityActor<A> {
     type Result = AtomicResponse<Self, ()>;
 
-    fn handle(&mut self, work: Work<A>, _: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, work: Work<A>, ctx: &mut Context<Self>) -> Self::Result {
+        let (shard, token) = self.fence;
+        if !matches!(work, Work::Passivate) && !self.settings.ownership.holds(shard, token) {
+            // The shard moved: whatever this actor knows may be behind its new owner.
+            work.fail(CommandError::NotOwner {
+                kind: A::KIND,
+                id: self.id.to_string(),
+            });
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+            ctx.stop();
+            return AtomicResponse::new(Box::pin(actix::fut::ready(())));
+        }
+        let fence = self.fence;
         let mut entity = self.entity.take();
         let store = self.store.clone();
         let settings = self.settings.clone();
@@ -135,6 +153,7 @@ impl<A: Aggregate> Handler<Work<A>> for EntityActor<A> {
                         &metrics,
                         &mut entity,
                         &id,
+                        fence,
                         &command,
                         &meta,
                     )
@@ -165,6 +184,7 @@ impl<A: Aggregate> Handler<Work<A>> for EntityActor<A> {
                         &settings,
                         &mut entity,
                         &id,
+                        fence,
                         seqs.as_deref(),
                         &note,
                         &meta,
@@ -219,12 +239,14 @@ async fn load<'a, A: Aggregate>(
 /// One command, whole: load if needed, answer a retry with its first reply, decide, append with
 /// the expected sequence, fold the events in only after the ack, reply. A conflict reloads the
 /// tail and decides again, a bounded number of times.
+#[allow(clippy::too_many_arguments)] // the command's whole context, passed by reference
 pub async fn execute<A: Aggregate>(
     store: &EventStore,
     settings: &Settings,
     metrics: &EntityMetrics,
     slot: &mut Option<Entity<A>>,
     id: &A::Id,
+    (shard, token): (u32, u64),
     command: &A::Command,
     meta: &CommandMeta,
 ) -> Result<Outcome<A::Reply>, CommandError> {
@@ -254,8 +276,20 @@ pub async fn execute<A: Aggregate>(
             });
         }
         let version = entity.version + events.len() as u64;
+        // Held through the append: the shard is not handed over with a commit in flight.
+        let Some(_fence) = settings.ownership.fence(shard, token).await else {
+            return Err(CommandError::NotOwner {
+                kind: A::KIND,
+                id: id.to_string(),
+            });
+        };
         let appended = store
             .append(Commit {
+                fence: Some(crate::cluster::Fence {
+                    shard,
+                    token,
+                    replica: settings.ownership.replica(),
+                }),
                 kind: A::KIND,
                 entity: id.as_str(),
                 expected: entity.last_seq,
@@ -416,11 +450,13 @@ pub struct Acknowledged {
 /// Records an operator's acknowledgement of foreign messages in the entity's history, with the
 /// same optimistic concurrency as a command. A sequence that is not a foreign message of this
 /// entity is refused; a retry (same command id) is answered with what its record says.
+#[allow(clippy::too_many_arguments)] // the request's whole context, passed by reference
 async fn acknowledge<A: Aggregate>(
     store: &EventStore,
     settings: &Settings,
     slot: &mut Option<Entity<A>>,
     id: &A::Id,
+    (shard, token): (u32, u64),
     seqs: Option<&[u64]>,
     note: &str,
     meta: &CommandMeta,
@@ -470,8 +506,19 @@ async fn acknowledge<A: Aggregate>(
             seqs: wanted.clone(),
             note: note.to_owned(),
         });
+        let Some(_fence) = settings.ownership.fence(shard, token).await else {
+            return Err(CommandError::NotOwner {
+                kind: A::KIND,
+                id: id.to_string(),
+            });
+        };
         let appended = store
             .append_record(RecordCommit {
+                fence: Some(crate::cluster::Fence {
+                    shard,
+                    token,
+                    replica: settings.ownership.replica(),
+                }),
                 kind: A::KIND,
                 entity: id.as_str(),
                 expected: entity.last_seq,

@@ -10,6 +10,7 @@ pub mod indexer;
 pub mod projection;
 pub mod reaper;
 pub mod registry;
+pub mod remote;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -63,6 +64,8 @@ pub fn system_clock() -> Clock {
 /// How entity actors behave; from `RuntimeConfig` and `StoreConfig`.
 #[derive(Clone)]
 pub struct Settings {
+    /// Which shards this replica serves; every command and read is routed by it.
+    pub ownership: crate::cluster::Ownership,
     pub mailbox_capacity: usize,
     pub passivate_after: Duration,
     pub conflict_retries: u32,
@@ -73,6 +76,7 @@ pub struct Settings {
 impl std::fmt::Debug for Settings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Settings")
+            .field("ownership", &self.ownership)
             .field("mailbox_capacity", &self.mailbox_capacity)
             .field("passivate_after", &self.passivate_after)
             .field("conflict_retries", &self.conflict_retries)
@@ -151,6 +155,36 @@ pub enum CommandError {
     Dropped { kind: &'static str, id: String },
     #[error("the event store failed")]
     Store(#[from] StoreError),
+    #[error(
+        "{kind} {id:?} is in shard {shard}, which no replica owns right now (a fail-over is under way); retry with the same command id"
+    )]
+    NoOwner {
+        kind: &'static str,
+        id: String,
+        shard: u32,
+    },
+    #[error(
+        "the shard of {kind} {id:?} moved to another replica while the request was on its way; retry with the same command id"
+    )]
+    NotOwner { kind: &'static str, id: String },
+    /// The owning replica answered with this error.
+    #[error("{message}")]
+    Remote {
+        kind: ErrorKind,
+        message: String,
+        reason: Option<&'static str>,
+        definite: bool,
+    },
+    /// The owning replica could not be asked, or did not answer.
+    #[error("cannot reach replica {replica}, which owns {kind} {id:?}: {reason}")]
+    Unreachable {
+        kind: &'static str,
+        id: String,
+        replica: String,
+        reason: String,
+        /// Nobody received the request (no responders), so nothing was done.
+        definite: bool,
+    },
 }
 
 impl CommandError {
@@ -178,6 +212,10 @@ impl CommandError {
                     | StoreError::Encode { .. }
                     | StoreError::Newer { .. }
             ),
+            CommandError::NoOwner { .. } | CommandError::NotOwner { .. } => true,
+            CommandError::Remote { definite, .. } | CommandError::Unreachable { definite, .. } => {
+                *definite
+            }
             CommandError::Dropped { .. } => false,
         }
     }
@@ -190,6 +228,9 @@ impl CommandError {
             CommandError::Store(StoreError::Newer { .. }) => {
                 Some(crate::store::NEWER_EVENT_VERSION)
             }
+            CommandError::NoOwner { .. } => Some(crate::cluster::NO_SHARD_OWNER),
+            CommandError::NotOwner { .. } => Some(crate::cluster::SHARD_MOVED),
+            CommandError::Remote { reason, .. } => *reason,
             _ => None,
         }
     }
@@ -197,7 +238,12 @@ impl CommandError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             CommandError::Rejected { kind, .. } => *kind,
-            CommandError::Busy { .. } | CommandError::Dropped { .. } => ErrorKind::Unavailable,
+            CommandError::Busy { .. }
+            | CommandError::Dropped { .. }
+            | CommandError::NoOwner { .. }
+            | CommandError::NotOwner { .. }
+            | CommandError::Unreachable { .. } => ErrorKind::Unavailable,
+            CommandError::Remote { kind, .. } => *kind,
             CommandError::Contended { .. } => ErrorKind::Conflict,
             CommandError::Store(err) => err.kind(),
         }

@@ -58,7 +58,9 @@ impl<A: Aggregate> Reaper<A> {
                 .ask(move |table, _| table.due(now))
                 .await
                 .unwrap_or_default();
-            join_all(due.into_iter().map(|due| {
+            // Only the entities of shards this replica owns: their owner alone acts on them.
+            let due = due.into_iter().filter(|due| entities.owns(&due.id));
+            join_all(due.map(|due| {
                 let entities = entities.clone();
                 let metrics = metrics.clone();
                 async move {

@@ -13,12 +13,15 @@ use tracing::Span;
 
 use super::entity::{EntityActor, Work};
 use super::{CommandError, CommandMeta, Outcome, Settings};
-use crate::domain::Aggregate;
+use crate::cluster::Route as Route_;
+use crate::domain::{Aggregate, EntityId};
 use crate::metrics::{EntityMetrics, Metrics};
 use crate::store::EventStore;
 
 struct Slot<A: Aggregate> {
     addr: Addr<EntityActor<A>>,
+    /// The fencing token of the shard lease it was activated under.
+    token: u64,
     pending: Arc<AtomicUsize>,
     last_used: Instant,
 }
@@ -43,10 +46,11 @@ impl<A: Aggregate> Registry<A> {
         }
     }
 
-    fn activate(&self, id: &A::Id) -> Slot<A> {
+    fn activate(&self, id: &A::Id, token: u64) -> Slot<A> {
         let pending = Arc::new(AtomicUsize::new(0));
         let actor = EntityActor::<A>::new(
             id.clone(),
+            token,
             self.store.clone(),
             self.settings.clone(),
             self.metrics.clone(),
@@ -54,18 +58,23 @@ impl<A: Aggregate> Registry<A> {
         );
         Slot {
             addr: actor.start(),
+            token,
             pending,
             last_used: Instant::now(),
         }
     }
 
-    /// Stops actors idle for at least `idle`; they snapshot on the way out. Returns how many.
+    /// Stops actors idle for at least `idle`, and idle ones of shards this replica no longer
+    /// serves under their token; they snapshot on the way out. Returns how many.
     fn passivate(&mut self, idle: Duration) -> usize {
         self.stopping.retain(Addr::connected);
         let before = self.actors.len();
         let stopping = &mut self.stopping;
-        self.actors.retain(|_, slot| {
-            let keep = slot.pending.load(Ordering::Acquire) > 0 || slot.last_used.elapsed() < idle;
+        let ownership = &self.settings.ownership;
+        self.actors.retain(|id, slot| {
+            let busy = slot.pending.load(Ordering::Acquire) > 0;
+            let held = ownership.holds(ownership.shard_of(A::KIND, id.as_str()), slot.token);
+            let keep = busy || (held && slot.last_used.elapsed() < idle);
             if !keep {
                 // Queued behind nothing: no request reaches it once it is out of the map.
                 slot.addr.do_send(Work::Passivate);
@@ -92,6 +101,8 @@ impl<A: Aggregate> Actor for Registry<A> {
 /// Routes one request to its entity.
 pub struct Route<A: Aggregate> {
     pub id: A::Id,
+    /// The shard lease this replica serves the entity under.
+    pub token: u64,
     pub work: Work<A>,
 }
 
@@ -103,9 +114,16 @@ impl<A: Aggregate> Handler<Route<A>> for Registry<A> {
     type Result = ();
 
     fn handle(&mut self, route: Route<A>, _: &mut Context<Self>) {
-        let Route { id, work } = route;
+        let Route { id, token, work } = route;
+        // An actor of an earlier lease of the shard may hold state another owner has since
+        // moved past: start afresh from the log.
+        if let Some(stale) = self.actors.get(&id).filter(|slot| slot.token != token) {
+            stale.addr.do_send(Work::Passivate);
+            self.stopping.push(stale.addr.clone());
+            self.actors.remove(&id);
+        }
         if !self.actors.contains_key(&id) {
-            let slot = self.activate(&id);
+            let slot = self.activate(&id, token);
             self.actors.insert(id.clone(), slot);
         }
         let Some(slot) = self.actors.get_mut(&id) else {
@@ -126,7 +144,7 @@ impl<A: Aggregate> Handler<Route<A>> for Registry<A> {
             slot.addr.try_send_unbounded(work)
         {
             // The actor died (a panic in a handler); start a fresh one from the log.
-            let fresh = self.activate(&id);
+            let fresh = self.activate(&id, token);
             fresh.pending.fetch_add(1, Ordering::AcqRel);
             if let Err(SendError::Closed(work) | SendError::Full(work)) =
                 fresh.addr.try_send_unbounded(work)
@@ -213,37 +231,157 @@ impl<A: Aggregate> SendBack<Work<A>> for Addr<EntityActor<A>> {
 }
 
 /// The handle callers use to reach entities of one kind; cheap to clone, usable from any task.
+/// It routes by shard: to this replica's actor when it owns the entity's shard, to the owning
+/// replica otherwise, and (for reads) to the log while nobody owns it.
 pub struct Entities<A: Aggregate> {
     registry: Addr<Registry<A>>,
+    store: EventStore,
+    settings: Arc<Settings>,
+    metrics: Metrics,
 }
 
 impl<A: Aggregate> Clone for Entities<A> {
     fn clone(&self) -> Self {
         Self {
             registry: self.registry.clone(),
+            store: self.store.clone(),
+            settings: self.settings.clone(),
+            metrics: self.metrics.clone(),
         }
     }
+}
+
+/// Where one request for an entity goes.
+enum Target {
+    Here(u64),
+    Peer(String),
+    Nobody(u32),
 }
 
 impl<A: Aggregate> Entities<A> {
     /// Starts the registry on the current arbiter.
     pub fn start(store: EventStore, settings: Arc<Settings>, metrics: Metrics) -> Self {
         Self {
-            registry: Registry::<A>::new(store, settings, metrics).start(),
+            registry: Registry::<A>::new(store.clone(), settings.clone(), metrics.clone()).start(),
+            store,
+            settings,
+            metrics,
         }
     }
 
-    /// Runs one command on its entity, in the current span's trace.
+    /// Whether this replica owns the entity's shard now (reapers and reconcilers act only
+    /// on those).
+    pub fn owns(&self, id: &A::Id) -> bool {
+        self.ownership().owns_entity(A::KIND, id.as_str())
+    }
+
+    fn ownership(&self) -> &crate::cluster::Ownership {
+        &self.settings.ownership
+    }
+
+    async fn target(&self, id: &A::Id) -> Target {
+        let shard = self.ownership().shard_of(A::KIND, id.as_str());
+        match self.ownership().resolve(shard).await {
+            Route_::Local { token } => Target::Here(token),
+            Route_::Remote { replica } => Target::Peer(replica),
+            Route_::Unowned => Target::Nobody(shard),
+        }
+    }
+
+    /// A replica nobody answers for is not alive, whatever its presence says.
+    fn suspect(&self, err: &CommandError) {
+        if let CommandError::Unreachable { replica, .. } = err {
+            self.ownership().suspect(replica);
+        }
+    }
+
+    fn peer<'a>(&'a self, replica: &'a str, id: &'a str) -> super::remote::Peer<'a> {
+        self.metrics
+            .forwarded
+            .get_or_create(&crate::metrics::OutcomeLabels {
+                outcome: "entity".to_owned(),
+            })
+            .inc();
+        super::remote::Peer {
+            client: self.store.client(),
+            subject: self.store.subjects().replica_entity(replica, A::KIND),
+            replica,
+            kind: A::KIND,
+            id,
+        }
+    }
+
+    /// Runs one command on its entity, in the current span's trace, wherever it is owned. If
+    /// the shard moves while the request is on its way, it looks again once.
     pub async fn execute(
         &self,
         id: A::Id,
         command: A::Command,
         meta: CommandMeta,
     ) -> Result<Outcome<A::Reply>, CommandError> {
+        let mut looked_again = false;
+        loop {
+            let result = match self.target(&id).await {
+                Target::Here(token) => {
+                    self.local_execute(id.clone(), command.clone(), meta.clone(), token)
+                        .await
+                }
+                Target::Peer(replica) => {
+                    self.peer(&replica, id.as_str())
+                        .execute::<A>(&command, &meta)
+                        .await
+                }
+                Target::Nobody(shard) => Err(CommandError::NoOwner {
+                    kind: A::KIND,
+                    id: id.to_string(),
+                    shard,
+                }),
+            };
+            match result {
+                Err(err) if moved(&err) && !looked_again => {
+                    self.suspect(&err);
+                    looked_again = true;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Runs a command only if this replica owns the entity's shard: what another replica's
+    /// forwarded request gets.
+    pub async fn execute_here(
+        &self,
+        id: A::Id,
+        command: A::Command,
+        meta: CommandMeta,
+    ) -> Result<Outcome<A::Reply>, CommandError> {
+        let token = self.here(&id)?;
+        self.local_execute(id, command, meta, token).await
+    }
+
+    fn here(&self, id: &A::Id) -> Result<u64, CommandError> {
+        let shard = self.ownership().shard_of(A::KIND, id.as_str());
+        match self.ownership().route(shard) {
+            Route_::Local { token } => Ok(token),
+            _ => Err(CommandError::NotOwner {
+                kind: A::KIND,
+                id: id.to_string(),
+            }),
+        }
+    }
+
+    async fn local_execute(
+        &self,
+        id: A::Id,
+        command: A::Command,
+        meta: CommandMeta,
+        token: u64,
+    ) -> Result<Outcome<A::Reply>, CommandError> {
         let (reply, answer) = oneshot::channel();
         let kind_id = id.to_string();
         self.registry.do_send(Route {
             id,
+            token,
             work: Work::Execute {
                 command,
                 meta,
@@ -257,13 +395,47 @@ impl<A: Aggregate> Entities<A> {
         }))
     }
 
-    /// The entity's current view (`None` if it does not exist) and version, read from its actor:
-    /// it reflects every command answered before.
+    /// The entity's current view (`None` if it does not exist) and version. From its owner's
+    /// actor, which has every acknowledged command; while nobody owns the shard, from the log.
     pub async fn read(&self, id: A::Id) -> Result<(Option<A::View>, u64), CommandError> {
+        let mut looked_again = false;
+        loop {
+            let result = match self.target(&id).await {
+                Target::Here(token) => self.local_read(id.clone(), token).await,
+                Target::Peer(replica) => self.peer(&replica, id.as_str()).read::<A>().await,
+                Target::Nobody(_) => self.read_log(&id).await,
+            };
+            match result {
+                Err(err) if moved(&err) && !looked_again => {
+                    self.suspect(&err);
+                    looked_again = true;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// A read for another replica: here if this replica owns the shard, else `shard_moved`.
+    pub async fn read_here(&self, id: A::Id) -> Result<(Option<A::View>, u64), CommandError> {
+        let token = self.here(&id)?;
+        self.local_read(id, token).await
+    }
+
+    async fn read_log(&self, id: &A::Id) -> Result<(Option<A::View>, u64), CommandError> {
+        let entity = self.store.load::<A>(id).await?;
+        Ok((entity.state.view(id), entity.version))
+    }
+
+    async fn local_read(
+        &self,
+        id: A::Id,
+        token: u64,
+    ) -> Result<(Option<A::View>, u64), CommandError> {
         let (reply, answer) = oneshot::channel();
         let kind_id = id.to_string();
         self.registry.do_send(Route {
             id,
+            token,
             work: Work::Read { reply },
         });
         answer.await.unwrap_or(Err(CommandError::Dropped {
@@ -280,10 +452,65 @@ impl<A: Aggregate> Entities<A> {
         note: String,
         meta: CommandMeta,
     ) -> Result<super::entity::Acknowledged, CommandError> {
+        let mut looked_again = false;
+        loop {
+            let result = match self.target(&id).await {
+                Target::Here(token) => {
+                    self.local_acknowledge(
+                        id.clone(),
+                        seqs.clone(),
+                        note.clone(),
+                        meta.clone(),
+                        token,
+                    )
+                    .await
+                }
+                Target::Peer(replica) => {
+                    self.peer(&replica, id.as_str())
+                        .acknowledge(seqs.clone(), note.clone(), &meta)
+                        .await
+                }
+                Target::Nobody(shard) => Err(CommandError::NoOwner {
+                    kind: A::KIND,
+                    id: id.to_string(),
+                    shard,
+                }),
+            };
+            match result {
+                Err(err) if moved(&err) && !looked_again => {
+                    self.suspect(&err);
+                    looked_again = true;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// An acknowledgement for another replica: here if this replica owns the shard.
+    pub async fn acknowledge_here(
+        &self,
+        id: A::Id,
+        seqs: Option<Vec<u64>>,
+        note: String,
+        meta: CommandMeta,
+    ) -> Result<super::entity::Acknowledged, CommandError> {
+        let token = self.here(&id)?;
+        self.local_acknowledge(id, seqs, note, meta, token).await
+    }
+
+    async fn local_acknowledge(
+        &self,
+        id: A::Id,
+        seqs: Option<Vec<u64>>,
+        note: String,
+        meta: CommandMeta,
+        token: u64,
+    ) -> Result<super::entity::Acknowledged, CommandError> {
         let (reply, answer) = oneshot::channel();
         let kind_id = id.to_string();
         self.registry.do_send(Route {
             id,
+            token,
             work: Work::Acknowledge {
                 seqs,
                 note,
@@ -321,5 +548,16 @@ impl<A: Aggregate> Entities<A> {
     /// Passivates the actors idle for at least `idle` now; returns how many were asked to stop.
     pub async fn passivate_idle(&self, idle: Duration) -> usize {
         self.registry.send(PassivateIdle(idle)).await.unwrap_or(0)
+    }
+}
+
+/// Whether a request should look for the entity's owner again: the shard moved under it.
+fn moved(err: &CommandError) -> bool {
+    match err {
+        CommandError::NotOwner { .. } => true,
+        CommandError::Remote { reason, .. } => *reason == Some(crate::cluster::SHARD_MOVED),
+        // Nobody listens where the owner should be: it died, and its lease has not lapsed yet.
+        CommandError::Unreachable { definite, .. } => *definite,
+        _ => false,
     }
 }

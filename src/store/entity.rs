@@ -263,9 +263,26 @@ impl EventStore {
     /// Folds every message stored after the entity's position; returns how many.
     pub async fn catch_up<A: Aggregate>(&self, entity: &mut Entity<A>) -> Result<usize> {
         let subject = self.subjects().event(A::KIND, entity.id.as_str());
-        let tail = self
+        // With replicas, Direct Get may be answered by a follower that has not applied the
+        // latest writes yet. The leader's last sequence on the subject, read first, is where
+        // the tail must reach: it includes every write acknowledged before this read began.
+        let floor = if self.config().replicas > 1 {
+            Some(self.last_sequence_of(&subject).await?)
+        } else {
+            None
+        };
+        let mut tail = self
             .read_subject(&subject, entity.last_seq + 1, None)
             .await?;
+        if let Some(floor) = floor {
+            let reached = tail.last().map_or(entity.last_seq, |m| m.seq);
+            if reached < floor {
+                tail.extend(
+                    self.read_subject_from_leader(&subject, reached + 1, floor)
+                        .await?,
+                );
+            }
+        }
         for message in &tail {
             entity.fold(message)?;
         }
@@ -319,12 +336,17 @@ impl EventStore {
                 });
             }
             Err(SnapshotError::Superseded { .. }) => {
-                // Another writer got there first; its snapshot is as good. Re-learn the revision
-                // on the next activation and stop trying until then.
-                entity.snapshot = Some(SnapshotMark {
-                    revision: u64::MAX,
-                    version: entity.version,
-                });
+                // Another writer got there first (an earlier owner of the shard). Learn the
+                // revision it left, so the next snapshot compares-and-sets over it rather than
+                // failing for the rest of this actor's life.
+                entity.snapshot =
+                    self.snapshots()
+                        .revision(&key)
+                        .await
+                        .map(|revision| SnapshotMark {
+                            revision,
+                            version: 0,
+                        });
             }
             Err(err) => {
                 tracing::warn!(%key, error = &err as &dyn std::error::Error, "snapshot not written");

@@ -138,6 +138,8 @@ pub struct Commit<'a, E> {
     pub generated_id: bool,
     pub recorded_at: Timestamp,
     pub events: &'a [E],
+    /// The shard lease it is written under; `None` for writers outside the runtime (benches).
+    pub fence: Option<crate::cluster::Fence<'a>>,
 }
 
 /// One store record, ready to append.
@@ -152,6 +154,7 @@ pub struct RecordCommit<'a> {
     pub principal: &'a Principal,
     pub recorded_at: Timestamp,
     pub record: &'a provenance::Record,
+    pub fence: Option<crate::cluster::Fence<'a>>,
 }
 
 /// The acknowledgement of an append.
@@ -376,6 +379,7 @@ impl EventStore {
         headers.insert(header::PRINCIPAL, commit.principal.as_str());
         headers.insert(header::RECORDED_AT, commit.recorded_at.to_string().as_str());
         headers.insert(header::CONTENT_TYPE, content_type);
+        fence_headers(commit.fence, &mut headers);
         telemetry::inject(&Span::current(), &mut headers);
         self.publish(
             subject,
@@ -557,6 +561,50 @@ impl EventStore {
         })
     }
 
+    /// The messages on `subject` from `from` up to `until`, from the stream leader, one request
+    /// each: for the few a lagging follower's Direct Get did not have yet.
+    pub async fn read_subject_from_leader(
+        &self,
+        subject: &str,
+        from: u64,
+        until: u64,
+    ) -> Result<Vec<StoredMessage>> {
+        let read_error = |reason: String| StoreError::Read {
+            stream: self.inner.stream.clone(),
+            subject: subject.to_owned(),
+            reason,
+        };
+        let stream = self
+            .inner
+            .js
+            .get_stream_no_info(&self.inner.stream)
+            .await
+            .map_err(|e| read_error(e.to_string()))?;
+        let mut out = Vec::new();
+        let mut next = from;
+        while next <= until {
+            let raw = stream
+                .raw_message_builder()
+                .sequence(next)
+                .next_by_subject(subject)
+                .send()
+                .await
+                .map_err(|e| read_error(e.to_string()))?;
+            if raw.sequence > until {
+                break;
+            }
+            next = raw.sequence + 1;
+            out.push(StoredMessage {
+                seq: raw.sequence,
+                subject: raw.subject.to_string(),
+                stored_at: Timestamp::from_offset_date_time(raw.time),
+                headers: raw.headers,
+                payload: raw.payload,
+            });
+        }
+        Ok(out)
+    }
+
     /// The sequence of the last message in the stream (0 when empty).
     pub async fn last_sequence(&self) -> Result<u64> {
         let stream = self
@@ -727,8 +775,17 @@ fn commit_headers<E: DomainEvent>(commit: &Commit<'_, E>, encoding: Encoding) ->
     }
     headers.insert(header::RECORDED_AT, commit.recorded_at.to_string().as_str());
     headers.insert(header::CONTENT_TYPE, encoding.content_type());
+    fence_headers(commit.fence, &mut headers);
     telemetry::inject(&Span::current(), &mut headers);
     headers
+}
+
+fn fence_headers(fence: Option<crate::cluster::Fence<'_>>, headers: &mut HeaderMap) {
+    if let Some(fence) = fence {
+        headers.insert(header::SHARD, fence.shard.to_string().as_str());
+        headers.insert(header::FENCE, fence.token.to_string().as_str());
+        headers.insert(header::REPLICA, fence.replica);
+    }
 }
 
 /// A Direct Get reply: the stored message, with its stream coordinates in `Nats-*` headers.

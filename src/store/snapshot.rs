@@ -127,6 +127,14 @@ impl SnapshotStore {
         }
     }
 
+    /// The key's current revision, whatever its value holds (`None`: no snapshot).
+    pub async fn revision(&self, key: &str) -> Option<u64> {
+        match self.kv.entry(key).await {
+            Ok(Some(entry)) if entry.operation == kv::Operation::Put => Some(entry.revision),
+            _ => None,
+        }
+    }
+
     /// Writes `record` if the key is still at `revision` (`None`: if it does not exist yet).
     /// Returns the new revision.
     pub async fn put(

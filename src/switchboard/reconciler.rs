@@ -80,9 +80,16 @@ impl Reconciler {
             let (Ok(leases), Ok(places)) = futures::join!(leases, places) else {
                 return;
             };
+            // Each replica repairs only what its own shards hold: one repair, by one owner.
             join_all(
                 repairs(&leases, &places, now, grace)
                     .into_iter()
+                    .filter(|repair| match repair {
+                        Repair::ReleaseLease { pod, .. } => board.pods.owns(pod),
+                        Repair::ClearMeetingPoint { machine, .. } => {
+                            board.meeting_points.owns(machine)
+                        }
+                    })
                     .map(|repair| apply(&board, repair)),
             )
             .await;

@@ -230,7 +230,8 @@ pub fn specs() -> Vec<RouteSpec> {
             "Read one pod",
             board,
             get_pod,
-        ),
+        )
+        .with_entity(|request| routes::body_field(request, "pod")),
         routes::custom::<PodRequest, GetReply<PodValidity>, _>(
             Pod::KIND,
             "is_valid",
@@ -280,7 +281,8 @@ pub fn specs() -> Vec<RouteSpec> {
             "How to reach a machine: its meeting point (not_found if it has none)",
             board,
             get_meeting_point,
-        ),
+        )
+        .with_entity(|request| routes::body_field(request, "machine")),
         routes::command::<MeetingPointRequest>(
             "Keep a machine's meeting point (not_found if it has none, or not the one named)",
         ),

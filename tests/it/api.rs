@@ -379,6 +379,7 @@ async fn a_restarting_control_plane_takes_no_request_before_its_read_models_caug
                 let id = CounterId::new(format!("bulk-{n}")).unwrap();
                 store
                     .append(Commit {
+                        fence: None,
                         kind: Counter::KIND,
                         entity: id.as_str(),
                         expected: 0,
@@ -736,12 +737,19 @@ async fn contended_fire_and_forget_commands_are_all_applied_once_in_publish_orde
         .collect();
     let in_order: Vec<String> = (0..FIRE_AND_FORGET).map(|i| format!("ff-{i:04}")).collect();
     assert_eq!(fired, in_order, "each applied once, in publish order");
+    // Both control planes took requests, but one owner wrote every commit: the other sent
+    // its requests on.
+    let writers: std::collections::BTreeSet<&str> = history
+        .iter()
+        .filter_map(|m| m.header("Switchyard-Replica"))
+        .collect();
+    assert_eq!(writers.len(), 1, "one owner wrote the counter: {writers:?}");
     let (_, metrics) = http_get(test.app.http_addr(), "/metrics").await;
     let (_, other) = http_get(second.http_addr(), "/metrics").await;
     assert!(
-        metrics.contains("switchyard_work_queue_total{outcome=\"retry\"}")
-            || other.contains("switchyard_work_queue_total{outcome=\"retry\"}"),
-        "the commands really were contended"
+        metrics.contains("switchyard_forwarded_total{outcome=")
+            || other.contains("switchyard_forwarded_total{outcome="),
+        "requests reached the replica that does not own the counter, and were forwarded"
     );
     second.shutdown().await;
 }

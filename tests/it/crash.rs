@@ -37,6 +37,7 @@ impl Switchyard {
             .env("SWITCHYARD_HTTP__LISTEN", "127.0.0.1:0")
             .env("SWITCHYARD_RUNTIME__MAILBOX_CAPACITY", "2000")
             .env("SWITCHYARD_LOG__FILTER", "warn")
+            .env("SWITCHYARD_CLUSTER__LEASE_TTL", "2s")
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)

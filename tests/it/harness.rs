@@ -91,6 +91,8 @@ pub fn test_config(server: &NatsServer) -> switchyard::config::Config {
     config.nats.servers = vec![server.url()];
     config.http.listen = "127.0.0.1:0".parse().unwrap();
     config.runtime.reaper_interval = Duration::from_millis(50);
+    // A killed control plane's shards are taken over within this long.
+    config.cluster.lease_ttl = Duration::from_secs(2);
     config
 }
 

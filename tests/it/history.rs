@@ -226,6 +226,7 @@ async fn an_event_of_a_newer_version_stops_the_read_model_and_the_reconciler_wai
     let lease = switchyard::domain::CommandId::new("newer-r1").unwrap();
     store
         .append(Commit {
+            fence: None,
             kind: Pod::KIND,
             entity: "p0",
             expected: pod.last_seq,

@@ -62,6 +62,7 @@ async fn append_as(
 ) -> Result<Appended, StoreError> {
     store
         .append(Commit {
+            fence: None,
             kind: Counter::KIND,
             entity: entity.as_str(),
             expected,

@@ -40,7 +40,7 @@ pub struct Place {
 
 /// Which meeting point a command means; each field given must match. Lets a caller act on
 /// "the meeting point I reserved" without touching one that replaced it.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Expect {
     pub pod: Option<PodName>,
     pub port: Option<u16>,
@@ -65,7 +65,7 @@ impl Expect {
     }
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum MeetingPointCommand {
     /// Record the machine at `place`, replacing its previous meeting point.
     Reserve {

@@ -52,7 +52,7 @@ pub struct Lease {
     pub at: Timestamp,
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum PodCommand {
     Add {
         keepalive: Duration,
