@@ -120,6 +120,9 @@ struct Inner {
     /// Bumped on every change of a holder, for waiters.
     changed: watch::Sender<u64>,
     wake: Notify,
+    /// Held by each keeper round and by `stop`: a renewal in flight would otherwise move the
+    /// revision a hand-over deletes at.
+    ops: tokio::sync::Mutex<()>,
     /// Set by `stop`: the keeper ends.
     closed: std::sync::atomic::AtomicBool,
     metrics: Metrics,
@@ -243,6 +246,7 @@ impl Ownership {
                 fences: (0..shards).map(|_| Arc::new(RwLock::new(()))).collect(),
                 changed: watch::channel(0).0,
                 wake: Notify::new(),
+                ops: tokio::sync::Mutex::new(()),
                 closed: std::sync::atomic::AtomicBool::new(false),
                 metrics,
             }),
@@ -431,6 +435,7 @@ impl Ownership {
     /// Stops serving every shard and hands them over at once: presence first (so nobody hands
     /// this replica a shard again), then each lease, each after its appends in flight.
     pub async fn stop(&self) {
+        let _ops = self.inner.ops.lock().await;
         self.state().active = false;
         self.inner
             .closed
@@ -618,6 +623,7 @@ impl Ownership {
 
     /// One pass of the keeper: presence, renewals, then the plan.
     async fn round(&self) {
+        let _ops = self.inner.ops.lock().await;
         if !self.state().active {
             return;
         }
@@ -821,7 +827,29 @@ impl Ownership {
                 self.count("released");
             }
             Err(err) => {
-                tracing::debug!(shard, error = %err, "cannot delete a lease; it lapses on its own");
+                // Still ours at a revision this replica did not record: delete at that one.
+                let ours = match self.inner.kv.entry(shard_key(shard)).await {
+                    Ok(Some(entry)) if entry.operation == kv::Operation::Put => {
+                        serde_json::from_slice::<LeaseValue>(&entry.value)
+                            .is_ok_and(|lease| lease.replica == self.inner.me)
+                            .then_some(entry.revision)
+                    }
+                    _ => None,
+                };
+                let retried = match ours {
+                    Some(revision) => self
+                        .inner
+                        .kv
+                        .delete_expect_revision(shard_key(shard), Some(revision))
+                        .await
+                        .is_ok(),
+                    None => false,
+                };
+                if retried {
+                    self.count("released");
+                } else {
+                    tracing::debug!(shard, error = %err, "cannot delete a lease; it lapses on its own");
+                }
             }
         }
     }

@@ -7,6 +7,7 @@ mod api;
 mod architecture;
 mod audit;
 mod bench;
+mod cluster;
 mod crash;
 mod external;
 mod feed;
