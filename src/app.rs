@@ -78,16 +78,9 @@ impl App {
 
     async fn start_inner(config: &Config, clock: Clock) -> Result<Self, AppError> {
         let client = connect(&config.nats).await?;
-        let store =
-            EventStore::open(client.clone(), &config.store, config.nats.request_timeout).await?;
+        let store = open_store(&client, config).await?;
         let metrics = Metrics::new();
-        let ownership = crate::cluster::Ownership::open(
-            store.jetstream(),
-            &config.store,
-            &config.cluster,
-            metrics.clone(),
-        )
-        .await?;
+        let ownership = open_ownership(&store, config, &metrics).await?;
         let services = Services::start(
             &store,
             &config.runtime,
@@ -211,6 +204,53 @@ impl App {
         // Drain: unsubscribe everything, flush, close; no reconnect noise after this.
         let _ = self.client.drain().await;
         tracing::info!("control plane stopped");
+    }
+}
+
+/// Opens (creating or updating) the streams and buckets. Replicas starting together on a new
+/// cluster race to create them, and a cluster electing leaders times requests out: such
+/// failures are retried for a while, each logged.
+async fn open_store(client: &Client, config: &Config) -> Result<EventStore, AppError> {
+    let mut attempt = 1;
+    loop {
+        match EventStore::open(client.clone(), &config.store, config.nats.request_timeout).await {
+            Ok(store) => return Ok(store),
+            Err(err @ StoreError::Setup { .. }) if attempt < ATTEMPTS => {
+                tracing::warn!(attempt, error = %crate::error_chain::error_chain(&err), "cannot set up the event store yet; retrying");
+                tokio::time::sleep(Duration::from_millis(250 * u64::from(attempt))).await;
+                attempt += 1;
+            }
+            Err(err) => return Err(err.into()),
+        }
+    }
+}
+
+/// Set-up attempts before giving up: about a minute in all.
+const ATTEMPTS: u32 = 12;
+
+async fn open_ownership(
+    store: &EventStore,
+    config: &Config,
+    metrics: &Metrics,
+) -> Result<crate::cluster::Ownership, AppError> {
+    let mut attempt = 1;
+    loop {
+        let opened = crate::cluster::Ownership::open(
+            store.jetstream(),
+            &config.store,
+            &config.cluster,
+            metrics.clone(),
+        )
+        .await;
+        match opened {
+            Ok(ownership) => return Ok(ownership),
+            Err(err @ crate::cluster::ClusterError::Bucket { .. }) if attempt < ATTEMPTS => {
+                tracing::warn!(attempt, error = %crate::error_chain::error_chain(&err), "cannot open the shard bucket yet; retrying");
+                tokio::time::sleep(Duration::from_millis(250 * u64::from(attempt))).await;
+                attempt += 1;
+            }
+            Err(err) => return Err(err.into()),
+        }
     }
 }
 

@@ -263,3 +263,276 @@ async fn a_stopped_replica_hands_its_shards_over_at_once() {
         .ok();
     assert_eq!(wrote["result"]["counter"]["value"], 3);
 }
+
+/// What one load client saw.
+#[derive(Debug, Default)]
+struct Load {
+    acked: Vec<String>,
+    stale_reads: Vec<String>,
+}
+
+/// Adds 1 to its own counter, one command at a time, each retried with its id until it is
+/// acknowledged; after each, reads the counter (from whichever replica the queue group picks)
+/// and notes a read that misses the write.
+async fn load(
+    client: async_nats::Client,
+    n: usize,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Load {
+    let id = format!("load-{n}");
+    let send = |route: &'static str, body: serde_json::Value| {
+        let client = client.clone();
+        async move {
+            loop {
+                let reply = tokio::time::timeout(
+                    Duration::from_secs(3),
+                    client.request(format!("sy.api.{route}"), body.to_string().into()),
+                )
+                .await;
+                if let Ok(Ok(message)) = reply
+                    && let Ok(value) = serde_json::from_slice::<serde_json::Value>(&message.payload)
+                {
+                    match Reply::from_message(&message, value) {
+                        Reply::Ok(value) => return value,
+                        Reply::Err { code, .. } if code != "unavailable" && code != "internal" => {
+                            panic!("{route} {body}: refused with {code}")
+                        }
+                        Reply::Err { .. } => {}
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    send(
+        "counter.create",
+        json!({"id": id, "command_id": format!("create-{n}")}),
+    )
+    .await;
+    let mut seen = Load::default();
+    let mut k = 0;
+    while !stop.load(std::sync::atomic::Ordering::Acquire) {
+        let command_id = format!("c{n}-{k}");
+        let wrote = send(
+            "counter.add",
+            json!({"id": id, "amount": 1, "command_id": command_id}),
+        )
+        .await;
+        seen.acked.push(command_id.clone());
+        let read = send("counter.get", json!({"id": id})).await;
+        if read["version"].as_u64() < wrote["version"].as_u64() {
+            seen.stale_reads.push(command_id);
+        }
+        k += 1;
+    }
+    seen
+}
+
+/// Which replicas answer `$SRV.INFO`, and the shards each says it owns.
+async fn owners(client: &async_nats::Client) -> BTreeMap<String, Vec<u32>> {
+    let inbox = client.new_inbox();
+    let mut replies = client.subscribe(inbox.clone()).await.unwrap();
+    client
+        .publish_with_reply("$SRV.INFO.switchyard", inbox, "".into())
+        .await
+        .unwrap();
+    let mut out = BTreeMap::new();
+    while let Ok(Some(reply)) = tokio::time::timeout(
+        Duration::from_millis(500),
+        futures::StreamExt::next(&mut replies),
+    )
+    .await
+    {
+        // "No responders" comes back as an empty status message.
+        let Ok(info) = serde_json::from_slice::<serde_json::Value>(&reply.payload) else {
+            continue;
+        };
+        let owned = info["metadata"]["owned_shards"]
+            .as_str()
+            .unwrap_or_default()
+            .split(',')
+            .filter_map(|s| s.parse().ok())
+            .collect();
+        out.insert(
+            info["metadata"]["replica"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+            owned,
+        );
+    }
+    out
+}
+
+fn one_owner_each(owners: &BTreeMap<String, Vec<u32>>, replicas: usize) -> bool {
+    let all: Vec<u32> = owners.values().flatten().copied().collect();
+    let distinct: BTreeSet<u32> = all.iter().copied().collect();
+    owners.len() == replicas && all.len() == 32 && distinct.len() == 32
+}
+
+#[actix_rt::test]
+async fn three_replicas_on_three_servers_survive_kill_9_of_a_replica_and_of_the_stream_leader() {
+    use crate::crash::Switchyard;
+    let mut cluster =
+        switchyard::nats_server::NatsCluster::start(&crate::harness::nats_binary(), 3, None)
+            .unwrap();
+    let urls = cluster.urls();
+    let servers = serde_json::to_string(&urls).unwrap();
+    let client = async_nats::ConnectOptions::new()
+        .max_reconnects(None)
+        .connect(urls.clone())
+        .await
+        .unwrap();
+    assert!(
+        switchyard::nats_server::wait_for_jetstream(&client, Duration::from_secs(30)).await,
+        "the cluster elects a JetStream leader"
+    );
+    let logs = tempfile::tempdir().unwrap();
+    let spawn = |name: &str| {
+        Switchyard::spawn_with(
+            &urls[0],
+            &logs.path().join(format!("{name}.log")),
+            &[
+                ("SWITCHYARD_NATS__SERVERS", servers.as_str()),
+                ("SWITCHYARD_STORE__REPLICAS", "3"),
+                ("SWITCHYARD_CLUSTER__REPLICA", name),
+                ("SWITCHYARD_NATS__RETRY_ON_INITIAL_CONNECT", "true"),
+            ],
+        )
+    };
+    // One first, which creates the streams and buckets; then the others join it.
+    let mut replicas = vec![spawn("r0")];
+    crate::crash::wait_serving(&client).await;
+    replicas.extend(["r1", "r2"].iter().map(|n| spawn(n)));
+    let started = std::time::Instant::now();
+    while !one_owner_each(&owners(&client).await, 3) {
+        if started.elapsed() > Duration::from_secs(60) {
+            let logs: Vec<String> = ["r0", "r1", "r2"]
+                .iter()
+                .map(|n| {
+                    std::fs::read_to_string(logs.path().join(format!("{n}.log")))
+                        .unwrap_or_default()
+                })
+                .collect();
+            panic!(
+                "three replicas never shared every shard: {:?}\n{}",
+                owners(&client).await,
+                logs.join("\n----\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients: Vec<_> = (0..4)
+        .map(|n| tokio::spawn(load(client.clone(), n, stop.clone())))
+        .collect();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    replicas[0].kill_9();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let js = async_nats::jetstream::new(client.clone());
+    let leader = js
+        .get_stream("SWITCHYARD_EVENTS")
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .cluster
+        .clone()
+        .and_then(|c| c.leader)
+        .expect("the event stream has a leader");
+    let node: usize = leader.trim_start_matches('n').parse().unwrap();
+    cluster.nodes[node].kill();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    cluster.nodes[node].restart().unwrap();
+    replicas[0] = spawn("r0");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    let mut loads = Vec::new();
+    for client in clients {
+        loads.push(client.await.unwrap());
+    }
+
+    // Every shard has one owner again, the restarted replica among them.
+    wait_for(
+        "every shard to have one owner again",
+        Duration::from_secs(30),
+        || async { one_owner_each(&owners(&client).await, 3).then_some(()) },
+    )
+    .await;
+    let store = EventStoreReader::new(&client).await;
+    let mut everything = Vec::new();
+    for (n, seen) in loads.iter().enumerate() {
+        assert!(
+            seen.acked.len() > 10,
+            "client {n} made progress: {}",
+            seen.acked.len()
+        );
+        assert!(
+            seen.stale_reads.is_empty(),
+            "client {n}: reads missed writes: {:?}",
+            seen.stale_reads
+        );
+        let messages = store.entity("counter", &format!("load-{n}")).await;
+        // Each acknowledged command is in the log once, and the state counts each once.
+        let mut ids: Vec<&str> = messages
+            .iter()
+            .filter_map(|m| m.command_id())
+            .filter(|id| id.starts_with(&format!("c{n}-")))
+            .collect();
+        ids.sort_unstable();
+        let mut acked: Vec<&str> = seen.acked.iter().map(String::as_str).collect();
+        acked.sort_unstable();
+        assert_eq!(
+            ids, acked,
+            "client {n}: the log holds each acknowledged command once"
+        );
+        let read = crate::harness::request(
+            &client,
+            "counter.get",
+            json!({"id": format!("load-{n}")}).to_string(),
+            None,
+        )
+        .await
+        .ok();
+        assert_eq!(read["result"]["value"], seen.acked.len(), "client {n}");
+        everything.extend(messages);
+    }
+    everything.sort_by_key(|m| m.seq);
+    eprintln!(
+        "acknowledged per client: {:?}",
+        loads.iter().map(|l| l.acked.len()).collect::<Vec<_>>()
+    );
+    assert_one_owner_at_a_time(&everything);
+    let writers: BTreeSet<String> = history(&everything)
+        .into_iter()
+        .map(|(_, _, r)| r)
+        .collect();
+    assert!(
+        writers.len() >= 2,
+        "several replicas owned the load's shards over time: {writers:?}"
+    );
+}
+
+/// Reads entities' histories straight from the stream, as an auditor would.
+struct EventStoreReader {
+    store: switchyard::store::EventStore,
+}
+
+impl EventStoreReader {
+    async fn new(client: &async_nats::Client) -> Self {
+        let mut config = switchyard::config::StoreConfig::default();
+        config.replicas = 3;
+        let store =
+            switchyard::store::EventStore::attach(client.clone(), &config, Duration::from_secs(5))
+                .await
+                .unwrap();
+        Self { store }
+    }
+
+    async fn entity(&self, kind: &str, id: &str) -> Vec<StoredMessage> {
+        let subject = self.store.subjects().event(kind, id);
+        self.store.read_subject(&subject, 1, None).await.unwrap()
+    }
+}
