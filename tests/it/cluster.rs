@@ -522,8 +522,10 @@ struct EventStoreReader {
 
 impl EventStoreReader {
     async fn new(client: &async_nats::Client) -> Self {
-        let mut config = switchyard::config::StoreConfig::default();
-        config.replicas = 3;
+        let config = switchyard::config::StoreConfig {
+            replicas: 3,
+            ..Default::default()
+        };
         let store =
             switchyard::store::EventStore::attach(client.clone(), &config, Duration::from_secs(5))
                 .await
