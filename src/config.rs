@@ -313,7 +313,7 @@ pub struct ClusterConfig {
     /// shards than replicas spread the load evenly; changing it needs every replica stopped.
     pub shards: u32,
     /// How long a shard's lease lives without renewal: a killed replica's shards are taken
-    /// over within about this long. Its owner renews it every quarter of it and stops
+    /// over within about this long. Its owner renews it every eighth of it and stops
     /// serving the shard once three quarters have passed since its last successful renewal.
     #[serde(with = "humantime_serde")]
     pub lease_ttl: Duration,

@@ -208,6 +208,11 @@ struct DevArgs {
     nats_port: u16,
     #[arg(long, default_value = "127.0.0.1:8080")]
     http: SocketAddr,
+    /// Control-plane replicas. Above 1: a 3-node NATS cluster (client ports from --nats-port,
+    /// routes from --nats-port + 2000) with R3 streams, and each replica a `switchyard serve`
+    /// process (HTTP on consecutive ports from --http) that you may kill to watch fail-over.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=9))]
+    replicas: u16,
 }
 
 #[derive(clap::Args)]
@@ -426,6 +431,9 @@ async fn shutdown_signal() {
 }
 
 async fn dev(mut config: Config, args: DevArgs) -> anyhow::Result<()> {
+    if args.replicas > 1 {
+        return dev_cluster(args).await;
+    }
     if std::net::TcpListener::bind(("127.0.0.1", args.nats_port)).is_err() {
         bail!(
             "port {} is taken (another NATS or `switchyard dev`?); pass --nats-port",
@@ -467,6 +475,112 @@ async fn dev(mut config: Config, args: DevArgs) -> anyhow::Result<()> {
     shutdown_signal().await;
     app.shutdown().await;
     server.stop();
+    Ok(())
+}
+
+/// `dev --replicas N`: a 3-node NATS cluster and N `switchyard serve` processes over it.
+async fn dev_cluster(args: DevArgs) -> anyhow::Result<()> {
+    const NODES: u16 = 3;
+    let first = args.nats_port;
+    for port in (first..first + NODES).chain(first + 2000..first + 2000 + NODES) {
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
+            bail!("port {port} is taken (another NATS or `switchyard dev`?); pass --nats-port");
+        }
+    }
+    let tools = nats_server::tools_dir();
+    let root = args.data_dir.join("cluster");
+    let layout = nats_server::ClusterLayout {
+        ports: Some((first, first + 2000)),
+        root: Some(root.clone()),
+        extra: None,
+    };
+    let mut cluster = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let binary = nats_server::locate_or_install(&tools)?;
+        Ok(nats_server::NatsCluster::start_with(
+            &binary,
+            usize::from(NODES),
+            &layout,
+        )?)
+    })
+    .await??;
+    let urls = cluster.urls();
+    let client = async_nats::connect(urls.clone()).await?;
+    if !nats_server::wait_for_jetstream(&client, std::time::Duration::from_secs(30)).await {
+        bail!(
+            "the NATS cluster elected no JetStream leader within 30s; see {}",
+            root.display()
+        );
+    }
+    let servers = serde_json::to_string(&urls)?;
+    let exe = std::env::current_exe()?;
+    let mut replicas = Vec::new();
+    for i in 0..args.replicas {
+        let http = SocketAddr::new(args.http.ip(), args.http.port() + i);
+        let name = format!("replica-{i}");
+        let log = std::fs::File::create(root.join(format!("{name}.log")))?;
+        let child = std::process::Command::new(&exe)
+            .arg("serve")
+            .env("SWITCHYARD_NATS__SERVERS", &servers)
+            .env("SWITCHYARD_STORE__REPLICAS", "3")
+            .env("SWITCHYARD_CLUSTER__REPLICA", &name)
+            .env("SWITCHYARD_HTTP__LISTEN", http.to_string())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
+        println!("  {name}  pid {:>7}  http://{http}/metrics", child.id());
+        replicas.push((name, child));
+        // The first creates the streams; the others join once it serves.
+        if i == 0 {
+            let ping = async {
+                loop {
+                    if client
+                        .request("$SRV.PING.switchyard", "".into())
+                        .await
+                        .is_ok()
+                    {
+                        break;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                }
+            };
+            tokio::time::timeout(std::time::Duration::from_secs(90), ping)
+                .await
+                .context("the first replica did not start; see its log")?;
+        }
+    }
+    for (i, node) in cluster.nodes.iter().enumerate() {
+        println!(
+            "  nats n{i}     pid {:>7}  {}  (log {})",
+            node.pid().unwrap_or_default(),
+            node.url(),
+            node.log_file().display()
+        );
+    }
+    println!(
+        "\nSwitchyard is running: {n} replicas over a 3-node NATS cluster (R3 streams), logs in {root}.\
+         \n\nWatch fail-over: `kill -9` a replica's pid (its shards move within cluster.lease_ttl), or a\
+         \nNATS node's; `switchyard call counter.add '{{\"id\": \"demo\", \"amount\": 1}}' -s {url}` keeps\
+         \nanswering. Which replica owns which shard: `nats req '$SRV.INFO.switchyard' ''` or /metrics\
+         \n(switchyard_shard_owned). Ctrl-C stops everything; the data stays in {root}.\n",
+        n = args.replicas,
+        root = root.display(),
+        url = urls[0],
+    );
+    shutdown_signal().await;
+    for (name, child) in &mut replicas {
+        if let Ok(pid) = i32::try_from(child.id()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        let _ = child.wait();
+        tracing::info!(replica = %name, "stopped");
+    }
+    for node in &mut cluster.nodes {
+        node.stop();
+    }
     Ok(())
 }
 

@@ -317,10 +317,37 @@ pub struct NatsCluster {
     pub nodes: Vec<NatsServer>,
 }
 
+/// Where a cluster's nodes listen and keep their data; free ports and temporary stores when
+/// absent.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterLayout {
+    /// The first node's client and route ports; the others count up from them.
+    pub ports: Option<(u16, u16)>,
+    /// Node `i` keeps its store and log under `<root>/n<i>/`.
+    pub root: Option<PathBuf>,
+    /// More configuration for every node.
+    pub extra: Option<String>,
+}
+
 impl NatsCluster {
-    /// Starts `size` nodes named `n0`, `n1`, ...; `extra` is added to every node's config.
+    /// Starts `size` nodes named `n0`, `n1`, ... on free ports with temporary stores.
     pub fn start(binary: &Path, size: usize, extra: Option<&str>) -> Result<Self> {
-        let cluster_ports: Vec<u16> = (0..size).map(|_| free_port()).collect::<Result<_>>()?;
+        Self::start_with(
+            binary,
+            size,
+            &ClusterLayout {
+                extra: extra.map(str::to_owned),
+                ..ClusterLayout::default()
+            },
+        )
+    }
+
+    pub fn start_with(binary: &Path, size: usize, layout: &ClusterLayout) -> Result<Self> {
+        let cluster_ports: Vec<u16> = match layout.ports {
+            Some((_, route)) => (0..size).map(|i| route + i as u16).collect(),
+            None => (0..size).map(|_| free_port()).collect::<Result<_>>()?,
+        };
+        let extra = layout.extra.as_deref();
         let routes: Vec<String> = cluster_ports
             .iter()
             .map(|p| format!("nats-route://127.0.0.1:{p}"))
@@ -328,6 +355,13 @@ impl NatsCluster {
         let mut nodes = Vec::with_capacity(size);
         for (i, port) in cluster_ports.iter().enumerate() {
             let mut options = Options::new(binary.to_owned());
+            if let Some((client, _)) = layout.ports {
+                options.port = Some(client + i as u16);
+            }
+            if let Some(root) = &layout.root {
+                options.store_dir = Some(root.join(format!("n{i}")).join("store"));
+                options.log_file = Some(root.join(format!("n{i}")).join("nats-server.log"));
+            }
             let cluster = format!(
                 "server_name: n{i}\ncluster {{\n  name: switchyard\n  listen: \"127.0.0.1:{port}\"\n  routes: [{}]\n}}\n{}",
                 routes.join(", "),

@@ -302,7 +302,7 @@ impl Ownership {
     pub fn route(&self, shard: Shard) -> Route {
         let now = Instant::now();
         let state = self.state();
-        let fresh = self.inner.ttl / 2;
+        let fresh = self.presence_fresh();
         match state.holders.get(shard as usize) {
             Some(Holder::Me {
                 token, valid_until, ..
@@ -616,6 +616,13 @@ impl Ownership {
         .into()
     }
 
+    /// A replica is alive while its presence was refreshed this recently (it refreshes every
+    /// eighth of a TTL): two missed refreshes and requests wait for its leases instead of
+    /// going to it.
+    fn presence_fresh(&self) -> Duration {
+        self.inner.ttl / 4
+    }
+
     /// How long a renewal sent at `sent` lets this replica serve.
     fn validity(&self) -> Duration {
         self.inner.ttl * 3 / 4
@@ -632,7 +639,7 @@ impl Ownership {
         let actions = {
             let now = Instant::now();
             let state = self.state();
-            let fresh = self.inner.ttl / 2;
+            let fresh = self.presence_fresh();
             let mut live: BTreeMap<String, Instant> = state
                 .presence
                 .iter()
@@ -780,15 +787,11 @@ impl Ownership {
                 self.notify_changed();
             }
             Err(err) if err.kind() == kv::CreateErrorKind::AlreadyExists => {
-                if let Ok(Some(entry)) = self.inner.kv.entry(shard_key(shard)).await
-                    && entry.operation == kv::Operation::Put
-                {
+                // A newer revision (another owner) updates the view; the same one means its
+                // owner stopped renewing and the server has not dropped it yet: try again at
+                // the next round.
+                if let Ok(Some(entry)) = self.inner.kv.entry(shard_key(shard)).await {
                     self.observe(&entry);
-                    // Seen again now: not lapsed yet, whatever this view thought.
-                    let mut state = self.state();
-                    if let Holder::Other { seen, .. } = &mut state.holders[shard as usize] {
-                        *seen = Instant::now();
-                    }
                 }
             }
             Err(err) => tracing::debug!(shard, error = %err, "cannot take a shard now"),
@@ -866,9 +869,10 @@ enum Renewal {
     Failed(kv::UpdateError),
 }
 
-/// Renews and takes leases every quarter of a TTL, and at once when the view changes.
+/// Refreshes presence, renews and takes leases every eighth of a TTL, and at once when the
+/// view changes.
 async fn keeper(ownership: Ownership) {
-    let tick = ownership.inner.ttl / 4;
+    let tick = ownership.inner.ttl / 8;
     loop {
         let _ = tokio::time::timeout(tick, ownership.inner.wake.notified()).await;
         // Let a burst of watch events settle into one round.

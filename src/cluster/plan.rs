@@ -99,7 +99,7 @@ impl View<'_> {
     }
 
     /// A lease not refreshed for a whole TTL has lapsed on the server (its owner renews every
-    /// quarter of it), even if this replica never saw it go.
+    /// eighth of it), even if this replica never saw it go.
     fn lapsed(&self, seen: Instant, now: Instant) -> bool {
         now.saturating_duration_since(seen) >= self.ttl
     }
