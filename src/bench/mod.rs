@@ -37,17 +37,21 @@ pub enum Scenario {
     Activation,
     /// Heap bytes per active entity actor and per passivated entity.
     Memory,
+    /// Throughput through 1 and 3 replicas over a 3-node cluster (R3), with the share of
+    /// requests forwarded to their shard's owner, against raw JetStream on the same cluster.
+    Replicas,
     /// Throughput and latency on a server with `sync_interval: always`.
     Durable,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 6] = [
+    pub const ALL: [Scenario; 7] = [
         Scenario::Throughput,
         Scenario::Latency,
         Scenario::Replay,
         Scenario::Activation,
         Scenario::Memory,
+        Scenario::Replicas,
         Scenario::Durable,
     ];
 }
@@ -626,6 +630,14 @@ pub async fn run(options: &Options, out: &mut dyn Write) -> anyhow::Result<Repor
     if wants(Scenario::Memory) {
         Box::pin(memory(&url, options, &mut report, out)).await?;
     }
+    if wants(Scenario::Replicas) {
+        if options.nats_url.is_some() {
+            writeln!(out, "replicas: skipped; it starts its own 3-node cluster")?;
+        } else {
+            let cluster = nats_server::NatsCluster::start(&binary()?, 3, None)?;
+            Box::pin(replicas(&cluster, options, &mut report, out)).await?;
+        }
+    }
     if wants(Scenario::Durable) {
         if options.nats_url.is_some() {
             writeln!(
@@ -656,6 +668,151 @@ pub async fn run(options: &Options, out: &mut dyn Write) -> anyhow::Result<Repor
         }
     }
     Ok(report)
+}
+
+/// Throughput through one replica, then three, over a 3-node cluster with R3 streams; the
+/// share of requests forwarded to their shard's owner; raw R3 publishes on the same cluster.
+async fn replicas(
+    cluster: &nats_server::NatsCluster,
+    options: &Options,
+    report: &mut Report,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    let urls = cluster.urls();
+    let probe = async_nats::connect(urls.clone()).await?;
+    anyhow::ensure!(
+        nats_server::wait_for_jetstream(&probe, Duration::from_secs(30)).await,
+        "the cluster elected no JetStream leader"
+    );
+    let on_cluster = |replica: &str| {
+        let urls = urls.clone();
+        let replica = replica.to_owned();
+        move |config: &mut Config| {
+            config.nats.servers = urls;
+            config.store.replicas = 3;
+            config.cluster.replica = replica;
+        }
+    };
+    let duration = options.duration / 2;
+    // One replica: it owns every shard, nothing is forwarded.
+    let one = Bench::start(&urls[0], "rep", on_cluster("rep-0")).await?;
+    one.create(options.entities, options.in_flight).await?;
+    one.throughput(options.entities, options.in_flight, duration / 5)
+        .await?;
+    let one_rate = one
+        .throughput(options.entities, options.in_flight, duration)
+        .await?;
+    // Three: the queue group spreads requests, two in three reach a replica that does not own
+    // their entity and are forwarded.
+    let mut others = Vec::new();
+    for name in ["rep-1", "rep-2"] {
+        let app = App::start(
+            &{
+                let mut config = one.config.clone();
+                on_cluster(name)(&mut config);
+                config
+            },
+            system_clock(),
+        )
+        .await
+        .context("starting another replica")?;
+        others.push(app);
+    }
+    let started = Instant::now();
+    while !(one.app.ownership().owned().len() < one.app.ownership().shards() as usize
+        && others.iter().all(|a| !a.ownership().owned().is_empty()))
+    {
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(60),
+            "the replicas did not share the shards"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    one.throughput(options.entities, options.in_flight, duration / 5)
+        .await?;
+    let forwarded_before = forwarded(&one.app) + others.iter().map(forwarded).sum::<f64>();
+    let three_rate = one
+        .throughput(options.entities, options.in_flight, duration)
+        .await?;
+    let forwarded_after = forwarded(&one.app) + others.iter().map(forwarded).sum::<f64>();
+    let share = (forwarded_after - forwarded_before) / (three_rate * duration.as_secs_f64());
+    for app in others {
+        app.shutdown().await;
+    }
+    let js = async_nats::jetstream::ContextBuilder::new()
+        .timeout(Duration::from_secs(30))
+        .build(one.client.clone());
+    raw::stream_with_replicas(&js, "RAWREP", "rawrep.>", 3).await?;
+    let subjects: Vec<String> = (0..options.entities)
+        .map(|i| format!("rawrep.evt.c{i}"))
+        .collect();
+    let (payload, headers) = commit_like()?;
+    let raw_rate = raw::async_publish_rate(
+        &js,
+        &subjects,
+        &payload,
+        &headers,
+        options.in_flight,
+        duration,
+    )
+    .await?;
+    let in_flight = options.in_flight;
+    report.add(
+        out,
+        Row::new(
+            "replicas",
+            &format!("commands/s, 1 replica, R3 ({in_flight} in flight)"),
+            "per s",
+            one_rate,
+            Some(raw_rate),
+            None,
+        ),
+    )?;
+    report.add(
+        out,
+        Row::new(
+            "replicas",
+            &format!("commands/s, 3 replicas, R3 ({in_flight} in flight)"),
+            "per s",
+            three_rate,
+            Some(raw_rate),
+            None,
+        ),
+    )?;
+    report.add(
+        out,
+        Row::new(
+            "replicas",
+            "requests forwarded to their owner, 3 replicas",
+            "share",
+            share,
+            None,
+            None,
+        ),
+    )?;
+    report.add(
+        out,
+        Row::new(
+            "replicas",
+            "3 replicas against 1 (the cost of the extra hop)",
+            "ratio",
+            three_rate / one_rate,
+            None,
+            None,
+        ),
+    )?;
+    one.app.shutdown().await;
+    Ok(())
+}
+
+/// Requests this replica sent on to another (API and entity forwards).
+fn forwarded(app: &App) -> f64 {
+    app.metrics()
+        .render()
+        .lines()
+        .filter(|l| l.starts_with("switchyard_forwarded_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 #[allow(clippy::too_many_arguments)] // one call per server; a struct would only rename them

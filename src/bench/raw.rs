@@ -14,6 +14,16 @@ use super::Latencies;
 
 /// A scratch stream shaped like `SWITCHYARD_EVENTS`: file storage, dedupe window, direct gets.
 pub async fn stream(js: &jetstream::Context, name: &str, subjects: &str) -> anyhow::Result<()> {
+    stream_with_replicas(js, name, subjects, 1).await
+}
+
+/// As [`stream`], replicated on `replicas` servers of a cluster.
+pub async fn stream_with_replicas(
+    js: &jetstream::Context,
+    name: &str,
+    subjects: &str,
+    replicas: usize,
+) -> anyhow::Result<()> {
     let _ = js.delete_stream(name).await;
     js.create_stream(stream::Config {
         name: name.to_owned(),
@@ -25,6 +35,7 @@ pub async fn stream(js: &jetstream::Context, name: &str, subjects: &str) -> anyh
         deny_purge: true,
         allow_direct: true,
         duplicate_window: Duration::from_secs(120),
+        num_replicas: replicas,
         ..Default::default()
     })
     .await?;
