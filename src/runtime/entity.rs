@@ -119,16 +119,19 @@ impl<A: Aggregate> Actor for EntityActor<A> {
 impl<A: Aggregate> Handler<Work<A>> for EntityActor<A> {
     type Result = AtomicResponse<Self, ()>;
 
-    fn handle(&mut self, work: Work<A>, ctx: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, work: Work<A>, _: &mut Context<Self>) -> Self::Result {
         let (shard, token) = self.fence;
         if !matches!(work, Work::Passivate) && !self.settings.ownership.holds(shard, token) {
-            // The shard moved: whatever this actor knows may be behind its new owner.
+            // The shard moved: whatever this actor knows may be behind its new owner. Every
+            // request queued here gets the same answer, which sends it to the new owner; the
+            // registry passivates the actor once none is left. (Stopping here would drop the
+            // queued ones unanswered, and an unanswered command may or may not have run.)
             work.fail(CommandError::NotOwner {
                 kind: A::KIND,
                 id: self.id.to_string(),
             });
             self.pending.fetch_sub(1, Ordering::AcqRel);
-            ctx.stop();
+            self.entity = None;
             return AtomicResponse::new(Box::pin(actix::fut::ready(())));
         }
         let fence = self.fence;
