@@ -58,7 +58,10 @@ impl Forwarded {
                     }
                     Some((channel, kind)) if channel == "entity" => {
                         let Some(endpoint) = endpoints.get(kind.as_str()).cloned() else {
-                            tracing::debug!(%kind, "an entity request for a kind this build does not have");
+                            let answer = crate::runtime::remote::unknown_kind(&kind);
+                            if let Err(err) = context.client.publish(reply, answer).await {
+                                tracing::debug!(error = %err, "cannot answer another replica");
+                            }
                             continue;
                         };
                         tokio::spawn(async move {

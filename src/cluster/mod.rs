@@ -325,6 +325,10 @@ impl Ownership {
     /// Where a shard's requests go, waiting (up to one lease TTL) while nobody alive owns it:
     /// during a fail-over, until the new owner has taken it.
     pub async fn resolve(&self, shard: Shard) -> Route {
+        let route = self.route(shard);
+        if route != Route::Unowned {
+            return route;
+        }
         let deadline = tokio::time::Instant::now() + self.inner.ttl;
         let mut changed = self.inner.changed.subscribe();
         loop {

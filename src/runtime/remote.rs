@@ -256,6 +256,15 @@ impl Peer<'_> {
     }
 }
 
+/// The answer to an entity request for a kind this build does not serve.
+pub fn unknown_kind(kind: &str) -> Bytes {
+    encode(Err(CommandError::Rejected {
+        kind: ErrorKind::NotFound,
+        message: format!("this replica serves no entity kind {kind:?}"),
+        reason: None,
+    }))
+}
+
 /// The owner's side: one per kind, answering envelopes for entities of its shards.
 pub trait Endpoint: Send + Sync {
     fn kind(&self) -> &'static str;

@@ -682,6 +682,7 @@ async fn contended_fire_and_forget_commands_are_all_applied_once_in_publish_orde
     let second = switchyard::app::App::start(&test.config, switchyard::runtime::system_clock())
         .await
         .unwrap();
+    crate::harness::wait_balanced(&[&test.app, &second]).await;
     call(&test, "counter.create", json!({"id": "hot"}))
         .await
         .ok();

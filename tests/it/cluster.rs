@@ -11,23 +11,9 @@ use switchyard::store::StoredMessage;
 
 use crate::harness::{Reply, TestApp, call, http_get, start_app, wait_for};
 
-/// Waits until the replicas' shards are disjoint, cover every shard, and each has some.
+/// Waits until every shard is owned by the replica that prefers it.
 async fn settled(apps: &[&App]) {
-    wait_for(
-        "every shard to have one owner",
-        Duration::from_secs(20),
-        || async {
-            let shards = apps[0].ownership().shards();
-            let owned: Vec<Vec<u32>> = apps.iter().map(|a| a.ownership().owned()).collect();
-            let all: Vec<u32> = owned.iter().flatten().copied().collect();
-            let distinct: BTreeSet<u32> = all.iter().copied().collect();
-            (all.len() == shards as usize
-                && distinct.len() == shards as usize
-                && owned.iter().all(|o| !o.is_empty()))
-            .then_some(())
-        },
-    )
-    .await;
+    crate::harness::wait_balanced(apps).await;
 }
 
 async fn second_replica(test: &TestApp) -> App {
@@ -537,4 +523,89 @@ impl EventStoreReader {
         let subject = self.store.subjects().event(kind, id);
         self.store.read_subject(&subject, 1, None).await.unwrap()
     }
+}
+
+#[actix_rt::test]
+async fn a_replicas_own_subjects_refuse_bad_input_and_change_nothing() {
+    let test = start_app(|_| {}).await;
+    let me = test.app.ownership().replica().to_owned();
+    let ask = |subject: String, body: &'static [u8]| {
+        let client = test.client.clone();
+        async move {
+            let reply = client.request(subject, body.into()).await.unwrap();
+            serde_json::from_slice::<serde_json::Value>(&reply.payload).unwrap()
+        }
+    };
+    let entity = format!("sy.replica.{me}.entity.counter");
+    for (body, why) in [
+        (&b"not json"[..], "not an entity request"),
+        (&br#"{"op":"execute","id":"x","command":{"Nope":{}},"meta":{"command_id":"a","principal":"p","digest":null,"fresh":false}}"#[..], "invalid command"),
+        (&br#"{"op":"read","id":""}"#[..], "invalid counter id"),
+        (&br#"{"op":"execute","id":"x","command":{"Add":{"amount":1}},"meta":{"command_id":"","principal":"p","digest":null,"fresh":false}}"#[..], "command id"),
+    ] {
+        let reply = ask(entity.clone(), body).await;
+        assert_eq!(reply["err"]["kind"], "invalid", "{why}: {reply}");
+        assert!(
+            reply["err"]["message"].as_str().unwrap().contains(why),
+            "{why}: {reply}"
+        );
+    }
+    let reply = ask(format!("sy.replica.{me}.entity.nosuchkind"), b"{}").await;
+    assert_eq!(reply["err"]["kind"], "not_found", "{reply}");
+    // A forwarded API request is the API: its bad input gets the API's typed errors.
+    let reply = test
+        .client
+        .request(format!("sy.replica.{me}.api.counter.add"), "{".into())
+        .await
+        .unwrap();
+    let value: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
+    assert_eq!(Reply::from_message(&reply, value).code(), "invalid");
+    // Nothing was written.
+    let last = test.app.store().last_sequence().await.unwrap();
+    assert_eq!(last, 0, "the log is empty");
+    // A well-formed request for a shard this replica owns runs; there is just one replica.
+    let reply = ask(entity.clone(), br#"{"op":"read","id":"x"}"#).await;
+    assert_eq!(reply["ok"]["version"], 0, "{reply}");
+}
+
+/// An earlier owner of the shard may have written the entity's snapshot since this actor
+/// read it: the actor's compare-and-set then fails, and it must learn the new revision rather
+/// than never snapshot again.
+#[actix_rt::test]
+async fn an_actor_whose_snapshot_was_superseded_snapshots_again() {
+    let test = start_app(|config| config.store.snapshot_every = 2).await;
+    let key = switchyard::subject::snapshot_key("counter", "snap");
+    let snapshots = test.app.store().snapshots();
+    call(&test, "counter.create", json!({"id": "snap"}))
+        .await
+        .ok();
+    call(&test, "counter.add", json!({"id": "snap", "amount": 1}))
+        .await
+        .ok();
+    wait_for("the first snapshot", Duration::from_secs(5), || async {
+        snapshots.get(&key).await.map(|_| ())
+    })
+    .await;
+    // Another writer replaces it behind the actor's back.
+    snapshots
+        .put_raw(&key, b"written by someone else".to_vec())
+        .await
+        .unwrap();
+    for _ in 0..6 {
+        call(&test, "counter.add", json!({"id": "snap", "amount": 1}))
+            .await
+            .ok();
+    }
+    let (record, _) = wait_for(
+        "a snapshot after the other writer's",
+        Duration::from_secs(5),
+        || async {
+            snapshots
+                .get(&key)
+                .await
+                .filter(|(record, _)| record.version >= 6)
+        },
+    )
+    .await;
+    assert!(record.version >= 6, "{}", record.version);
 }

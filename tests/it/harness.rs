@@ -286,3 +286,31 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
         .unwrap_or_default();
     (status, body)
 }
+
+/// Waits until the replicas have balanced the shards: each owned by the replica that prefers
+/// it (rendezvous hashing over their names), so no hand-over is still to come.
+pub async fn wait_balanced(apps: &[&switchyard::app::App]) {
+    wait_for(
+        "the replicas to balance the shards",
+        Duration::from_secs(20),
+        || async {
+            let names: Vec<&str> = apps.iter().map(|a| a.ownership().replica()).collect();
+            let shards = apps[0].ownership().shards();
+            (0..shards)
+                .all(|shard| {
+                    let owners: Vec<&str> = apps
+                        .iter()
+                        .filter(|a| a.ownership().owns(shard))
+                        .map(|a| a.ownership().replica())
+                        .collect();
+                    owners
+                        == [
+                            switchyard::cluster::plan::preferred(shard, names.iter().copied())
+                                .unwrap(),
+                        ]
+                })
+                .then_some(())
+        },
+    )
+    .await;
+}
