@@ -44,6 +44,8 @@ pub enum AppError {
     Subscribe(#[from] async_nats::SubscribeError),
     #[error("cannot start the fire-and-forget command queue")]
     WorkQueue(#[from] WorkQueueError),
+    #[error(transparent)]
+    Routes(#[from] crate::api::routes::UnboundRoutes),
     #[error("cannot take part in shard ownership")]
     Cluster(#[from] crate::cluster::ClusterError),
     #[error("cannot serve HTTP on {addr}")]
@@ -81,14 +83,7 @@ impl App {
         let store = open_store(&client, config).await?;
         let metrics = Metrics::new();
         let ownership = open_ownership(&store, config, &metrics).await?;
-        let services = Services::start(
-            &store,
-            &config.runtime,
-            &config.switchboard,
-            clock.clone(),
-            &metrics,
-            &ownership,
-        );
+        let services = Services::start(&store, config, clock.clone(), &metrics, &ownership);
         let specs = routes();
         let started = (clock)().to_offset_date_time();
         let micro = Arc::new(Micro::new(
@@ -112,7 +107,7 @@ impl App {
             client: client.clone(),
             auth,
             subjects: store.subjects().clone(),
-            router: Router::new(&specs, &services, &metrics),
+            router: Router::new(&specs, &services, &metrics)?,
             micro: micro.clone(),
             metrics: metrics.clone(),
             config: config.api.clone(),

@@ -14,7 +14,7 @@ use crate::client::{ApiClient, ClientError};
 use crate::domain::switchboard::{
     MachineId, MeetingPointView, PodName, PodView, PortRange, Username, millis,
 };
-use crate::switchboard::routes::{
+use crate::switchboard::protocol::{
     AddPod, ClearReply, KeepAlivePod, ListMeetingPoints, ListPods, MachineRequest,
     MeetingPointRequest, PodMeetingPoints, PodRequest, PodValidity, RemovePod, ReserveMeetingPoint,
 };

@@ -11,6 +11,7 @@ pub mod client;
 pub mod cluster;
 pub mod codec;
 pub mod config;
+pub mod counter;
 pub mod domain;
 pub mod error_chain;
 pub mod failpoint;

@@ -1,196 +1,285 @@
-//! The catalog: every entity kind the control plane runs and every route it serves. Adding an
-//! entity kind is a domain module plus a few lines here.
+//! The catalog: every capability the control plane runs. A capability (the counter, the
+//! switchboard, ...) is one [`Capability`] value: its entity kinds, its routes, and a `start`
+//! that registers its actors, read models and timers through a [`Starter`]. Adding one is a
+//! module and a line in [`capabilities`]; nothing here names a kind.
 
+use std::any::{Any, TypeId};
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::future::BoxFuture;
-use schemars::{Schema, SchemaGenerator};
+use schemars::{JsonSchema, Schema, SchemaGenerator};
 use serde_json::Value;
+use tokio::sync::watch;
 
 use super::routes::{self, RouteSpec};
 use crate::codec::{self, StoredEvent};
-use crate::config::{RuntimeConfig, SwitchboardConfig};
-use crate::domain::counter::{AddToCounter, Counter, CreateCounter, DeleteCounter};
-use crate::domain::switchboard::{MeetingPoint, Pod};
+use crate::config::Config;
 use crate::domain::{Aggregate, DomainEvent, EntityId, EventType, IdError};
 use crate::metrics::Metrics;
 use crate::runtime::feed::Feed;
-use crate::runtime::{Clock, Entities, EntityTable, ProjectionHandle, Reaper, Settings, Stop};
+use crate::runtime::remote::Endpoint;
+use crate::runtime::{
+    Clock, Entities, EntityTable, ProjectionHandle, Readiness, Reaper, Settings, Stop,
+};
 use crate::store::provenance::{self, Provenance, Record};
 use crate::store::{EventStore, StoreError, StoredMessage};
-use crate::switchboard::{self, Switchboard};
 
-/// The running actors the routes are bound to.
-#[derive(Clone)]
-pub struct Services {
-    indexer: crate::runtime::indexer::Indexer,
-    pub counters: Entities<Counter>,
-    pub counter_table: ProjectionHandle<EntityTable<Counter>>,
-    counter_reaper: actix::Addr<Reaper<Counter>>,
-    pub switchboard: Switchboard,
-    switchboard_timers: switchboard::Timers,
+/// One capability: what it adds to the control plane, registered in one place.
+pub struct Capability {
+    pub name: &'static str,
+    /// Its entity kinds: for readers of the log (audit, schemas), and each gets the route
+    /// `<kind>.acknowledge_foreign`.
+    pub kinds: fn() -> Vec<KindSpec>,
+    pub routes: fn() -> Vec<RouteSpec>,
+    /// Starts its actors, read models and timers on the current arbiter.
+    pub start: fn(&mut Starter<'_>),
 }
 
-/// An aggregate the API serves: where its actors and read model are.
-pub trait Served: Aggregate {
-    fn entities(services: &Services) -> &Entities<Self>;
-    fn table(services: &Services) -> &ProjectionHandle<EntityTable<Self>>;
-}
-
-impl Served for Counter {
-    fn entities(services: &Services) -> &Entities<Self> {
-        &services.counters
-    }
-    fn table(services: &Services) -> &ProjectionHandle<EntityTable<Self>> {
-        &services.counter_table
+impl std::fmt::Debug for Capability {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name)
     }
 }
 
-impl Served for Pod {
-    fn entities(services: &Services) -> &Entities<Self> {
-        &services.switchboard.pods
-    }
-    fn table(services: &Services) -> &ProjectionHandle<EntityTable<Self>> {
-        &services.switchboard.pod_table
-    }
+/// Every capability, in the order they start.
+pub fn capabilities() -> Vec<Capability> {
+    vec![
+        crate::counter::capability(),
+        crate::switchboard::capability(),
+    ]
 }
 
-impl Served for MeetingPoint {
-    fn entities(services: &Services) -> &Entities<Self> {
-        &services.switchboard.meeting_points
-    }
-    fn table(services: &Services) -> &ProjectionHandle<EntityTable<Self>> {
-        &services.switchboard.meeting_point_table
-    }
-}
-
-/// Every route the API serves.
+/// Every route the API serves: each capability's, then `acknowledge_foreign` for every kind.
 pub fn routes() -> Vec<RouteSpec> {
-    let mut routes = vec![
-        routes::command::<CreateCounter>(
-            "Create a counter at zero, with an optional limit and idle TTL",
-        ),
-        routes::command::<AddToCounter>("Add a positive amount to a counter, within its limit"),
-        routes::command::<DeleteCounter>("Delete a counter; deleting a missing one succeeds"),
-        routes::get::<Counter>("Read one counter"),
-        routes::list::<Counter>("List counters in id order, a page at a time"),
-    ];
-    routes.extend(switchboard::routes::specs());
-    routes.extend([
-        routes::acknowledge_foreign::<Counter>(),
-        routes::acknowledge_foreign::<Pod>(),
-        routes::acknowledge_foreign::<MeetingPoint>(),
-    ]);
+    let capabilities = capabilities();
+    let mut routes: Vec<RouteSpec> = capabilities.iter().flat_map(|c| (c.routes)()).collect();
+    routes.extend(
+        capabilities
+            .iter()
+            .flat_map(|c| (c.kinds)())
+            .map(|kind| (kind.acknowledge)()),
+    );
     routes
 }
 
+/// Every entity kind, for readers of the log.
+pub fn kinds() -> Vec<KindSpec> {
+    capabilities().iter().flat_map(|c| (c.kinds)()).collect()
+}
+
+type Readinesses = Vec<(String, watch::Receiver<Readiness>)>;
+
+/// The running actors the routes are bound to, found by type: `Entities<A>`, a read model's
+/// `ProjectionHandle`, or whatever a capability provides (the switchboard's handles).
+#[derive(Clone)]
+pub struct Services {
+    inner: Arc<Registered>,
+}
+
+#[derive(Default)]
+struct Registered {
+    provided: HashMap<TypeId, Box<dyn Any + Send + Sync>>,
+    endpoints: Vec<Arc<dyn Endpoint>>,
+    /// Read models: the API waits for them, `/readyz` requires them.
+    readiness: Readinesses,
+    /// Shown on `/readyz`, not required.
+    informational: Readinesses,
+    /// Timers and read models, stopped first on shutdown.
+    stops: Vec<Box<dyn Fn() + Send + Sync>>,
+    /// Entity registries, drained last (each actor snapshots on the way out).
+    drains: Vec<Box<dyn Fn(Duration) -> BoxFuture<'static, ()> + Send + Sync>>,
+}
+
+/// What a capability's `start` registers its parts with.
+pub struct Starter<'a> {
+    pub store: &'a EventStore,
+    pub settings: &'a Arc<Settings>,
+    pub config: &'a Config,
+    pub metrics: &'a Metrics,
+    feed: &'a mut Feed,
+    registered: &'a mut Registered,
+}
+
+impl Starter<'_> {
+    pub fn clock(&self) -> Clock {
+        self.settings.clock.clone()
+    }
+
+    /// Starts the registry of kind `A`: its actors serve this replica's shards, and other
+    /// replicas' requests for them.
+    pub fn entities<A: Aggregate>(&mut self) -> Entities<A> {
+        let entities = Entities::<A>::start(
+            self.store.clone(),
+            self.settings.clone(),
+            self.metrics.clone(),
+        );
+        self.registered.endpoints.push(Arc::new(entities.clone()));
+        let drained = entities.clone();
+        self.registered.drains.push(Box::new(move |grace| {
+            let entities = drained.clone();
+            Box::pin(async move { entities.shutdown(grace).await })
+        }));
+        self.provide(entities.clone());
+        entities
+    }
+
+    /// Starts the read model of every entity of kind `A` on the shared feed.
+    pub fn table<A: Aggregate>(&mut self) -> ProjectionHandle<EntityTable<A>> {
+        let table = ProjectionHandle::start_on(
+            EntityTable::<A>::default(),
+            self.feed,
+            self.store.clone(),
+            self.metrics.clone(),
+        );
+        self.registered
+            .readiness
+            .push((table.name().to_owned(), table.readiness()));
+        let stopped = table.clone();
+        self.registered.stops.push(Box::new(move || stopped.stop()));
+        self.provide(table.clone());
+        table
+    }
+
+    /// Starts the reaper of kind `A`: it sends what `Aggregate::due` says, for this replica's
+    /// shards.
+    pub fn reaper<A: Aggregate>(
+        &mut self,
+        table: &ProjectionHandle<EntityTable<A>>,
+        entities: &Entities<A>,
+    ) {
+        let reaper = actix::Actor::start(Reaper::new(
+            table.clone(),
+            entities.clone(),
+            self.clock(),
+            self.config.runtime.reaper_interval,
+            self.metrics.clone(),
+        ));
+        self.stop_on_shutdown(reaper);
+    }
+
+    /// Stops `timer` first on shutdown, before read models and actors.
+    pub fn stop_on_shutdown<T>(&mut self, timer: actix::Addr<T>)
+    where
+        T: actix::Actor<Context = actix::Context<T>> + actix::Handler<Stop>,
+    {
+        self.registered
+            .stops
+            .push(Box::new(move || timer.do_send(Stop)));
+    }
+
+    /// The shared event feed, for read models of a capability's own shape.
+    pub fn feed(&mut self) -> &mut Feed {
+        self.feed
+    }
+
+    /// Something else of the capability that requires catching up before the API serves.
+    pub fn require_ready(&mut self, name: String, readiness: watch::Receiver<Readiness>) {
+        self.registered.readiness.push((name, readiness));
+    }
+
+    /// Makes `value` available to routes (`Services::get`), by its type.
+    pub fn provide<T: Clone + Send + Sync + 'static>(&mut self, value: T) {
+        self.registered
+            .provided
+            .insert(TypeId::of::<T>(), Box::new(value));
+    }
+}
+
 impl Services {
-    /// Starts every registry, read model and reaper on the current arbiter.
+    /// Starts every capability on the current arbiter: each registers its parts, then the
+    /// shared feed starts reading for all the read models at once.
     pub fn start(
         store: &EventStore,
-        runtime: &RuntimeConfig,
-        switchboard: &SwitchboardConfig,
+        config: &Config,
         clock: Clock,
         metrics: &Metrics,
         ownership: &crate::cluster::Ownership,
     ) -> Self {
         let settings = Arc::new(Settings {
             ownership: ownership.clone(),
-            mailbox_capacity: runtime.mailbox_capacity,
-            passivate_after: runtime.passivate_after,
-            conflict_retries: runtime.conflict_retries,
+            mailbox_capacity: config.runtime.mailbox_capacity,
+            passivate_after: config.runtime.passivate_after,
+            conflict_retries: config.runtime.conflict_retries,
             snapshot_every: store.config().snapshot_every,
             clock: clock.clone(),
         });
-        // Every read model subscribes first; the feed then reads the stream once for all.
         let mut feed = Feed::new(store.clone());
-        let (switchboard, switchboard_timers) = Switchboard::start(
+        let mut registered = Registered::default();
+        let mut starter = Starter {
             store,
-            &mut feed,
-            &settings,
-            runtime.reaper_interval,
-            switchboard,
+            settings: &settings,
+            config,
             metrics,
-        );
-        let counters = Entities::<Counter>::start(store.clone(), settings, metrics.clone());
-        let counter_table = ProjectionHandle::start_on(
-            EntityTable::<Counter>::default(),
-            &mut feed,
-            store.clone(),
-            metrics.clone(),
-        );
+            feed: &mut feed,
+            registered: &mut registered,
+        };
+        for capability in capabilities() {
+            (capability.start)(&mut starter);
+        }
+        // The command index: lookups read the log past its position, so a lagging index
+        // slows retries of old commands, nothing more. Shown on /readyz, not required.
         let indexer = crate::runtime::indexer::Indexer::start(
             store.clone(),
             &mut feed,
-            clock.clone(),
+            clock,
             metrics.clone(),
         );
+        registered.informational.push((
+            crate::runtime::indexer::Indexer::NAME.to_owned(),
+            indexer.readiness(),
+        ));
+        registered.stops.push(Box::new(move || indexer.stop()));
         // It ends by itself once every read model has stopped.
         feed.start();
-        let counter_reaper = actix::Actor::start(Reaper::new(
-            counter_table.clone(),
-            counters.clone(),
-            clock,
-            runtime.reaper_interval,
-            metrics.clone(),
-        ));
         Self {
-            indexer,
-            counters,
-            counter_table,
-            counter_reaper,
-            switchboard,
-            switchboard_timers,
+            inner: Arc::new(registered),
         }
+    }
+
+    /// What a capability provided, by type: `Entities<A>`, a read model's handle, ...
+    pub fn get<T: Clone + 'static>(&self) -> Option<T> {
+        self.inner
+            .provided
+            .get(&TypeId::of::<T>())
+            .and_then(|value| value.downcast_ref::<T>())
+            .cloned()
+    }
+
+    /// The registry of kind `A`.
+    pub fn entities<A: Aggregate>(&self) -> Option<Entities<A>> {
+        self.get::<Entities<A>>()
+    }
+
+    /// The read model of kind `A`.
+    pub fn table<A: Aggregate>(&self) -> Option<ProjectionHandle<EntityTable<A>>> {
+        self.get::<ProjectionHandle<EntityTable<A>>>()
     }
 
     /// What answers other replicas' requests for entities of this replica's shards: one per
     /// kind.
-    pub fn endpoints(&self) -> Vec<Arc<dyn crate::runtime::remote::Endpoint>> {
-        vec![
-            Arc::new(self.counters.clone()),
-            Arc::new(self.switchboard.pods.clone()),
-            Arc::new(self.switchboard.meeting_points.clone()),
-        ]
+    pub fn endpoints(&self) -> Vec<Arc<dyn Endpoint>> {
+        self.inner.endpoints.clone()
     }
 
-    /// Stops reapers and read models, then every entity actor (each snapshots on the way out).
-    pub async fn shutdown(&self, grace: std::time::Duration) {
-        self.counter_reaper.do_send(Stop);
-        self.counter_table.stop();
-        futures::join!(
-            self.counters.shutdown(grace),
-            self.switchboard.shutdown(&self.switchboard_timers, grace)
-        );
+    /// Stops timers and read models, then every entity actor (each snapshots on the way out).
+    pub async fn shutdown(&self, grace: Duration) {
+        for stop in &self.inner.stops {
+            stop();
+        }
+        futures::future::join_all(self.inner.drains.iter().map(|drain| drain(grace))).await;
     }
 
-    /// What `/readyz` shows without waiting for it: the command index (lookups read the log
-    /// past its position, so a lagging index slows retries of old commands, nothing more).
-    pub fn informational(
-        &self,
-    ) -> Vec<(
-        String,
-        tokio::sync::watch::Receiver<crate::runtime::Readiness>,
-    )> {
-        vec![(
-            crate::runtime::indexer::Indexer::NAME.to_owned(),
-            self.indexer.readiness(),
-        )]
+    /// What `/readyz` shows without waiting for it.
+    pub fn informational(&self) -> Readinesses {
+        self.inner.informational.clone()
     }
 
-    /// The read models, by name, and whether each has caught up: for `/readyz`.
-    pub fn readiness(
-        &self,
-    ) -> Vec<(
-        String,
-        tokio::sync::watch::Receiver<crate::runtime::Readiness>,
-    )> {
-        let mut ready = vec![(
-            self.counter_table.name().to_owned(),
-            self.counter_table.readiness(),
-        )];
-        ready.extend(self.switchboard.readiness());
-        ready
+    /// The read models (and other followers of the log), by name, and whether each has caught
+    /// up: the API waits for them, and `/readyz` requires them.
+    pub fn readiness(&self) -> Readinesses {
+        self.inner.readiness.clone()
     }
 }
 
@@ -204,6 +293,8 @@ pub struct KindSpec {
     pub inspect: fn(&StoredMessage) -> Inspected,
     pub view_as_of:
         for<'a> fn(&'a EventStore, &'a str, u64) -> BoxFuture<'a, Result<ViewAsOf, AsOfError>>,
+    /// The kind's `acknowledge_foreign` route.
+    pub acknowledge: fn() -> RouteSpec,
 }
 
 impl std::fmt::Debug for KindSpec {
@@ -267,8 +358,12 @@ pub enum AsOfError {
 }
 
 impl KindSpec {
-    pub fn of<A: Aggregate>() -> Self {
+    pub fn of<A: Aggregate>() -> Self
+    where
+        A::Id: serde::de::DeserializeOwned + JsonSchema,
+    {
         Self {
+            acknowledge: routes::acknowledge_foreign::<A>,
             kind: A::KIND,
             event_types: A::Event::known_types,
             event_schema: A::Event::schema,
@@ -294,13 +389,4 @@ impl KindSpec {
             },
         }
     }
-}
-
-/// Every entity kind, for readers of the log.
-pub fn kinds() -> Vec<KindSpec> {
-    vec![
-        KindSpec::of::<Counter>(),
-        KindSpec::of::<Pod>(),
-        KindSpec::of::<MeetingPoint>(),
-    ]
 }

@@ -10,7 +10,7 @@ use futures::future::BoxFuture;
 use schemars::{JsonSchema, Schema, SchemaGenerator};
 use serde::{Deserialize, Serialize};
 
-use super::catalog::{Served, Services};
+use super::catalog::Services;
 use super::{ApiError, ApiRequest, body_as};
 use crate::domain::{Aggregate, CommandRequest};
 use crate::metrics::{Metrics, RouteMetrics};
@@ -30,8 +30,8 @@ pub enum Mode {
     Query,
 }
 
-/// Binds a route to the running services.
-pub type Bind = Box<dyn Fn(&Services) -> Arc<dyn Handler> + Send + Sync>;
+/// Binds a route to the running services; `None` if what it needs was not started.
+pub type Bind = Box<dyn Fn(&Services) -> Option<Arc<dyn Handler>> + Send + Sync>;
 
 /// The id of the entity a command request is for, if it names one: what orders fire-and-forget
 /// commands (one entity's are applied in the order they were published).
@@ -172,10 +172,7 @@ impl<C: CommandRequest> Handler for CommandRoute<C> {
 }
 
 /// A command route for request type `C`.
-pub fn command<C: CommandRequest>(summary: &'static str) -> RouteSpec
-where
-    C::Aggregate: Served,
-{
+pub fn command<C: CommandRequest>(summary: &'static str) -> RouteSpec {
     RouteSpec {
         kind: <C::Aggregate as Aggregate>::KIND,
         verb: C::VERB,
@@ -184,10 +181,11 @@ where
         request_schema: |g| g.root_schema_for::<C>(),
         reply_schema: |g| g.root_schema_for::<CommandReply<<C::Aggregate as Aggregate>::Reply>>(),
         bind: Box::new(|services| {
-            Arc::new(CommandRoute::<C> {
-                entities: C::Aggregate::entities(services).clone(),
+            let entities = services.entities::<C::Aggregate>()?;
+            Some(Arc::new(CommandRoute::<C> {
+                entities,
                 _request: PhantomData,
-            })
+            }))
         }),
         entity: Some(|request| {
             body_as::<C>(request)
@@ -226,7 +224,7 @@ where
 }
 
 /// `<kind>.get`, answered by the entity's actor: it reflects every command already answered.
-pub fn get<A: Served>(summary: &'static str) -> RouteSpec
+pub fn get<A: Aggregate>(summary: &'static str) -> RouteSpec
 where
     A::Id: serde::de::DeserializeOwned + JsonSchema,
 {
@@ -238,9 +236,8 @@ where
         request_schema: |g| g.root_schema_for::<GetRequest<A::Id>>(),
         reply_schema: |g| g.root_schema_for::<GetReply<A::View>>(),
         bind: Box::new(|services| {
-            Arc::new(GetRoute::<A> {
-                entities: A::entities(services).clone(),
-            })
+            let entities = services.entities::<A>()?;
+            Some(Arc::new(GetRoute::<A> { entities }))
         }),
         entity: Some(|request| body_field(request, "id")),
     }
@@ -288,7 +285,7 @@ where
 }
 
 /// `<kind>.list`, answered by the kind's read model: eventually consistent, with its position.
-pub fn list<A: Served>(summary: &'static str) -> RouteSpec
+pub fn list<A: Aggregate>(summary: &'static str) -> RouteSpec
 where
     A::Id: serde::de::DeserializeOwned + Serialize + JsonSchema,
 {
@@ -300,9 +297,8 @@ where
         request_schema: |g| g.root_schema_for::<ListRequest<A::Id>>(),
         reply_schema: |g| g.root_schema_for::<ListReply<A::Id, A::View>>(),
         bind: Box::new(|services| {
-            Arc::new(ListRoute::<A> {
-                table: A::table(services).clone(),
-            })
+            let table = services.table::<A>()?;
+            Some(Arc::new(ListRoute::<A> { table }))
         }),
         entity: None,
     }
@@ -365,7 +361,7 @@ where
 }
 
 /// `<kind>.acknowledge_foreign`, run by the entity's actor.
-pub fn acknowledge_foreign<A: Served>() -> RouteSpec
+pub fn acknowledge_foreign<A: Aggregate>() -> RouteSpec
 where
     A::Id: serde::de::DeserializeOwned + JsonSchema,
 {
@@ -377,9 +373,8 @@ where
         request_schema: |g| g.root_schema_for::<AcknowledgeForeignRequest<A::Id>>(),
         reply_schema: |g| g.root_schema_for::<AcknowledgeForeignReply>(),
         bind: Box::new(|services| {
-            Arc::new(AcknowledgeRoute::<A> {
-                entities: A::entities(services).clone(),
-            })
+            let entities = services.entities::<A>()?;
+            Some(Arc::new(AcknowledgeRoute::<A> { entities }))
         }),
         entity: Some(|request| body_field(request, "id")),
     }
@@ -392,7 +387,7 @@ pub fn custom<Req: JsonSchema, Rep: JsonSchema, S: Clone + Send + Sync + 'static
     verb: &'static str,
     mode: Mode,
     summary: &'static str,
-    state: fn(&Services) -> S,
+    state: fn(&Services) -> Option<S>,
     run: fn(S, ApiRequest) -> BoxFuture<'static, Result<Bytes, ApiError>>,
 ) -> RouteSpec {
     RouteSpec {
@@ -403,10 +398,10 @@ pub fn custom<Req: JsonSchema, Rep: JsonSchema, S: Clone + Send + Sync + 'static
         request_schema: |g| g.root_schema_for::<Req>(),
         reply_schema: |g| g.root_schema_for::<Rep>(),
         bind: Box::new(move |services| {
-            Arc::new(CustomRoute {
-                state: state(services),
+            Some(Arc::new(CustomRoute {
+                state: state(services)?,
                 run,
-            })
+            }))
         }),
         entity: None,
     }
@@ -422,6 +417,11 @@ impl<S: Clone + Send + Sync + 'static> Handler for CustomRoute<S> {
         (self.run)(self.state.clone(), request)
     }
 }
+
+/// Routes whose capability did not start what they are bound to.
+#[derive(Debug, thiserror::Error)]
+#[error("routes bound to nothing that was started: {}", .0.join(", "))]
+pub struct UnboundRoutes(pub Vec<String>);
 
 /// One bound route.
 pub struct Route {
@@ -441,23 +441,37 @@ pub struct Router {
 }
 
 impl Router {
-    pub fn new(specs: &[RouteSpec], services: &Services, metrics: &Metrics) -> Self {
-        let routes = specs
-            .iter()
-            .map(|spec| {
-                let route = Route {
-                    mode: spec.mode,
-                    handler: (spec.bind)(services),
-                    metrics: metrics.route(spec.kind, spec.verb),
-                    entity: spec.entity,
-                };
-                (format!("{}.{}", spec.kind, spec.verb), route)
-            })
-            .collect();
-        Self {
+    /// Binds every route; fails (naming them) if a route needs something no capability
+    /// started, which is a wiring mistake, found at start-up rather than at a request.
+    pub fn new(
+        specs: &[RouteSpec],
+        services: &Services,
+        metrics: &Metrics,
+    ) -> Result<Self, UnboundRoutes> {
+        let mut routes = HashMap::new();
+        let mut unbound = Vec::new();
+        for spec in specs {
+            let name = format!("{}.{}", spec.kind, spec.verb);
+            match (spec.bind)(services) {
+                Some(handler) => {
+                    let route = Route {
+                        mode: spec.mode,
+                        handler,
+                        metrics: metrics.route(spec.kind, spec.verb),
+                        entity: spec.entity,
+                    };
+                    routes.insert(name, route);
+                }
+                None => unbound.push(name),
+            }
+        }
+        if !unbound.is_empty() {
+            return Err(UnboundRoutes(unbound));
+        }
+        Ok(Self {
             routes,
             unknown: metrics.route("unknown", "unknown"),
-        }
+        })
     }
 
     /// The route `<kind>.<verb>`, or a `not_found` that lists what exists.

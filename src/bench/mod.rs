@@ -1301,7 +1301,11 @@ async fn memory(
     settle().await;
     start_counting();
     bench.create(n, options.in_flight).await?;
-    let table = bench.app.services().counter_table.clone();
+    let table = bench
+        .app
+        .services()
+        .table::<crate::domain::counter::Counter>()
+        .context("the counter read model")?;
     let started = Instant::now();
     while table.ask(|t, _| t.len()).await? < n {
         anyhow::ensure!(
@@ -1310,7 +1314,11 @@ async fn memory(
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let counters = bench.app.services().counters.clone();
+    let counters = bench
+        .app
+        .services()
+        .entities::<crate::domain::counter::Counter>()
+        .context("the counter registry")?;
     let active_count = counters.active().await;
     settle().await;
     let active = counted_bytes();
@@ -1388,7 +1396,11 @@ async fn switchboard_memory(
     })
     .await?;
     let reserve_rate = meeting_points as f64 / started.elapsed().as_secs_f64();
-    let board = bench.app.services().switchboard.clone();
+    let board = bench
+        .app
+        .services()
+        .get::<crate::switchboard::Switchboard>()
+        .context("the switchboard")?;
     let started = Instant::now();
     while board.meeting_point_table.ask(|t, _| t.len()).await? < meeting_points
         || board.pod_table.ask(|t, _| t.len()).await? < pods

@@ -28,6 +28,7 @@ const RETRY_AFTER: Duration = Duration::from_millis(500);
 #[derive(Clone)]
 pub struct Indexer {
     ready: watch::Receiver<Readiness>,
+    stop: std::sync::Arc<watch::Sender<bool>>,
 }
 
 impl Indexer {
@@ -42,8 +43,17 @@ impl Indexer {
     ) -> Self {
         let receiver = feed.subscribe(store.subjects().all_events());
         let (ready, watch) = watch::channel(Readiness::CatchingUp);
-        tokio::spawn(run(store, receiver, ready, clock, metrics));
-        Self { ready: watch }
+        let (stop, stopped) = watch::channel(false);
+        tokio::spawn(run(store, receiver, ready, clock, metrics, stopped));
+        Self {
+            ready: watch,
+            stop: std::sync::Arc::new(stop),
+        }
+    }
+
+    /// Stops indexing (on shutdown); the checkpoint already written stays.
+    pub fn stop(&self) {
+        let _ = self.stop.send(true);
     }
 
     pub fn readiness(&self) -> watch::Receiver<Readiness> {
@@ -70,6 +80,7 @@ async fn run(
     ready: watch::Sender<Readiness>,
     clock: super::Clock,
     metrics: Metrics,
+    mut stopped: watch::Receiver<bool>,
 ) {
     let index = store.command_index().clone();
     let checkpoint = index.checkpoint().await;
@@ -77,7 +88,12 @@ async fn run(
     let mut caught_up_at = u64::MAX;
     let mut last_checkpoint = tokio::time::Instant::now();
     let mut unsaved = false;
-    while let Some(item) = feed.recv().await {
+    loop {
+        let item = tokio::select! {
+            item = feed.recv() => item,
+            _ = stopped.changed() => return,
+        };
+        let Some(item) = item else { break };
         let (messages, position) = match item {
             FeedItem::Start { caught_up_at: at } => {
                 caught_up_at = at;
@@ -102,7 +118,10 @@ async fn run(
                 error = &err as &dyn std::error::Error,
                 "cannot write the command index; retrying"
             );
-            tokio::time::sleep(RETRY_AFTER).await;
+            tokio::select! {
+                () = tokio::time::sleep(RETRY_AFTER) => {}
+                _ = stopped.changed() => return,
+            }
         }
         metrics.indexed.inc_by(commits.len() as u64);
         index.advance(position);

@@ -3,18 +3,18 @@
 //! `domain::switchboard`; the routes in [`routes`].
 
 pub mod placement;
+pub mod protocol;
 pub mod reconciler;
+pub mod reserve;
 pub mod routes;
 
 use std::sync::Arc;
 
-use actix::Addr;
-
+use crate::api::catalog::{Capability, KindSpec, Starter};
 use crate::config::SwitchboardConfig;
 use crate::domain::switchboard::{MeetingPoint, Pod};
 use crate::metrics::Metrics;
-use crate::runtime::feed::Feed;
-use crate::runtime::{Clock, Entities, EntityTable, ProjectionHandle, Reaper, Settings, Stop};
+use crate::runtime::{Clock, Entities, EntityTable, ProjectionHandle};
 use crate::store::EventStore;
 
 pub use placement::Placement;
@@ -34,98 +34,44 @@ pub struct Switchboard {
     pub config: SwitchboardConfig,
 }
 
-/// The switchboard's timers, stopped on shutdown.
-#[derive(Clone)]
-pub struct Timers {
-    pod_reaper: Addr<Reaper<Pod>>,
-    meeting_point_reaper: Addr<Reaper<MeetingPoint>>,
-    reconciler: Addr<Reconciler>,
-}
-
 impl Switchboard {
-    pub fn start(
-        store: &EventStore,
-        feed: &mut Feed,
-        settings: &Arc<Settings>,
-        reaper_interval: std::time::Duration,
-        config: &SwitchboardConfig,
-        metrics: &Metrics,
-    ) -> (Self, Timers) {
-        let pods = Entities::<Pod>::start(store.clone(), settings.clone(), metrics.clone());
-        let pod_table = ProjectionHandle::start_on(
-            EntityTable::<Pod>::default(),
-            feed,
-            store.clone(),
-            metrics.clone(),
-        );
-        let meeting_points =
-            Entities::<MeetingPoint>::start(store.clone(), settings.clone(), metrics.clone());
-        let meeting_point_table = ProjectionHandle::start_on(
-            EntityTable::<MeetingPoint>::default(),
-            feed,
-            store.clone(),
-            metrics.clone(),
-        );
+    /// Starts the pods and meeting points, their read models and reapers, and the
+    /// reconciler; the handles are provided to the routes.
+    fn start(cx: &mut Starter<'_>) {
+        let pods = cx.entities::<Pod>();
+        let pod_table = cx.table::<Pod>();
+        let meeting_points = cx.entities::<MeetingPoint>();
+        let meeting_point_table = cx.table::<MeetingPoint>();
+        cx.reaper(&pod_table, &pods);
+        cx.reaper(&meeting_point_table, &meeting_points);
+        let config = cx.config.switchboard.clone();
         let board = Self {
             pods,
             pod_table,
             meeting_points,
             meeting_point_table,
             placement: Arc::default(),
-            store: store.clone(),
-            clock: settings.clock.clone(),
-            metrics: metrics.clone(),
+            store: cx.store.clone(),
+            clock: cx.clock(),
+            metrics: cx.metrics.clone(),
             config: config.clone(),
         };
-        let timers = Timers {
-            pod_reaper: actix::Actor::start(Reaper::new(
-                board.pod_table.clone(),
-                board.pods.clone(),
-                board.clock.clone(),
-                reaper_interval,
-                metrics.clone(),
-            )),
-            meeting_point_reaper: actix::Actor::start(Reaper::new(
-                board.meeting_point_table.clone(),
-                board.meeting_points.clone(),
-                board.clock.clone(),
-                reaper_interval,
-                metrics.clone(),
-            )),
-            reconciler: actix::Actor::start(Reconciler::new(
-                board.clone(),
-                config.reconcile_interval,
-                config.reconcile_grace,
-            )),
-        };
-        (board, timers)
+        let reconciler = actix::Actor::start(Reconciler::new(
+            board.clone(),
+            config.reconcile_interval,
+            config.reconcile_grace,
+        ));
+        cx.stop_on_shutdown(reconciler);
+        cx.provide(board);
     }
+}
 
-    /// Stops the timers and read models, then every actor.
-    pub async fn shutdown(&self, timers: &Timers, grace: std::time::Duration) {
-        timers.pod_reaper.do_send(Stop);
-        timers.meeting_point_reaper.do_send(Stop);
-        timers.reconciler.do_send(Stop);
-        self.pod_table.stop();
-        self.meeting_point_table.stop();
-        futures::join!(
-            self.pods.shutdown(grace),
-            self.meeting_points.shutdown(grace)
-        );
-    }
-
-    pub fn readiness(
-        &self,
-    ) -> Vec<(
-        String,
-        tokio::sync::watch::Receiver<crate::runtime::Readiness>,
-    )> {
-        vec![
-            (self.pod_table.name().to_owned(), self.pod_table.readiness()),
-            (
-                self.meeting_point_table.name().to_owned(),
-                self.meeting_point_table.readiness(),
-            ),
-        ]
+/// The switchboard: pods, meeting points, and the routes of seed 000.
+pub fn capability() -> Capability {
+    Capability {
+        name: "switchboard",
+        kinds: || vec![KindSpec::of::<Pod>(), KindSpec::of::<MeetingPoint>()],
+        routes: routes::specs,
+        start: Switchboard::start,
     }
 }

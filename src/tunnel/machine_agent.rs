@@ -25,7 +25,7 @@ use crate::domain::switchboard::{
     LeaseId, MachineId, MeetingPointView, PodName, PodView, Username, millis,
 };
 use crate::runtime::new_command_id;
-use crate::switchboard::routes::{
+use crate::switchboard::protocol::{
     ClearReply, MeetingPointRequest, PodRequest, PodValidity, ReserveMeetingPoint,
 };
 

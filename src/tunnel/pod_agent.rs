@@ -19,7 +19,7 @@ use crate::api::routes::{CommandReply, GetReply};
 use crate::client::{ApiClient, ClientError};
 use crate::domain::ErrorKind;
 use crate::domain::switchboard::{PodName, PodView, PortRange, millis};
-use crate::switchboard::routes::{AddPod, KeepAlivePod, PodMeetingPoints, PodRequest, RemovePod};
+use crate::switchboard::protocol::{AddPod, KeepAlivePod, PodMeetingPoints, PodRequest, RemovePod};
 
 pub type Result<T, E = PodAgentError> = std::result::Result<T, E>;
 

@@ -23,7 +23,7 @@ use crate::client::{ApiClient, ClientError};
 use crate::domain::ErrorKind;
 use crate::domain::switchboard::{LeaseId, MachineId, MeetingPointView, PodName};
 use crate::runtime::error_chain;
-use crate::switchboard::routes::MachineRequest;
+use crate::switchboard::protocol::MachineRequest;
 
 pub fn config(host_key: PrivateKey) -> Arc<russh::server::Config> {
     Arc::new(russh::server::Config {

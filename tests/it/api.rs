@@ -773,7 +773,17 @@ async fn idle_entities_are_passivated_and_come_back_from_their_snapshot() {
     wait_for(
         "the actor to be passivated",
         Duration::from_secs(5),
-        || async { (test.app.services().counters.active().await == 0).then_some(()) },
+        || async {
+            (test
+                .app
+                .services()
+                .entities::<switchyard::domain::counter::Counter>()
+                .unwrap()
+                .active()
+                .await
+                == 0)
+                .then_some(())
+        },
     )
     .await;
     let got = call(&test, "counter.get", json!({"id": "sleepy"}))
@@ -781,7 +791,15 @@ async fn idle_entities_are_passivated_and_come_back_from_their_snapshot() {
         .ok();
     assert_eq!(got["result"]["value"], 4);
     assert_eq!(got["version"], 5);
-    assert_eq!(test.app.services().counters.active().await, 1);
+    assert_eq!(
+        test.app
+            .services()
+            .entities::<switchyard::domain::counter::Counter>()
+            .unwrap()
+            .active()
+            .await,
+        1
+    );
 }
 
 #[actix_rt::test]
