@@ -46,6 +46,8 @@ pub enum AppError {
     WorkQueue(#[from] WorkQueueError),
     #[error(transparent)]
     Routes(#[from] crate::api::routes::UnboundRoutes),
+    #[error(transparent)]
+    Config(#[from] crate::api::catalog::InvalidConfig),
     #[error("cannot take part in shard ownership")]
     Cluster(#[from] crate::cluster::ClusterError),
     #[error("cannot serve HTTP on {addr}")]
@@ -83,7 +85,7 @@ impl App {
         let store = open_store(&client, config).await?;
         let metrics = Metrics::new();
         let ownership = open_ownership(&store, config, &metrics).await?;
-        let services = Services::start(&store, config, clock.clone(), &metrics, &ownership);
+        let services = Services::start(&store, config, clock.clone(), &metrics, &ownership)?;
         let specs = routes();
         let started = (clock)().to_offset_date_time();
         let micro = Arc::new(Micro::new(

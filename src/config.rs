@@ -19,6 +19,7 @@ pub struct Config {
     pub store: StoreConfig,
     pub runtime: RuntimeConfig,
     pub switchboard: SwitchboardConfig,
+    pub sessions: SessionsConfig,
     pub cluster: ClusterConfig,
     pub api: ApiConfig,
     pub auth: AuthConfig,
@@ -227,6 +228,73 @@ impl Default for SwitchboardConfig {
     }
 }
 
+/// Test sessions: the pools their components run on, and how they run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionsConfig {
+    /// At most this many sessions are admitted (provisioning, running or cleaning up) at once.
+    pub executor_count: u32,
+    /// A session not done this long after admission ends in ERROR (timeout), unless it gives
+    /// its own `timeout_ms`.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// The variable the driver gets the workers' addresses in (`host:port`, comma-separated).
+    pub workers_env: String,
+    /// How often a running session's processes and readiness checks are looked at.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// How long a readiness check (a TCP connection, or a command) may take.
+    #[serde(with = "humantime_serde")]
+    pub check_timeout: Duration,
+    /// Between SIGTERM and SIGKILL when a session's processes are stopped.
+    #[serde(with = "humantime_serde")]
+    pub stop_grace: Duration,
+    /// Where the process backend keeps what it started (one directory per process: its label,
+    /// pid, output and exit code). Replicas on one machine share it.
+    pub process_dir: std::path::PathBuf,
+    /// A component's stored output keeps its last this many bytes.
+    pub max_log_bytes: u64,
+    /// How often processes that no live session owns are looked for (and removed).
+    #[serde(with = "humantime_serde")]
+    pub prune_interval: Duration,
+    /// Only what has not changed for this long is pruned: younger than a session takes to be
+    /// recorded.
+    #[serde(with = "humantime_serde")]
+    pub prune_grace: Duration,
+    /// The pools; every replica must have the same. Empty: sessions cannot be scheduled.
+    pub pools: Vec<PoolConfig>,
+}
+
+/// One pool of machines. For the process backend every machine is this host: `capacity` (or
+/// the number of `machines`) is how many components it runs at once.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolConfig {
+    pub name: String,
+    /// Machine names; `<name>-0` .. `<name>-<capacity - 1>` when empty.
+    pub machines: Vec<String>,
+    pub capacity: u32,
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+impl Default for SessionsConfig {
+    fn default() -> Self {
+        Self {
+            executor_count: 1,
+            timeout: Duration::from_secs(15 * 60),
+            workers_env: "QPS_WORKERS".to_owned(),
+            poll_interval: Duration::from_millis(250),
+            check_timeout: Duration::from_secs(5),
+            stop_grace: Duration::from_secs(5),
+            process_dir: std::path::PathBuf::from(".switchyard/processes"),
+            max_log_bytes: 16 * 1024 * 1024,
+            prune_interval: Duration::from_secs(30),
+            prune_grace: Duration::from_secs(60),
+            pools: Vec::new(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RuntimeConfig {
@@ -243,6 +311,16 @@ pub struct RuntimeConfig {
     /// Threads for NATS I/O and request handling; 0 means one per core but one, which is left
     /// to the actix arbiter that runs the entity actors.
     pub worker_threads: usize,
+    /// How often reactions look for due work when nothing new arrived (timeouts, retries,
+    /// shards newly owned).
+    #[serde(with = "humantime_serde")]
+    pub reaction_interval: Duration,
+    /// How often, at most, a reaction writes its checkpoint while events arrive.
+    #[serde(with = "humantime_serde")]
+    pub reaction_checkpoint_every: Duration,
+    /// A reaction further behind the stream than this many messages runs no job and makes
+    /// `/readyz` fail until it catches up.
+    pub reaction_max_lag: u64,
 }
 
 impl RuntimeConfig {
@@ -265,6 +343,9 @@ impl Default for RuntimeConfig {
             conflict_retries: 5,
             reaper_interval: Duration::from_secs(1),
             worker_threads: 0,
+            reaction_interval: Duration::from_secs(1),
+            reaction_checkpoint_every: Duration::from_secs(1),
+            reaction_max_lag: 10_000,
         }
     }
 }

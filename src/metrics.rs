@@ -47,6 +47,18 @@ pub struct ShardLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReactionLabels {
+    pub reaction: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReactionJobLabels {
+    pub reaction: String,
+    /// `ok` or `error`.
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
     pub outcome: String,
 }
@@ -79,6 +91,14 @@ pub struct Metrics {
     pub shard_changes: Family<OutcomeLabels, Counter>,
     /// Requests sent on to the replica that owns their entity, by how (`api`, `entity`).
     pub forwarded: Family<OutcomeLabels, Counter>,
+    /// The stream sequence each reaction has folded up to.
+    pub reaction_position: Family<ReactionLabels, Gauge>,
+    /// How many messages each reaction is behind the stream.
+    pub reaction_lag: Family<ReactionLabels, Gauge>,
+    /// Jobs each reaction is running now.
+    pub reaction_running: Family<ReactionLabels, Gauge>,
+    /// Jobs each reaction ran, by outcome.
+    pub reaction_jobs: Family<ReactionJobLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -187,8 +207,36 @@ impl Metrics {
             "Requests forwarded to the replica owning their entity",
             forwarded.clone(),
         );
+        let reaction_position = Family::<ReactionLabels, Gauge>::default();
+        registry.register(
+            "reaction_position",
+            "Stream sequence each reaction has folded up to",
+            reaction_position.clone(),
+        );
+        let reaction_lag = Family::<ReactionLabels, Gauge>::default();
+        registry.register(
+            "reaction_lag",
+            "Messages each reaction is behind the event stream",
+            reaction_lag.clone(),
+        );
+        let reaction_running = Family::<ReactionLabels, Gauge>::default();
+        registry.register(
+            "reaction_running",
+            "Jobs each reaction is running now",
+            reaction_running.clone(),
+        );
+        let reaction_jobs = Family::<ReactionJobLabels, Counter>::default();
+        registry.register(
+            "reaction_jobs",
+            "Jobs each reaction ran, by outcome",
+            reaction_jobs.clone(),
+        );
         Self {
             registry: Arc::new(registry),
+            reaction_position,
+            reaction_lag,
+            reaction_running,
+            reaction_jobs,
             shard_owned,
             shard_changes,
             forwarded,

@@ -48,6 +48,7 @@ pub fn capabilities() -> Vec<Capability> {
     vec![
         crate::counter::capability(),
         crate::switchboard::capability(),
+        crate::sessions::capability(),
     ]
 }
 
@@ -71,6 +72,11 @@ pub fn kinds() -> Vec<KindSpec> {
 
 type Readinesses = Vec<(String, watch::Receiver<Readiness>)>;
 
+/// What the capabilities found wrong in the configuration.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {}", .0.join("; "))]
+pub struct InvalidConfig(pub Vec<String>);
+
 /// The running actors the routes are bound to, found by type: `Entities<A>`, a read model's
 /// `ProjectionHandle`, or whatever a capability provides (the switchboard's handles).
 #[derive(Clone)]
@@ -90,6 +96,8 @@ struct Registered {
     stops: Vec<Box<dyn Fn() + Send + Sync>>,
     /// Entity registries, drained last (each actor snapshots on the way out).
     drains: Vec<Box<dyn Fn(Duration) -> BoxFuture<'static, ()> + Send + Sync>>,
+    /// What a capability found wrong in its configuration: the control plane does not start.
+    invalid: Vec<String>,
 }
 
 /// What a capability's `start` registers its parts with.
@@ -179,6 +187,49 @@ impl Starter<'_> {
         self.registered.readiness.push((name, readiness));
     }
 
+    /// Starts a reaction: the API waits for it to catch up, `/readyz` requires it, and it
+    /// stops (its jobs aborted, its checkpoint written) on shutdown.
+    pub fn reaction<R: crate::runtime::reaction::Reaction>(
+        &mut self,
+        reaction: R,
+    ) -> crate::runtime::reaction::ReactionHandle {
+        let runtime = &self.config.runtime;
+        let settings = crate::runtime::reaction::ReactionSettings {
+            interval: runtime.reaction_interval,
+            checkpoint_every: runtime.reaction_checkpoint_every,
+            max_lag: runtime.reaction_max_lag,
+        };
+        let handle = crate::runtime::reaction::start(
+            reaction,
+            self.store.clone(),
+            self.settings.ownership.clone(),
+            settings,
+            self.clock(),
+            self.metrics.clone(),
+        );
+        self.registered
+            .readiness
+            .push((format!("reaction {}", R::NAME), handle.readiness()));
+        let stopped = handle.clone();
+        self.registered.stops.push(Box::new(move || stopped.stop()));
+        handle
+    }
+
+    /// Runs `stop` first on shutdown (a capability's own tasks).
+    pub fn on_shutdown(&mut self, stop: impl Fn() + Send + Sync + 'static) {
+        self.registered.stops.push(Box::new(stop));
+    }
+
+    /// Says the capability's configuration is wrong: the control plane refuses to start,
+    /// with this message.
+    pub fn invalid(&mut self, message: impl Into<String>) {
+        self.registered.invalid.push(message.into());
+    }
+
+    pub fn ownership(&self) -> &crate::cluster::Ownership {
+        &self.settings.ownership
+    }
+
     /// Makes `value` available to routes (`Services::get`), by its type.
     pub fn provide<T: Clone + Send + Sync + 'static>(&mut self, value: T) {
         self.registered
@@ -196,7 +247,7 @@ impl Services {
         clock: Clock,
         metrics: &Metrics,
         ownership: &crate::cluster::Ownership,
-    ) -> Self {
+    ) -> Result<Self, InvalidConfig> {
         let settings = Arc::new(Settings {
             ownership: ownership.clone(),
             mailbox_capacity: config.runtime.mailbox_capacity,
@@ -233,9 +284,17 @@ impl Services {
         registered.stops.push(Box::new(move || indexer.stop()));
         // It ends by itself once every read model has stopped.
         feed.start();
-        Self {
+        let invalid = std::mem::take(&mut registered.invalid);
+        let services = Self {
             inner: Arc::new(registered),
+        };
+        if !invalid.is_empty() {
+            for stop in &services.inner.stops {
+                stop();
+            }
+            return Err(InvalidConfig(invalid));
         }
+        Ok(services)
     }
 
     /// What a capability provided, by type: `Entities<A>`, a read model's handle, ...

@@ -349,6 +349,11 @@ impl Ownership {
         }
     }
 
+    /// Bumped on every change of a shard's holder, as this replica sees it.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.inner.changed.subscribe()
+    }
+
     /// Forgets a replica's presence (until it is refreshed): nobody answered on its subject,
     /// so requests wait for its leases to lapse rather than go to it.
     pub fn suspect(&self, replica: &str) {

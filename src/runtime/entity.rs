@@ -32,6 +32,8 @@ pub enum Work<A: Aggregate> {
     Read {
         reply: Reply<(Option<A::View>, u64)>,
     },
+    /// The whole state, for this replica's own reactions (never sent to another replica).
+    Inspect { reply: Reply<(A, u64)> },
     /// An operator acknowledges foreign messages in the entity's history (all of them when
     /// `seqs` is `None`): recorded in the log, and no longer reported.
     Acknowledge {
@@ -56,6 +58,9 @@ impl<A: Aggregate> Work<A> {
                 let _ = reply.send(Err(err));
             }
             Work::Read { reply } => {
+                let _ = reply.send(Err(err));
+            }
+            Work::Inspect { reply } => {
                 let _ = reply.send(Err(err));
             }
             Work::Acknowledge { reply, .. } => {
@@ -174,6 +179,12 @@ impl<A: Aggregate> Handler<Work<A>> for EntityActor<A> {
                     let result = load(&store, &mut entity, &id)
                         .await
                         .map(|loaded| (loaded.state.view(&id), loaded.version));
+                    let _ = reply.send(result);
+                }
+                Work::Inspect { reply } => {
+                    let result = load(&store, &mut entity, &id)
+                        .await
+                        .map(|loaded| (loaded.state.clone(), loaded.version));
                     let _ = reply.send(result);
                 }
                 Work::Acknowledge {

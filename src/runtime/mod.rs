@@ -8,6 +8,7 @@ pub mod entity;
 pub mod feed;
 pub mod indexer;
 pub mod projection;
+pub mod reaction;
 pub mod reaper;
 pub mod registry;
 pub mod remote;

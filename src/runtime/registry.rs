@@ -279,9 +279,20 @@ impl<A: Aggregate> Entities<A> {
         &self.settings.ownership
     }
 
+    /// Where a command goes: waits (up to a lease TTL) while nobody owns the shard.
     async fn target(&self, id: &A::Id) -> Target {
         let shard = self.ownership().shard_of(A::KIND, id.as_str());
-        match self.ownership().resolve(shard).await {
+        Self::to_target(self.ownership().resolve(shard).await, shard)
+    }
+
+    /// Where a read goes: it does not wait for an owner, since the log answers it meanwhile.
+    fn read_target(&self, id: &A::Id) -> Target {
+        let shard = self.ownership().shard_of(A::KIND, id.as_str());
+        Self::to_target(self.ownership().route(shard), shard)
+    }
+
+    fn to_target(route: Route_, shard: u32) -> Target {
+        match route {
             Route_::Local { token } => Target::Here(token),
             Route_::Remote { replica } => Target::Peer(replica),
             Route_::Unowned => Target::Nobody(shard),
@@ -400,7 +411,7 @@ impl<A: Aggregate> Entities<A> {
     pub async fn read(&self, id: A::Id) -> Result<(Option<A::View>, u64), CommandError> {
         let mut looked_again = false;
         loop {
-            let result = match self.target(&id).await {
+            let result = match self.read_target(&id) {
                 Target::Here(token) => self.local_read(id.clone(), token).await,
                 Target::Peer(replica) => self.peer(&replica, id.as_str()).read::<A>().await,
                 Target::Nobody(_) => self.read_log(&id).await,
@@ -413,6 +424,23 @@ impl<A: Aggregate> Entities<A> {
                 other => return other,
             }
         }
+    }
+
+    /// The entity's whole state and version, from this replica's actor: for the reactions of
+    /// the shard's owner. `shard_moved` if this replica does not own it.
+    pub async fn inspect_here(&self, id: A::Id) -> Result<(A, u64), CommandError> {
+        let token = self.here(&id)?;
+        let (reply, answer) = oneshot::channel();
+        let kind_id = id.to_string();
+        self.registry.do_send(Route {
+            id,
+            token,
+            work: Work::Inspect { reply },
+        });
+        answer.await.unwrap_or(Err(CommandError::Dropped {
+            kind: A::KIND,
+            id: kind_id,
+        }))
     }
 
     /// A read for another replica: here if this replica owns the shard, else `shard_moved`.

@@ -93,6 +93,11 @@ pub fn test_config(server: &NatsServer) -> switchyard::config::Config {
     config.runtime.reaper_interval = Duration::from_millis(50);
     // A killed control plane's shards are taken over within this long.
     config.cluster.lease_ttl = Duration::from_secs(2);
+    // Its own place for session processes (empty unless a test runs sessions).
+    config.sessions.process_dir =
+        std::env::temp_dir().join(format!("switchyard-test-{}", uuid::Uuid::new_v4().simple()));
+    config.sessions.poll_interval = Duration::from_millis(50);
+    config.runtime.reaction_interval = Duration::from_millis(200);
     config
 }
 

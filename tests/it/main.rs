@@ -6,6 +6,7 @@
 mod api;
 mod architecture;
 mod audit;
+mod backend;
 mod bench;
 mod cluster;
 mod crash;
@@ -14,6 +15,7 @@ mod feed;
 mod harness;
 mod history;
 mod identity;
+mod sessions;
 mod store;
 mod switchboard;
 mod traces;

@@ -36,6 +36,13 @@ entity_id!(
 /// The id of the one scheduler.
 pub const SCHEDULER: &str = "sessions";
 
+impl SchedulerId {
+    /// The one scheduler's id.
+    pub fn sessions() -> Self {
+        Self(SCHEDULER.to_owned())
+    }
+}
+
 /// The longest component or pool name: a DNS label, so it fits a Kubernetes name.
 pub const MAX_NAME: usize = 63;
 

@@ -204,6 +204,7 @@ pub struct Wait {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct PoolView {
     pub name: PoolName,
+    pub machines: Vec<MachineName>,
     pub capacity: usize,
     /// Machines held by admitted sessions.
     pub reserved: usize,
@@ -217,10 +218,78 @@ pub struct PoolView {
 pub struct SchedulerView {
     pub pools: Vec<PoolView>,
     pub executor_count: u32,
-    /// Sessions admitted and not yet released.
-    pub running: Vec<SessionId>,
-    /// Sessions waiting, oldest first.
-    pub queue: Vec<SessionId>,
+    /// Sessions admitted and not yet released, with their machines.
+    pub running: Vec<RunningView>,
+    /// Sessions waiting, oldest first, with what they need.
+    pub queue: Vec<WaitingView>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct RunningView {
+    pub session: SessionId,
+    pub machines: Vec<PoolMachines>,
+    pub since: Timestamp,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct WaitingView {
+    pub session: SessionId,
+    pub demand: Vec<PoolDemand>,
+    pub since: Timestamp,
+}
+
+impl SchedulerView {
+    /// The scheduler this view shows, for questions asked of it elsewhere (why a session
+    /// waits).
+    pub fn scheduler(&self) -> Scheduler {
+        Scheduler {
+            pools: self
+                .pools
+                .iter()
+                .map(|p| {
+                    (
+                        p.name.clone(),
+                        PoolSpec {
+                            name: p.name.clone(),
+                            machines: p.machines.clone(),
+                            labels: p.labels.clone(),
+                        },
+                    )
+                })
+                .collect(),
+            executor_count: self.executor_count,
+            queue: self
+                .queue
+                .iter()
+                .map(|w| Waiting {
+                    session: w.session.clone(),
+                    demand: w
+                        .demand
+                        .iter()
+                        .map(|d| (d.pool.clone(), d.machines))
+                        .collect(),
+                    since: w.since,
+                })
+                .collect(),
+            running: self
+                .running
+                .iter()
+                .map(|r| {
+                    (
+                        r.session.clone(),
+                        Admitted {
+                            machines: r
+                                .machines
+                                .iter()
+                                .map(|m| (m.pool.clone(), m.machines.clone()))
+                                .collect(),
+                            since: r.since,
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
 }
 
 /// The reply to every scheduler command: where it stands afterwards.
@@ -388,6 +457,7 @@ impl Scheduler {
                 let free = free.get(&spec.name).map_or(0, Vec::len);
                 PoolView {
                     name: spec.name.clone(),
+                    machines: spec.machines.clone(),
                     capacity: spec.machines.len(),
                     reserved: self
                         .running
@@ -408,8 +478,38 @@ impl Scheduler {
         SchedulerView {
             pools,
             executor_count: self.executor_count,
-            running: self.running.keys().cloned().collect(),
-            queue: self.queue.iter().map(|w| w.session.clone()).collect(),
+            running: self
+                .running
+                .iter()
+                .map(|(session, admitted)| RunningView {
+                    session: session.clone(),
+                    machines: admitted
+                        .machines
+                        .iter()
+                        .map(|(pool, machines)| PoolMachines {
+                            pool: pool.clone(),
+                            machines: machines.clone(),
+                        })
+                        .collect(),
+                    since: admitted.since,
+                })
+                .collect(),
+            queue: self
+                .queue
+                .iter()
+                .map(|w| WaitingView {
+                    session: w.session.clone(),
+                    demand: w
+                        .demand
+                        .iter()
+                        .map(|(pool, machines)| PoolDemand {
+                            pool: pool.clone(),
+                            machines: *machines,
+                        })
+                        .collect(),
+                    since: w.since,
+                })
+                .collect(),
         }
     }
 
@@ -832,6 +932,14 @@ mod tests {
             twice.is_empty(),
             "enqueueing a running session again is nothing"
         );
+    }
+
+    #[test]
+    fn the_view_holds_the_whole_scheduler() {
+        let mut s = configured(vec![pool("a", 2)], 1);
+        enqueue(&mut s, "one", &[("a", 1)]);
+        enqueue(&mut s, "two", &[("a", 2)]);
+        assert_eq!(s.view().scheduler(), s);
     }
 
     #[test]

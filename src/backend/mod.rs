@@ -1,0 +1,76 @@
+//! Backend actors: the only code that changes the world outside the log (processes today;
+//! Kubernetes, cloud instances and SSH hosts later).
+//!
+//! The contract every backend keeps, whatever it drives:
+//!
+//! - **Observe** what exists for an owner. Everything a backend makes carries the Switchyard
+//!   instance id and its owner (an entity: kind and id), so it finds its own by them after a
+//!   crash, and leaves everything else alone.
+//! - **Plan** what to do from the owner's recorded state and what was observed: pure, in the
+//!   domain (`domain::sessions::plan` for sessions), table-tested.
+//! - **Execute** each action under an idempotency key, (owner, step): a step executed twice
+//!   with one key acts once, and the second call answers what the first did.
+//! - **Report** outcomes back as commands to the owner. The owner records the intent before
+//!   the effect and the outcome after, so a crash in between is settled by observing.
+//!
+//! Every call runs in a span whose parent is the trace stored on the event that caused it, with
+//! errors recorded on the span. Calls take as long as they take; they run in reactions' jobs,
+//! never in an entity actor's mailbox.
+
+pub mod process;
+
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+
+/// Who a resource belongs to: this Switchyard (its instance id) and one entity.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Owner {
+    pub instance: String,
+    pub kind: String,
+    pub id: String,
+}
+
+/// The idempotency key of one step: the same owner and step name, the same effect.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct StepKey {
+    pub owner: Owner,
+    /// Names the resource the step makes, unique within the owner (a component's name).
+    pub name: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The request can never succeed as given (a program that does not exist, a bad name):
+    /// the owner should record it as a failure, not retry.
+    #[error("{what}: {reason}")]
+    Refused { what: String, reason: String },
+    /// The backend itself failed (a disk, a permission): retry later.
+    #[error("{what}")]
+    Failed {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl BackendError {
+    fn failed(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BackendError {
+        let what = what.into();
+        move |source| BackendError::Failed { what, source }
+    }
+}
+
+pub type Result<T, E = BackendError> = std::result::Result<T, E>;
+
+/// Whether a TCP connection to `address` succeeds within `timeout`: a readiness check.
+pub async fn tcp_ready(address: &str, timeout: Duration) -> std::result::Result<(), String> {
+    match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(address)).await {
+        Ok(Ok(mut stream)) => {
+            let _ = stream.shutdown().await;
+            Ok(())
+        }
+        Ok(Err(err)) => Err(format!("cannot connect to {address}: {err}")),
+        Err(_) => Err(format!("no connection to {address} within {timeout:?}")),
+    }
+}

@@ -1,0 +1,240 @@
+//! Test sessions (seed 001, orch): the capability. Sessions, the scheduler and pools are
+//! entities (their rules in `domain::sessions`); the [`executor`] is a reaction that drives each
+//! admitted session through the process backend; [`routes`] serve `session.*` and `pool.list`.
+
+pub mod executor;
+pub mod logs;
+pub mod protocol;
+pub mod routes;
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use tokio::sync::watch;
+
+use crate::api::catalog::{Capability, KindSpec, Starter};
+use crate::backend::process::ProcessBackend;
+use crate::config::{PoolConfig, SessionsConfig};
+use crate::domain::sessions::scheduler::{PoolSpec, Scheduler, SchedulerCommand};
+use crate::domain::sessions::session::Session;
+use crate::domain::sessions::{MachineName, PoolName, SchedulerId, SessionId};
+use crate::domain::{Aggregate, EntityId, Principal};
+use crate::runtime::{CommandMeta, Entities, EntityTable, ProjectionHandle, error_chain};
+use executor::{Executor, Shared};
+use logs::LogStore;
+
+/// Handles to everything the routes use; cheap to clone.
+#[derive(Clone)]
+pub struct Sessions {
+    pub sessions: Entities<Session>,
+    pub scheduler: Entities<Scheduler>,
+    pub table: ProjectionHandle<EntityTable<Session>>,
+    pub backend: ProcessBackend,
+    pub logs: LogStore,
+    pub config: SessionsConfig,
+}
+
+/// Test sessions: `session` and `scheduler` entities, the executor, the pool configuration and
+/// the orphan pruner.
+pub fn capability() -> Capability {
+    Capability {
+        name: "sessions",
+        kinds: || vec![KindSpec::of::<Session>(), KindSpec::of::<Scheduler>()],
+        routes: routes::specs,
+        start,
+    }
+}
+
+/// The pools of the configuration, checked.
+pub fn pool_specs(config: &SessionsConfig) -> Result<Vec<PoolSpec>, String> {
+    config.pools.iter().map(pool_spec).collect()
+}
+
+fn pool_spec(pool: &PoolConfig) -> Result<PoolSpec, String> {
+    let name = PoolName::new(pool.name.clone())
+        .map_err(|e| format!("sessions.pools: {:?}: {e}", pool.name))?;
+    let names: Vec<String> = if pool.machines.is_empty() {
+        (0..pool.capacity).map(|i| format!("{name}-{i}")).collect()
+    } else {
+        if pool.capacity != 0 && pool.capacity as usize != pool.machines.len() {
+            return Err(format!(
+                "sessions.pools: {name}: capacity {} but {} machines; give one or the other",
+                pool.capacity,
+                pool.machines.len()
+            ));
+        }
+        pool.machines.clone()
+    };
+    if names.is_empty() {
+        return Err(format!(
+            "sessions.pools: {name}: no machines; give capacity or machines"
+        ));
+    }
+    let machines = names
+        .into_iter()
+        .map(|m| {
+            MachineName::new(m.clone())
+                .map_err(|e| format!("sessions.pools: {name}: machine {m:?}: {e}"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(PoolSpec {
+        name,
+        machines,
+        labels: pool.labels.clone(),
+    })
+}
+
+fn start(cx: &mut Starter<'_>) {
+    let sessions = cx.entities::<Session>();
+    let scheduler = cx.entities::<Scheduler>();
+    let table = cx.table::<Session>();
+    let config = cx.config.sessions.clone();
+    let pools = match pool_specs(&config) {
+        Ok(pools) => pools,
+        Err(err) => {
+            cx.invalid(err);
+            Vec::new()
+        }
+    };
+    if config.executor_count == 0 {
+        cx.invalid("sessions.executor_count must be at least 1");
+    }
+    // Every resource carries the instance: the stream prefix names this Switchyard.
+    let instance = cx.store.config().stream_prefix.to_lowercase();
+    let backend = ProcessBackend::new(config.process_dir.clone(), instance, config.stop_grace);
+    let logs = LogStore::new(cx.store.clone());
+    let shared = Arc::new(Shared {
+        sessions: sessions.clone(),
+        scheduler: scheduler.clone(),
+        backend: backend.clone(),
+        logs: logs.clone(),
+        config: config.clone(),
+        clock: cx.clock(),
+    });
+    cx.reaction(Executor::new(shared.clone()));
+    let (stop, stopped) = watch::channel(false);
+    cx.on_shutdown(move || {
+        let _ = stop.send(true);
+    });
+    tokio::spawn(configure(
+        scheduler.clone(),
+        pools,
+        config.executor_count.max(1),
+        stopped.clone(),
+    ));
+    tokio::spawn(prune(shared, stopped));
+    cx.provide(Sessions {
+        sessions,
+        scheduler,
+        table,
+        backend,
+        logs,
+        config,
+    });
+}
+
+/// Records the configured pools on the scheduler (nothing if they are what it has), retrying
+/// until it lands: the scheduler's shard may not have an owner yet at start.
+async fn configure(
+    scheduler: Entities<Scheduler>,
+    pools: Vec<PoolSpec>,
+    executor_count: u32,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let mut wait = std::time::Duration::from_millis(100);
+    loop {
+        // No pool, and none ever recorded: nothing to say (and nothing written).
+        if pools.is_empty() {
+            match scheduler.read(SchedulerId::sessions()).await {
+                Ok((view, _))
+                    if view
+                        .as_ref()
+                        .is_none_or(|v| v.pools.is_empty() && v.executor_count == 0) =>
+                {
+                    return;
+                }
+                Ok(_) => {}
+                Err(err) => {
+                    tracing::info!(error = %error_chain(&err), "cannot read the scheduler yet; retrying");
+                    tokio::select! {
+                        () = tokio::time::sleep(wait) => {}
+                        _ = stopped.changed() => return,
+                    }
+                    continue;
+                }
+            }
+        }
+        let command = SchedulerCommand::Configure {
+            pools: pools.clone(),
+            executor_count,
+        };
+        let meta = CommandMeta::fresh(Principal::system());
+        match scheduler
+            .execute(SchedulerId::sessions(), command, meta)
+            .await
+        {
+            Ok(_) => return,
+            Err(err) => {
+                tracing::info!(error = %error_chain(&err), "cannot record the pools on the scheduler yet; retrying");
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            _ = stopped.changed() => return,
+        }
+        wait = (wait * 2).min(std::time::Duration::from_secs(5));
+    }
+}
+
+/// Removes what the backend has of sessions that have ended (or that the log never had): left
+/// by a crash between a session's end and its cleanup being recorded, or by a Switchyard whose
+/// log was wiped. Only sessions of this replica's shards, only once unchanged for the grace.
+async fn prune(shared: Arc<Shared>, mut stopped: watch::Receiver<bool>) {
+    let every = shared.config.prune_interval;
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            _ = stopped.changed() => return,
+        }
+        let owners = match shared.backend.owners(Session::KIND).await {
+            Ok(owners) => owners,
+            Err(err) => {
+                tracing::warn!(error = %error_chain(&err), "cannot list what the process backend has");
+                continue;
+            }
+        };
+        // File ages: both times are this machine's wall clock.
+        #[allow(clippy::disallowed_methods)]
+        let now = SystemTime::now();
+        for (owner, modified) in owners {
+            let age = now.duration_since(modified).unwrap_or_default();
+            if age < shared.config.prune_grace {
+                continue;
+            }
+            let live = match SessionId::parse(&owner.id) {
+                Ok(id) => {
+                    if !shared.sessions.owns(&id) {
+                        continue;
+                    }
+                    match shared.sessions.inspect_here(id).await {
+                        Ok((Session::Present(record), _)) => record.cleaned_up_at.is_none(),
+                        Ok((Session::Absent, _)) => false,
+                        Err(_) => continue,
+                    }
+                }
+                Err(_) => false,
+            };
+            if live {
+                continue;
+            }
+            match shared.backend.remove(&owner).await {
+                Ok(()) => {
+                    tracing::info!(session = %owner.id, "removed the processes of a session that has ended")
+                }
+                Err(err) => {
+                    tracing::warn!(session = %owner.id, error = %error_chain(&err), "cannot remove an ended session's processes")
+                }
+            }
+        }
+    }
+}
