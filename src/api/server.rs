@@ -212,9 +212,20 @@ async fn dispatch(
     tracing::Span::current().record("command_id", request.meta.command_id.as_str());
     if via == Via::Caller
         && let Some(entity) = route.entity.and_then(|entity_of| entity_of(&request))
-        && forward(context, kind, verb, &entity, message).await
     {
-        return Ok(Handled::Forwarded);
+        match forward(context, kind, verb, &entity, message).await {
+            Forward::Sent => return Ok(Handled::Forwarded),
+            Forward::HandleHere => {}
+            Forward::Unconfirmed(replica) if mode == Mode::Query => {
+                tracing::debug!(%replica, "the owner did not confirm a forwarded read; reading here");
+            }
+            Forward::Unconfirmed(replica) => {
+                return Err(ApiError::unavailable(format!(
+                    "replica {replica}, which owns {kind} {entity:?}, did not confirm it took the request; retry with the same command id"
+                ))
+                .with_reason(crate::cluster::SHARD_MOVED));
+            }
+        }
     }
     let caller = context.auth.identify(
         Origin::Request(message.headers.as_ref()),
@@ -229,40 +240,61 @@ async fn dispatch(
     Ok(Handled::Reply(reply))
 }
 
-/// Sends the request, as it came (headers, body, the caller's reply subject), to the replica
-/// owning its entity's shard, if that is another one. The owner authenticates and answers it;
-/// this replica adds only a hop. Returns whether it did.
+/// The header a forwarded request carries its caller's reply subject in: the owner answers
+/// there, and acknowledges receipt to the forwarder on the request's own reply subject.
+pub const FORWARDED_FOR: &str = "Switchyard-Forwarded-For";
+
+/// How long a forwarder waits for the owner to acknowledge a forwarded request.
+const FORWARD_ACK: Duration = Duration::from_secs(2);
+
+/// What became of an attempt to forward.
+enum Forward {
+    /// The owner took it and answers the caller.
+    Sent,
+    /// Nobody else owns it, or the owner is gone (no responders): handle it here.
+    HandleHere,
+    /// The owner did not acknowledge in time: it may or may not have taken it.
+    Unconfirmed(String),
+}
+
+/// Sends the request, as it came (headers, body, the caller's reply subject in
+/// [`FORWARDED_FOR`]), to the replica owning its entity's shard, if that is another one. The
+/// owner acknowledges receipt at once, then authenticates and answers the caller itself; this
+/// replica adds only a hop. A replica that died without its lease having lapsed yet has no
+/// subscription left, so the forward meets "no responders" and the request is handled here
+/// (a command then waits for the shard's next owner) instead of being lost.
 async fn forward(
     context: &ApiContext,
     kind: &str,
     verb: &str,
     entity: &str,
     message: &Message,
-) -> bool {
+) -> Forward {
     let ownership = &context.ownership;
     let shard = ownership.shard_of(kind, entity);
     let crate::cluster::Route::Remote { replica } = ownership.route(shard) else {
         // Ours, or nobody's: handled here (a command waits for an owner and goes to it, a read
         // goes to the log).
-        return false;
+        return Forward::HandleHere;
     };
     let Some(reply) = message.reply.clone() else {
-        return false;
+        return Forward::HandleHere;
     };
     tracing::Span::current().record("forwarded_to", replica.as_str());
     let mut headers = message.headers.clone().unwrap_or_default();
     telemetry::inject(&tracing::Span::current(), &mut headers);
-    let sent = context
-        .client
-        .publish_with_reply_and_headers(
+    headers.insert(FORWARDED_FOR, reply.as_str());
+    let sent = tokio::time::timeout(
+        FORWARD_ACK,
+        context.client.request_with_headers(
             context.subjects.replica_api(&replica, kind, verb),
-            reply,
             headers,
             message.payload.clone(),
-        )
-        .await;
+        ),
+    )
+    .await;
     match sent {
-        Ok(()) => {
+        Ok(Ok(_)) => {
             context
                 .metrics
                 .forwarded
@@ -270,12 +302,17 @@ async fn forward(
                     outcome: "api".to_owned(),
                 })
                 .inc();
-            true
+            Forward::Sent
         }
-        Err(err) => {
-            tracing::debug!(error = %err, %replica, "cannot forward; handling here");
-            false
+        Ok(Err(err)) if err.kind() == async_nats::client::RequestErrorKind::NoResponders => {
+            ownership.suspect(&replica);
+            Forward::HandleHere
         }
+        Ok(Err(err)) => {
+            tracing::debug!(error = %err, %replica, "cannot forward");
+            Forward::Unconfirmed(replica)
+        }
+        Err(_) => Forward::Unconfirmed(replica),
     }
 }
 

@@ -10,7 +10,7 @@ use futures::StreamExt;
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
-use crate::api::server::{ApiContext, Via, handle};
+use crate::api::server::{ApiContext, FORWARDED_FOR, Via, handle};
 use crate::runtime::remote::Endpoint;
 
 /// The running subscription.
@@ -54,6 +54,22 @@ impl Forwarded {
                 let context = context.clone();
                 match parsed {
                     Some((channel, _)) if channel == "api" => {
+                        // Acknowledged at once, so the forwarder knows it arrived; the answer
+                        // goes to the caller.
+                        let mut message = message;
+                        let caller = message
+                            .headers
+                            .as_ref()
+                            .and_then(|h| h.get(FORWARDED_FOR))
+                            .map(|v| async_nats::Subject::from(v.as_str()));
+                        if let Some(caller) = caller {
+                            if let Err(err) =
+                                context.client.publish(reply, bytes::Bytes::new()).await
+                            {
+                                tracing::debug!(error = %err, "cannot acknowledge a forwarded request");
+                            }
+                            message.reply = Some(caller);
+                        }
                         tokio::spawn(async move { handle(&context, message, Via::Replica).await });
                     }
                     Some((channel, kind)) if channel == "entity" => {
