@@ -180,7 +180,7 @@ impl Reaction for Executor {
     fn run(&self, job: Job) -> BoxFuture<'static, Result<(), String>> {
         let shared = self.shared.clone();
         Box::pin(async move {
-            let span = tracing::info_span!("session.execute", session = %job.id);
+            let span = tracing::debug_span!("session.execute", session = %job.id);
             if let Some(traceparent) = &job.tracked.traceparent {
                 let mut headers = async_nats::HeaderMap::new();
                 headers.insert("traceparent", traceparent.as_str());
@@ -189,6 +189,24 @@ impl Reaction for Executor {
             Driver { shared, job }.drive().instrument(span).await
         })
     }
+}
+
+/// A span for one step of the executor, in the session's trace, with room for an error.
+macro_rules! step_span {
+    ($name:literal $(, $($field:tt)*)?) => {
+        tracing::debug_span!(
+            $name,
+            $($($field)*,)?
+            otel.status_code = tracing::field::Empty,
+            otel.status_description = tracing::field::Empty
+        )
+    };
+}
+
+/// Marks `span` as failed, with why: Jaeger shows it as an error.
+fn failed(span: &tracing::Span, why: &str) {
+    span.record("otel.status_code", "ERROR");
+    span.record("otel.status_description", why);
 }
 
 /// Refusals of the executor's own commands in a row before the job gives up (and is retried
@@ -303,7 +321,7 @@ impl Driver {
         }
         if let Some(machines) = &tracked.admitted {
             let placement = place(record, machines);
-            let span = tracing::info_span!("session.accept");
+            let span = step_span!("session.accept");
             return self
                 .record(version, "accept", SessionCommand::Accept { placement })
                 .instrument(span)
@@ -313,7 +331,7 @@ impl Driver {
         if tracked.enqueued {
             return Ok(None);
         }
-        let span = tracing::info_span!("session.reserve");
+        let span = step_span!("session.reserve");
         let name = format!("{}\nenqueue\n{}", Executor::NAME, self.job.id);
         let meta = CommandMeta::new(derived_command_id(&name), Principal::system());
         let command = SchedulerCommand::Enqueue {
@@ -346,7 +364,7 @@ impl Driver {
 
     /// Gives back the machines (or the place in the queue) once everything is cleaned up.
     async fn release(&self) -> Result<(), String> {
-        let span = tracing::info_span!("session.release");
+        let span = step_span!("session.release");
         let name = format!("{}\nrelease\n{}", Executor::NAME, self.job.id);
         let meta = CommandMeta::new(derived_command_id(&name), Principal::system());
         let command = SchedulerCommand::Release {
@@ -393,73 +411,60 @@ impl Driver {
     }
 
     async fn step(&self, record: &Record, version: u64, step: Step) -> Result<bool, String> {
-        match step {
+        let (span, work): (tracing::Span, BoxFuture<'_, Result<bool, String>>) = match step {
             Step::Finish { outcome, reason } => {
-                let span = tracing::info_span!("session.finish", outcome = ?outcome, reason = reason.as_deref().unwrap_or(""));
-                self.record(
-                    version,
-                    "finish",
-                    SessionCommand::Finish { outcome, reason },
-                )
-                .instrument(span)
-                .await
+                let span = step_span!("session.finish", outcome = ?outcome);
+                if outcome != Outcome::Done {
+                    failed(&span, reason.as_deref().unwrap_or("failed"));
+                }
+                let command = SessionCommand::Finish { outcome, reason };
+                (span, Box::pin(self.record(version, "finish", command)))
             }
             Step::Health {
                 component,
                 health,
                 detail,
             } => {
-                let span =
-                    tracing::info_span!("session.health", component = %component, health = ?health);
+                let span = step_span!("session.health", component = %component, health = ?health);
                 let step = format!("health\n{component}");
-                self.record(
-                    version,
-                    &step,
-                    SessionCommand::Health {
-                        component,
-                        health,
-                        detail,
-                    },
+                let command = SessionCommand::Health {
+                    component,
+                    health,
+                    detail,
+                };
+                (
+                    span,
+                    Box::pin(async move { self.record(version, &step, command).await }),
                 )
-                .instrument(span)
-                .await
             }
             Step::Adopt { component, address } => {
-                let span = tracing::info_span!("session.adopt", component = %component, address = %address);
+                let span = step_span!("session.adopt", component = %component, address = %address);
                 let step = format!("started\n{component}");
-                self.record(
-                    version,
-                    &step,
-                    SessionCommand::ComponentStarted { component, address },
+                let command = SessionCommand::ComponentStarted { component, address };
+                (
+                    span,
+                    Box::pin(async move { self.record(version, &step, command).await }),
                 )
-                .instrument(span)
-                .await
             }
-            Step::Start { component } => {
-                let span = tracing::info_span!("session.provision", component = %component);
-                self.start(record, version, component)
-                    .instrument(span)
-                    .await
-            }
-            Step::Probe { component, check } => {
-                let span = tracing::info_span!("session.probe", component = %component);
-                self.probe(record, version, component, check)
-                    .instrument(span)
-                    .await
-            }
-            Step::Run => {
-                let span = tracing::info_span!("session.run");
-                self.record(version, "run", SessionCommand::Run)
-                    .instrument(span)
-                    .await
-            }
-            Step::StoreLog { component } => {
-                let span = tracing::info_span!("session.logs", component = %component);
-                self.store_log(version, component).instrument(span).await
-            }
-            Step::CleanUp => {
-                let span = tracing::info_span!("session.cleanup");
-                async {
+            Step::Start { component } => (
+                step_span!("session.provision", component = %component),
+                Box::pin(self.start(record, version, component)),
+            ),
+            Step::Probe { component, check } => (
+                step_span!("session.probe", component = %component),
+                Box::pin(self.probe(record, version, component, check)),
+            ),
+            Step::Run => (
+                step_span!("session.run"),
+                Box::pin(self.record(version, "run", SessionCommand::Run)),
+            ),
+            Step::StoreLog { component } => (
+                step_span!("session.logs", component = %component),
+                Box::pin(self.store_log(version, component)),
+            ),
+            Step::CleanUp => (
+                step_span!("session.cleanup"),
+                Box::pin(async move {
                     let owner = self
                         .shared
                         .backend
@@ -471,12 +476,15 @@ impl Driver {
                         .map_err(|e| backend_error(&e))?;
                     self.record(version, "cleaned_up", SessionCommand::CleanedUp)
                         .await
-                }
-                .instrument(span)
-                .await
-            }
-            Step::Wait | Step::Done => Ok(true),
+                }),
+            ),
+            Step::Wait | Step::Done => return Ok(true),
+        };
+        let result = work.instrument(span.clone()).await;
+        if let Err(err) = &result {
+            failed(&span, err);
         }
+        result
     }
 
     async fn start(
@@ -537,6 +545,7 @@ impl Driver {
                 .await
             }
             Err(BackendError::Refused { what, reason }) => {
+                failed(&tracing::Span::current(), &format!("{what}: {reason}"));
                 let step = format!("health\n{component}");
                 self.record(
                     version,

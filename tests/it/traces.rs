@@ -258,3 +258,86 @@ async fn traces_are_exported_over_otlp_http_when_the_environment_asks() {
         "the service name is on the resource"
     );
 }
+
+/// A session is one trace: the request that scheduled it, its reservation, each component's
+/// provisioning, the run, the log kept, the cleanup and the machines given back; a failed step
+/// is marked as an error with why.
+#[actix_rt::test]
+async fn a_session_is_one_trace_from_schedule_to_cleanup() {
+    let exporter = InMemorySpanExporter::default();
+    let provider = SdkTracerProvider::builder()
+        .with_simple_exporter(exporter.clone())
+        .build();
+    let _telemetry = telemetry::install(&LogConfig::default(), Some(provider.clone())).unwrap();
+    let test = crate::harness::start_app(|config| crate::sessions::with_pool(config, 2, 1)).await;
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(
+        "traceparent",
+        format!("00-{TRACE}-{CALLER_SPAN}-01").as_str(),
+    );
+    let body = json!({"id": "traced", "components": [
+        crate::sessions::component("server", "server", "sleep 30"),
+        crate::sessions::component("driver", "driver", "echo ran; sleep 0.5; exit 2"),
+    ]});
+    request(
+        &test.client,
+        "session.schedule",
+        body.to_string(),
+        Some(headers),
+    )
+    .await
+    .ok();
+    crate::sessions::ended(&test, "traced", Duration::from_secs(20)).await;
+    let trace_id = TraceId::from_hex(TRACE).unwrap();
+    let names = wait_for("the release span", Duration::from_secs(5), || async {
+        let names: Vec<String> = spans(&exporter)
+            .into_iter()
+            .filter(|s| s.span_context.trace_id() == trace_id)
+            .map(|s| s.name.to_string())
+            .collect();
+        names
+            .iter()
+            .any(|n| n == "session.release")
+            .then_some(names)
+    })
+    .await;
+    for expected in [
+        "sy.api.session.schedule",
+        "session.reserve",
+        "session.accept",
+        "session.run",
+        "session.logs",
+        "session.cleanup",
+        "session.release",
+        "entity.execute",
+    ] {
+        assert!(
+            names.iter().any(|n| n == expected),
+            "{expected} in {names:?}"
+        );
+    }
+    let provisioned: std::collections::BTreeSet<String> = spans(&exporter)
+        .into_iter()
+        .filter(|s| s.name == "session.provision" && s.span_context.trace_id() == trace_id)
+        .filter_map(|s| {
+            s.attributes
+                .iter()
+                .find(|kv| kv.key.as_str() == "component")
+                .map(|kv| kv.value.to_string())
+        })
+        .collect();
+    assert_eq!(
+        provisioned,
+        ["driver".to_owned(), "server".to_owned()].into(),
+        "each component's provisioning: {names:?}"
+    );
+    let finish = spans(&exporter)
+        .into_iter()
+        .find(|s| s.name == "session.finish")
+        .unwrap();
+    assert_eq!(
+        finish.status,
+        opentelemetry::trace::Status::error("driver driver exited with code 2")
+    );
+    let _ = provider.shutdown();
+}
