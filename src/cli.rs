@@ -356,7 +356,7 @@ pub async fn meeting_point(
     }
 }
 
-fn print_value(
+pub(crate) fn print_value(
     out: &mut impl Write,
     output: Output,
     value: &impl Serialize,
@@ -434,7 +434,7 @@ fn print_meeting_points(
 }
 
 /// JSON: one object per line. Table: aligned columns under a header.
-fn print_rows<T: Serialize>(
+pub(crate) fn print_rows<T: Serialize>(
     out: &mut impl Write,
     output: Output,
     values: &[T],

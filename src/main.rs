@@ -68,6 +68,20 @@ enum Command {
         #[command(flatten)]
         args: switchyard::cli::RepairArgs,
     },
+    /// Test sessions: schedule (from a YAML or JSON file), get, list, cancel, logs, watch.
+    Session {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: switchyard::sessions::cli::SessionCommand,
+    },
+    /// The pools sessions run on.
+    Pool {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: switchyard::sessions::cli::PoolCommand,
+    },
     /// Meeting points: reserve, clear, get, keep-alive, list.
     #[command(name = "mp", alias = "meeting-point")]
     MeetingPoint {
@@ -346,6 +360,20 @@ async fn run(cli: Cli, config: Config) -> anyhow::Result<ExitCode> {
                 switchyard::cli::meeting_point(&api, command, format, &mut std::io::stdout()).await;
             client_status(status)
         }
+        Command::Session { client, command } => {
+            let (api, format) = api_client(config, &client).await?;
+            let status =
+                switchyard::sessions::cli::session(&api, command, format, &mut std::io::stdout())
+                    .await;
+            client_status(status)
+        }
+        Command::Pool { client, command } => {
+            let (api, format) = api_client(config, &client).await?;
+            let status =
+                switchyard::sessions::cli::pool(&api, command, format, &mut std::io::stdout())
+                    .await;
+            client_status(status)
+        }
         Command::Repair { client, args } => {
             quiet_logs()?;
             let (api, format) = api_client(config, &client).await?;
@@ -455,6 +483,7 @@ async fn dev(mut config: Config, args: DevArgs) -> anyhow::Result<()> {
     let mut server = server;
     config.nats.servers = vec![server.url()];
     config.http.listen = args.http;
+    dev_pool(&mut config, &args.data_dir);
     let app = App::start(&config, switchyard::runtime::system_clock()).await?;
     let http = app.http_addr();
     println!(
@@ -467,6 +496,8 @@ async fn dev(mut config: Config, args: DevArgs) -> anyhow::Result<()> {
          \n  switchyard call counter.add '{{\"id\": \"demo\", \"amount\": 3}}' -s {url}\
          \n  switchyard call counter.list -s {url}\
          \n  switchyard audit -s {url}\
+         \n  switchyard session schedule deploy/dev/session.yaml --watch -s {url}\
+         \n  switchyard pool list -s {url}\
          \n\nCtrl-C stops both; the next start rebuilds the same state from the log.\n",
         url = server.url(),
         data = args.data_dir.join("nats").display(),
@@ -477,6 +508,22 @@ async fn dev(mut config: Config, args: DevArgs) -> anyhow::Result<()> {
     server.stop();
     Ok(())
 }
+
+/// The embedded default's pool: this machine, four components at a time, two sessions at once,
+/// its processes under the data directory (unless the configuration names pools of its own).
+fn dev_pool(config: &mut Config, data_dir: &std::path::Path) {
+    if config.sessions.pools.is_empty() {
+        config.sessions.pools = vec![switchyard::config::PoolConfig {
+            name: DEV_POOL.to_owned(),
+            capacity: 4,
+            ..Default::default()
+        }];
+        config.sessions.executor_count = config.sessions.executor_count.max(2);
+        config.sessions.process_dir = data_dir.join("processes");
+    }
+}
+
+const DEV_POOL: &str = "local";
 
 /// `dev --replicas N`: a 3-node NATS cluster and N `switchyard serve` processes over it.
 async fn dev_cluster(args: DevArgs) -> anyhow::Result<()> {
@@ -523,6 +570,13 @@ async fn dev_cluster(args: DevArgs) -> anyhow::Result<()> {
             .env("SWITCHYARD_NATS__SERVERS", &servers)
             .env("SWITCHYARD_STORE__REPLICAS", "3")
             .env("SWITCHYARD_CLUSTER__REPLICA", &name)
+            // The embedded default's pool, its processes shared by the replicas on this host.
+            .env(
+                "SWITCHYARD_SESSIONS__POOLS",
+                format!("[{{name=\"{DEV_POOL}\", capacity=4}}]"),
+            )
+            .env("SWITCHYARD_SESSIONS__EXECUTOR_COUNT", "2")
+            .env("SWITCHYARD_SESSIONS__PROCESS_DIR", root.join("processes"))
             .env("SWITCHYARD_HTTP__LISTEN", http.to_string())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -2,6 +2,7 @@
 //! entities (their rules in `domain::sessions`); the [`executor`] is a reaction that drives each
 //! admitted session through the process backend; [`routes`] serve `session.*` and `pool.list`.
 
+pub mod cli;
 pub mod executor;
 pub mod logs;
 pub mod protocol;

@@ -53,11 +53,15 @@ async fn client(url: &str) -> async_nats::Client {
         .unwrap()
 }
 
+/// The session, if it exists and the request was answered: a read in flight to a replica as it
+/// is killed is lost, and a caller asks again.
 async fn get(client: &async_nats::Client, id: &str) -> Option<Value> {
-    match request(client, "session.get", json!({"id": id}).to_string(), None).await {
-        crate::harness::Reply::Ok(reply) => Some(reply["result"].clone()),
-        crate::harness::Reply::Err { .. } => None,
-    }
+    let reply = client
+        .request("sy.api.session.get", json!({"id": id}).to_string().into())
+        .await
+        .ok()?;
+    let value: Value = serde_json::from_slice(&reply.payload).ok()?;
+    value.get("result").cloned()
 }
 
 async fn ended(client: &async_nats::Client, id: &str) -> Value {

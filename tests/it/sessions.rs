@@ -508,3 +508,85 @@ async fn logs_can_be_followed_while_the_driver_runs() {
         "invalid"
     );
 }
+
+/// Runs the `switchyard` binary with `args` against the test's NATS; (exit code, stdout).
+async fn cli(test: &TestApp, args: &[&str]) -> (i32, String) {
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(args)
+        .args(["--server", &test.server.url()])
+        .env("SWITCHYARD_LOG__FILTER", "warn")
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .await
+        .unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+    )
+}
+
+#[actix_rt::test]
+async fn the_shipped_sample_session_runs_from_the_cli_to_done() {
+    let test = start_app(|config| with_pool(config, 4, 2)).await;
+    let (code, out) = cli(
+        &test,
+        &[
+            "session",
+            "schedule",
+            "deploy/dev/session.yaml",
+            "--id",
+            "sample",
+            "--watch",
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.starts_with("scheduled sample (QUEUED)\n"), "{out}");
+    assert!(out.contains("sample DONE"), "{out}");
+    let (code, logs) = cli(&test, &["session", "logs", "sample"]).await;
+    assert_eq!(code, 0);
+    assert!(logs.contains("reached all 2 workers"), "{logs}");
+    assert_eq!(logs.matches("answered 200").count(), 6, "{logs}");
+    let (code, pools) = cli(&test, &["pool", "list"]).await;
+    assert_eq!(code, 0);
+    assert!(
+        pools.starts_with(
+            "POOL   CAPACITY  RESERVED  FREE  WAITING FOR\nlocal  4         0         4     0"
+        ),
+        "{pools}"
+    );
+    let (_, listed) = cli(
+        &test,
+        &["session", "list", "--status", "done", "--format", "json"],
+    )
+    .await;
+    let listed: Value = serde_json::from_str(listed.lines().next().unwrap()).unwrap();
+    assert_eq!(listed["id"], "sample");
+}
+
+#[actix_rt::test]
+async fn a_bad_session_file_lists_every_problem_and_schedules_nothing() {
+    let test = start_app(|config| with_pool(config, 1, 1)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.yaml");
+    std::fs::write(
+        &file,
+        "components:\n  - {name: d, kind: driver, pool: local, command: ''}\n  - {name: d, kind: server, pool: local, command: x, env: {PORT: '1'}}\n  - {name: e, kind: driver, pool: local, command: x, colour: red}\n",
+    )
+    .unwrap();
+    let (code, out) = cli(&test, &["session", "schedule", file.to_str().unwrap()]).await;
+    assert_eq!(code, 2, "{out}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 4, "{out}");
+    for (line, part) in lines.iter().zip([
+        "components[0].command: must name a program",
+        "components[1].env.PORT: is set by Switchyard",
+        "components[1].name: \"d\" is also the name of components[0]",
+        "components[2]: unknown field `colour`",
+    ]) {
+        assert!(line.contains(part), "{part} in {line}");
+        assert!(line.starts_with(file.to_str().unwrap()), "{line}");
+    }
+    let (_, listed) = cli(&test, &["session", "list", "--format", "json"]).await;
+    assert!(listed.is_empty(), "nothing scheduled: {listed}");
+}
