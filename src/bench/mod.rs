@@ -3,6 +3,7 @@
 //! the test suite runs every scenario at a tiny size (`--smoke`) so this cannot rot.
 
 pub mod raw;
+mod sessions;
 
 use std::io::Write;
 use std::sync::Arc;
@@ -42,10 +43,13 @@ pub enum Scenario {
     Replicas,
     /// Throughput and latency on a server with `sync_interval: always`.
     Durable,
+    /// Sessions with a trivial driver scheduled through to DONE per second, and the time from
+    /// scheduling to the first process running, against spawning the process directly.
+    Sessions,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 7] = [
+    pub const ALL: [Scenario; 8] = [
         Scenario::Throughput,
         Scenario::Latency,
         Scenario::Replay,
@@ -53,6 +57,7 @@ impl Scenario {
         Scenario::Memory,
         Scenario::Replicas,
         Scenario::Durable,
+        Scenario::Sessions,
     ];
 }
 
@@ -70,6 +75,10 @@ pub struct Options {
     pub latency_samples: usize,
     pub replay_events: usize,
     pub memory_entities: usize,
+    /// Sessions scheduled at once in the sessions scenario.
+    pub sessions: usize,
+    /// Sessions scheduled one at a time to time the scheduling overhead.
+    pub session_samples: usize,
 }
 
 impl Options {
@@ -83,6 +92,8 @@ impl Options {
             latency_samples: 5_000,
             replay_events: 1_000_000,
             memory_entities: 100_000,
+            sessions: 300,
+            session_samples: 30,
         }
     }
 
@@ -97,6 +108,8 @@ impl Options {
             latency_samples: 50,
             replay_events: 500,
             memory_entities: 200,
+            sessions: 4,
+            session_samples: 2,
         }
     }
 }
@@ -637,6 +650,9 @@ pub async fn run(options: &Options, out: &mut dyn Write) -> anyhow::Result<Repor
             let cluster = nats_server::NatsCluster::start(&binary()?, 3, None)?;
             Box::pin(replicas(&cluster, options, &mut report, out)).await?;
         }
+    }
+    if wants(Scenario::Sessions) {
+        Box::pin(sessions::sessions(&url, options, &mut report, out)).await?;
     }
     if wants(Scenario::Durable) {
         if options.nats_url.is_some() {

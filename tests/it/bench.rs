@@ -30,7 +30,9 @@ fn every_benchmark_scenario_runs_at_smoke_size() {
         "replay",
         "activation",
         "memory",
+        "replicas",
         "durable",
+        "sessions",
     ] {
         let mine: Vec<&Value> = rows.iter().filter(|r| r["scenario"] == scenario).collect();
         assert!(!mine.is_empty(), "no {scenario} rows:\n{stdout}");
