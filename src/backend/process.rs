@@ -437,10 +437,6 @@ async fn observe_one(dir: &Path, name: &str) -> Process {
         .await
         .ok()
         .and_then(|text| text.trim().parse::<i32>().ok());
-    let exit = tokio::fs::read_to_string(dir.join("exit"))
-        .await
-        .ok()
-        .and_then(|text| text.trim().parse::<i32>().ok());
     let step = label.as_ref().map(|label| {
         format!(
             "{}/{}/{}/{}",
@@ -453,6 +449,16 @@ async fn observe_one(dir: &Path, name: &str) -> Process {
     let alive = match (pid, &step) {
         (Some(pid), Some(step)) => is_ours(pid, step).await,
         _ => false,
+    };
+    // Only after liveness: a supervisor writes the exit code before it ends, so once it is
+    // seen gone, its exit code (if it left one) is there to read.
+    let exit = if alive {
+        None
+    } else {
+        tokio::fs::read_to_string(dir.join("exit"))
+            .await
+            .ok()
+            .and_then(|text| text.trim().parse::<i32>().ok())
     };
     let state = match (alive, exit, pid, &label) {
         (true, _, _, _) => ProcessState::Running,

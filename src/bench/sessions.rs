@@ -104,10 +104,20 @@ pub(super) async fn sessions(
         overhead.push((stamp(&file).await? - sent) as f64 / 1e6);
         let started = Instant::now();
         while cleaned("one-").await <= i {
-            anyhow::ensure!(
-                started.elapsed() < Duration::from_secs(60),
-                "a session did not end"
-            );
+            if started.elapsed() > Duration::from_secs(60) {
+                let subject = format!("{}.api.session.get", bench.config.store.subject_prefix);
+                let view = bench
+                    .client
+                    .request(
+                        subject,
+                        json!({"id": format!("one-{i}")}).to_string().into(),
+                    )
+                    .await?;
+                anyhow::bail!(
+                    "session one-{i} did not end: {}",
+                    String::from_utf8_lossy(&view.payload)
+                );
+            }
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
     }

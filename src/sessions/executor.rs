@@ -395,7 +395,9 @@ impl Driver {
             .execute(self.job.id.clone(), command, meta)
             .await
         {
-            Ok(_) => Ok(true),
+            // Nothing recorded: the record is already there; planning again must move on, or
+            // the job gives up after a few such steps rather than loop.
+            Ok(outcome) => Ok(outcome.version > version),
             Err(err)
                 if err.is_definite()
                     && matches!(

@@ -117,7 +117,8 @@ pub fn next(record: &Record, observed: &BTreeMap<ComponentName, Observed>, now: 
                 };
             }
         }
-        if state.health != health {
+        // A terminal health already recorded is final, whatever is observed later.
+        if state.health != health && !state.health.is_terminal() {
             return Step::Health {
                 component: spec.name.clone(),
                 health,
@@ -393,6 +394,36 @@ mod tests {
                 outcome: Outcome::Error,
                 reason: Some("driver d exited with code 1".into())
             }
+        );
+    }
+
+    #[test]
+    fn a_terminal_health_recorded_is_never_proposed_again() {
+        let mut r = record();
+        started(&mut r, "s", Health::Ready);
+        started(&mut r, "d", Health::Failed);
+        r.running_at = Some(t(2));
+        let seen = [
+            (name("s"), running("a:1")),
+            (
+                name("d"),
+                Observed::Exited {
+                    address: "a:2".into(),
+                    code: 0,
+                },
+            ),
+        ]
+        .into();
+        assert!(
+            matches!(
+                next(&r, &seen, t(3)),
+                Step::Finish {
+                    outcome: Outcome::Error,
+                    ..
+                }
+            ),
+            "{:?}",
+            next(&r, &seen, t(3))
         );
     }
 
