@@ -183,7 +183,7 @@ impl ProcessBackend {
             .args(&spec.args)
             .envs(&spec.env)
             .env("PORT", port.to_string())
-            .env(STEP_VARIABLE, step_value(key))
+            .env(STEP_VARIABLE, step_value(&dir))
             .current_dir(&dir)
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
@@ -292,12 +292,7 @@ impl ProcessBackend {
     /// The processes are found by the step named in their environment, so one whose
     /// supervisor died, or that moved to a group of its own, is found too.
     pub async fn remove(&self, owner: &Owner) -> Result<()> {
-        let prefix = format!(
-            "{}/{}/{}/",
-            encode_token(&owner.instance),
-            encode_token(&owner.kind),
-            encode_token(&owner.id)
-        );
+        let prefix = format!("{}/", step_value(&self.owner_dir(owner)));
         let groups = groups_of(&prefix).await;
         for group in &groups {
             let _ = killpg(Pid::from_raw(*group), Signal::SIGTERM);
@@ -416,14 +411,11 @@ impl ProcessBackend {
     }
 }
 
-fn step_value(key: &StepKey) -> String {
-    format!(
-        "{}/{}/{}/{}",
-        encode_token(&key.owner.instance),
-        encode_token(&key.owner.kind),
-        encode_token(&key.owner.id),
-        encode_token(&key.name)
-    )
+/// A process's step, as its environment names it: its resource directory, which is unique on
+/// the machine (two Switchyards with one instance id but their own directories never take
+/// each other's processes).
+fn step_value(dir: &Path) -> String {
+    dir.to_string_lossy().into_owned()
 }
 
 /// What one resource directory says, checked against the running processes.
@@ -437,15 +429,7 @@ async fn observe_one(dir: &Path, name: &str) -> Process {
         .await
         .ok()
         .and_then(|text| text.trim().parse::<i32>().ok());
-    let step = label.as_ref().map(|label| {
-        format!(
-            "{}/{}/{}/{}",
-            encode_token(&label.instance),
-            encode_token(&label.kind),
-            encode_token(&label.owner),
-            encode_token(&label.name)
-        )
-    });
+    let step = label.as_ref().map(|_| step_value(dir));
     let alive = match (pid, &step) {
         (Some(pid), Some(step)) => is_ours(pid, step).await,
         _ => false,
