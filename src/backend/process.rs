@@ -210,30 +210,8 @@ impl ProcessBackend {
 
     /// Everything this backend has of `owner`, by name.
     pub async fn observe(&self, owner: &Owner) -> Result<Vec<Process>> {
-        let dir = self.owner_dir(owner);
-        let mut entries = match tokio::fs::read_dir(&dir).await {
-            Ok(entries) => entries,
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
-            Err(err) => {
-                return Err(BackendError::Failed {
-                    what: format!("cannot list {}", dir.display()),
-                    source: err,
-                });
-            }
-        };
         let mut found = Vec::new();
-        while let Some(entry) =
-            entries
-                .next_entry()
-                .await
-                .map_err(BackendError::failed(format!(
-                    "cannot list {}",
-                    dir.display()
-                )))?
-        {
-            let Ok(name) = decode_token(&entry.file_name().to_string_lossy()) else {
-                continue;
-            };
+        for (name, entry) in list(&self.owner_dir(owner)).await? {
             found.push(observe_one(&entry.path(), &name).await);
         }
         found.sort_by(|a, b| a.name.cmp(&b.name));
@@ -327,30 +305,8 @@ impl ProcessBackend {
 
     /// The owners of `kind` this instance has anything of, and when each was last changed.
     pub async fn owners(&self, kind: &str) -> Result<Vec<(Owner, SystemTime)>> {
-        let dir = self.kind_dir(kind);
-        let mut entries = match tokio::fs::read_dir(&dir).await {
-            Ok(entries) => entries,
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
-            Err(err) => {
-                return Err(BackendError::Failed {
-                    what: format!("cannot list {}", dir.display()),
-                    source: err,
-                });
-            }
-        };
         let mut owners = Vec::new();
-        while let Some(entry) =
-            entries
-                .next_entry()
-                .await
-                .map_err(BackendError::failed(format!(
-                    "cannot list {}",
-                    dir.display()
-                )))?
-        {
-            let Ok(id) = decode_token(&entry.file_name().to_string_lossy()) else {
-                continue;
-            };
+        for (id, entry) in list(&self.kind_dir(kind)).await? {
             let modified = entry
                 .metadata()
                 .await
@@ -475,6 +431,24 @@ async fn is_ours(pid: i32, step: &str) -> bool {
     environ
         .split(|b| *b == 0)
         .any(|entry| entry == wanted.as_bytes())
+}
+
+/// The entries of `dir` by their decoded names (none if it does not exist); names that are
+/// not this backend's encoding are skipped.
+async fn list(dir: &Path) -> Result<Vec<(String, tokio::fs::DirEntry)>> {
+    let failed = || BackendError::failed(format!("cannot list {}", dir.display()));
+    let mut entries = match tokio::fs::read_dir(dir).await {
+        Ok(entries) => entries,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+        Err(err) => return Err(failed()(err)),
+    };
+    let mut listed = Vec::new();
+    while let Some(entry) = entries.next_entry().await.map_err(failed())? {
+        if let Ok(name) = decode_token(&entry.file_name().to_string_lossy()) {
+            listed.push((name, entry));
+        }
+    }
+    Ok(listed)
 }
 
 /// Whether any process of the group is still there (zombies included, until reaped).
