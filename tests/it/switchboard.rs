@@ -687,7 +687,7 @@ async fn kill_9_between_lease_and_meeting_point_leaks_nothing() {
     let log = logs.path().join("switchyard.log");
     let fast = [
         ("SWITCHYARD_SWITCHBOARD__RECONCILE_INTERVAL", "100ms"),
-        ("SWITCHYARD_SWITCHBOARD__RECONCILE_GRACE", "1s"),
+        ("SWITCHYARD_SWITCHBOARD__RECONCILE_GRACE", "3s"),
     ];
     let (client, body, _restarted) = crash_after_lease(&nats, &log, &fast, &["p0"]).await;
     // From the log, not a count: the restarted reconciler may already have released it.
