@@ -55,7 +55,7 @@ pub enum BackendError {
 }
 
 impl BackendError {
-    fn failed(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BackendError {
+    pub fn failed(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BackendError {
         let what = what.into();
         move |source| BackendError::Failed { what, source }
     }

@@ -43,6 +43,8 @@ pub struct ProcessSpec {
     pub command: String,
     pub args: Vec<String>,
     pub env: BTreeMap<String, String>,
+    /// More ports to allocate besides `PORT`, by name: each is given as `PORT_<name>`.
+    pub ports: Vec<String>,
 }
 
 /// What the backend finds of one resource.
@@ -62,6 +64,8 @@ pub struct Process {
     pub state: ProcessState,
     /// Its process group, while known.
     pub group: Option<i32>,
+    /// The ports it was given besides `PORT`, by name.
+    pub ports: BTreeMap<String, u16>,
 }
 
 /// What `label.json` says.
@@ -74,6 +78,8 @@ struct Label {
     command: String,
     args: Vec<String>,
     port: u16,
+    #[serde(default)]
+    ports: BTreeMap<String, u16>,
 }
 
 #[derive(Debug, Clone)]
@@ -122,7 +128,8 @@ impl ProcessBackend {
         self.kind_dir(&owner.kind).join(encode_token(&owner.id))
     }
 
-    fn resource_dir(&self, key: &StepKey) -> PathBuf {
+    /// The directory of `key`'s resource (its working directory): files it writes are there.
+    pub fn resource_dir(&self, key: &StepKey) -> PathBuf {
         self.owner_dir(&key.owner).join(encode_token(&key.name))
     }
 
@@ -158,7 +165,11 @@ impl ProcessBackend {
                 });
             }
         }
-        let port = free_port().map_err(BackendError::failed("cannot find a free port"))?;
+        let mut allocated = free_ports(1 + spec.ports.len())
+            .map_err(BackendError::failed("cannot find a free port"))?
+            .into_iter();
+        let port = allocated.next().unwrap_or_default();
+        let ports: BTreeMap<String, u16> = spec.ports.iter().cloned().zip(allocated).collect();
         let label = Label {
             instance: key.owner.instance.clone(),
             kind: key.owner.kind.clone(),
@@ -167,6 +178,7 @@ impl ProcessBackend {
             command: spec.command.clone(),
             args: spec.args.clone(),
             port,
+            ports: ports.clone(),
         };
         write_atomic(
             &dir.join("label.json"),
@@ -183,6 +195,11 @@ impl ProcessBackend {
             .args(&spec.args)
             .envs(&spec.env)
             .env("PORT", port.to_string())
+            .envs(
+                ports
+                    .iter()
+                    .map(|(name, port)| (format!("PORT_{name}"), port.to_string())),
+            )
             .env(STEP_VARIABLE, step_value(&dir))
             .current_dir(&dir)
             .stdin(std::process::Stdio::null())
@@ -418,6 +435,7 @@ async fn observe_one(dir: &Path, name: &str) -> Process {
         address,
         group: pid.filter(|_| alive),
         state,
+        ports: label.map(|l| l.ports).unwrap_or_default(),
     }
 }
 
@@ -511,9 +529,15 @@ fn findable(command: &str, path: Option<&String>) -> bool {
     std::env::split_paths(&path).any(|dir| executable(&dir.join(command)))
 }
 
-fn free_port() -> std::io::Result<u16> {
-    let listener = std::net::TcpListener::bind(("127.0.0.1", 0))?;
-    Ok(listener.local_addr()?.port())
+/// `n` distinct free loopback ports: all held at once while they are picked.
+fn free_ports(n: usize) -> std::io::Result<Vec<u16>> {
+    let listeners = (0..n)
+        .map(|_| std::net::TcpListener::bind(("127.0.0.1", 0)))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    listeners
+        .iter()
+        .map(|l| l.local_addr().map(|a| a.port()))
+        .collect()
 }
 
 async fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {

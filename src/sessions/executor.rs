@@ -526,6 +526,7 @@ impl Driver {
             command: spec.command.clone(),
             args: spec.args.clone(),
             env,
+            ports: Vec::new(),
         };
         match self
             .shared

@@ -26,6 +26,7 @@ fn shell(script: &str) -> ProcessSpec {
         command: "sh".to_owned(),
         args: vec!["-c".to_owned(), script.to_owned()],
         env: BTreeMap::new(),
+        ports: Vec::new(),
     }
 }
 
@@ -184,6 +185,7 @@ async fn a_program_that_does_not_exist_is_refused_and_other_instances_are_left_a
         command: "no-such-program-here".into(),
         args: vec![],
         env: BTreeMap::new(),
+        ports: Vec::new(),
     };
     match backend.start(&key, &missing).await {
         Err(BackendError::Refused { what, reason }) => {
