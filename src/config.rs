@@ -20,6 +20,7 @@ pub struct Config {
     pub runtime: RuntimeConfig,
     pub switchboard: SwitchboardConfig,
     pub sessions: SessionsConfig,
+    pub lessons: LessonsConfig,
     pub cluster: ClusterConfig,
     pub api: ApiConfig,
     pub auth: AuthConfig,
@@ -291,6 +292,74 @@ impl Default for SessionsConfig {
             prune_interval: Duration::from_secs(30),
             prune_grace: Duration::from_secs(60),
             pools: Vec::new(),
+        }
+    }
+}
+
+/// Live lessons: the curriculum, the limits and TTLs, and the backend that runs them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LessonsConfig {
+    /// The curriculum directory, loaded (and recorded as a catalog event) at start; none: the
+    /// catalog is whatever was loaded last (`lesson.reload` loads a directory).
+    pub curriculum: Option<std::path::PathBuf>,
+    /// Where the local backend keeps its processes, each lesson's key and each endpoint's home.
+    /// Replicas on one machine share it.
+    pub dir: std::path::PathBuf,
+    /// A live session with no lesson this long after its creation is ended.
+    #[serde(with = "humantime_serde")]
+    pub session_ttl: Duration,
+    /// A live lesson not requested (or kept alive) for this long is deleted, unless its
+    /// session is persistent.
+    #[serde(with = "humantime_serde")]
+    pub lesson_ttl: Duration,
+    /// Live sessions one source may hold at once; 0: no limit.
+    pub session_limit: u32,
+    /// Live lessons one session may hold at once; 0: no limit.
+    pub lesson_limit: u32,
+    /// How often garbage collection runs.
+    #[serde(with = "humantime_serde")]
+    pub gc_interval: Duration,
+    /// From BOOTING, how long every endpoint has to answer before the lesson fails.
+    #[serde(with = "humantime_serde")]
+    pub reachability_timeout: Duration,
+    /// One reachability test (an SSH handshake or a TCP connection) gives up after this.
+    #[serde(with = "humantime_serde")]
+    pub check_timeout: Duration,
+    /// One endpoint's stage script may run this long.
+    #[serde(with = "humantime_serde")]
+    pub configure_timeout: Duration,
+    /// How often a lesson waiting for its endpoints is looked at again.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// Between SIGTERM and SIGKILL when a lesson's processes are stopped.
+    #[serde(with = "humantime_serde")]
+    pub stop_grace: Duration,
+    /// How often the backend is searched for resources of no live lesson (and they are removed).
+    #[serde(with = "humantime_serde")]
+    pub prune_interval: Duration,
+    /// Only what has not changed for this long is pruned.
+    #[serde(with = "humantime_serde")]
+    pub prune_grace: Duration,
+}
+
+impl Default for LessonsConfig {
+    fn default() -> Self {
+        Self {
+            curriculum: None,
+            dir: std::path::PathBuf::from(".switchyard/lessons"),
+            session_ttl: Duration::from_secs(1440 * 60),
+            lesson_ttl: Duration::from_secs(30 * 60),
+            session_limit: 0,
+            lesson_limit: 0,
+            gc_interval: Duration::from_secs(60),
+            reachability_timeout: Duration::from_secs(300),
+            check_timeout: Duration::from_secs(2),
+            configure_timeout: Duration::from_secs(600),
+            poll_interval: Duration::from_millis(250),
+            stop_grace: Duration::from_secs(5),
+            prune_interval: Duration::from_secs(30),
+            prune_grace: Duration::from_secs(60),
         }
     }
 }

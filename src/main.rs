@@ -82,6 +82,22 @@ enum Command {
         #[command(subcommand)]
         command: switchyard::sessions::cli::PoolCommand,
     },
+    /// Live lessons: the catalog (list, show, validate a curriculum offline, reload), request
+    /// a lesson and follow it to READY, status, kill.
+    Lesson {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: switchyard::lessons::cli::LessonCommand,
+    },
+    /// Live sessions: create, get, list, kill.
+    #[command(name = "livesession")]
+    LiveSession {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: switchyard::lessons::cli::LiveSessionCommand,
+    },
     /// Meeting points: reserve, clear, get, keep-alive, list.
     #[command(name = "mp", alias = "meeting-point")]
     MeetingPoint {
@@ -360,6 +376,33 @@ async fn run(cli: Cli, config: Config) -> anyhow::Result<ExitCode> {
                 switchyard::cli::meeting_point(&api, command, format, &mut std::io::stdout()).await;
             client_status(status)
         }
+        Command::Lesson {
+            client,
+            command: switchyard::lessons::cli::LessonCommand::Validate { dir },
+        } => {
+            quiet_logs()?;
+            let status =
+                switchyard::lessons::cli::validate(&dir, client.format, &mut std::io::stdout());
+            Ok(ExitCode::from(status))
+        }
+        Command::Lesson { client, command } => {
+            let (api, format) = api_client(config, &client).await?;
+            let status =
+                switchyard::lessons::cli::lesson(&api, command, format, &mut std::io::stdout())
+                    .await;
+            client_status(status)
+        }
+        Command::LiveSession { client, command } => {
+            let (api, format) = api_client(config, &client).await?;
+            let status = switchyard::lessons::cli::live_session(
+                &api,
+                command,
+                format,
+                &mut std::io::stdout(),
+            )
+            .await;
+            client_status(status)
+        }
         Command::Session { client, command } => {
             let (api, format) = api_client(config, &client).await?;
             let status =
@@ -484,6 +527,7 @@ async fn dev(mut config: Config, args: DevArgs) -> anyhow::Result<()> {
     config.nats.servers = vec![server.url()];
     config.http.listen = args.http;
     dev_pool(&mut config, &args.data_dir);
+    dev_lessons(&mut config, &args.data_dir);
     let app = App::start(&config, switchyard::runtime::system_clock()).await?;
     let http = app.http_addr();
     println!(
@@ -498,6 +542,8 @@ async fn dev(mut config: Config, args: DevArgs) -> anyhow::Result<()> {
          \n  switchyard audit -s {url}\
          \n  switchyard session schedule deploy/dev/session.yaml --watch -s {url}\
          \n  switchyard pool list -s {url}\
+         \n  switchyard livesession create --id demo -s {url}\
+         \n  switchyard lesson request ssh-basics --session demo --wait -s {url}\
          \n\nCtrl-C stops both; the next start rebuilds the same state from the log.\n",
         url = server.url(),
         data = args.data_dir.join("nats").display(),
@@ -524,6 +570,19 @@ fn dev_pool(config: &mut Config, data_dir: &std::path::Path) {
 }
 
 const DEV_POOL: &str = "local";
+
+/// The sample curriculum (when run from a clone, and unless the configuration names one),
+/// with the lessons' processes under the data directory.
+fn dev_lessons(config: &mut Config, data_dir: &std::path::Path) {
+    if config.lessons.curriculum.is_none() && std::path::Path::new(DEV_CURRICULUM).is_dir() {
+        config.lessons.curriculum = Some(DEV_CURRICULUM.into());
+    }
+    if config.lessons.dir == switchyard::config::LessonsConfig::default().dir {
+        config.lessons.dir = data_dir.join("lessons");
+    }
+}
+
+const DEV_CURRICULUM: &str = "deploy/dev/curriculum";
 
 /// `dev --replicas N`: a 3-node NATS cluster and N `switchyard serve` processes over it.
 async fn dev_cluster(args: DevArgs) -> anyhow::Result<()> {
@@ -565,7 +624,11 @@ async fn dev_cluster(args: DevArgs) -> anyhow::Result<()> {
         let http = SocketAddr::new(args.http.ip(), args.http.port() + i);
         let name = format!("replica-{i}");
         let log = std::fs::File::create(root.join(format!("{name}.log")))?;
-        let child = std::process::Command::new(&exe)
+        let mut command = std::process::Command::new(&exe);
+        if std::path::Path::new(DEV_CURRICULUM).is_dir() {
+            command.env("SWITCHYARD_LESSONS__CURRICULUM", DEV_CURRICULUM);
+        }
+        let child = command
             .arg("serve")
             .env("SWITCHYARD_NATS__SERVERS", &servers)
             .env("SWITCHYARD_STORE__REPLICAS", "3")
@@ -577,6 +640,7 @@ async fn dev_cluster(args: DevArgs) -> anyhow::Result<()> {
             )
             .env("SWITCHYARD_SESSIONS__EXECUTOR_COUNT", "2")
             .env("SWITCHYARD_SESSIONS__PROCESS_DIR", root.join("processes"))
+            .env("SWITCHYARD_LESSONS__DIR", root.join("lessons"))
             .env("SWITCHYARD_HTTP__LISTEN", http.to_string())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -49,6 +49,7 @@ pub fn capabilities() -> Vec<Capability> {
         crate::counter::capability(),
         crate::switchboard::capability(),
         crate::sessions::capability(),
+        crate::lessons::capability(),
     ]
 }
 

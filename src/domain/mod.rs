@@ -6,6 +6,7 @@
 pub mod counter;
 pub mod event;
 pub mod ids;
+pub mod lessons;
 pub mod sessions;
 pub mod switchboard;
 pub mod time;

@@ -97,6 +97,11 @@ pub fn test_config(server: &NatsServer) -> switchyard::config::Config {
     config.sessions.process_dir =
         std::env::temp_dir().join(format!("switchyard-test-{}", uuid::Uuid::new_v4().simple()));
     config.sessions.poll_interval = Duration::from_millis(50);
+    // Its own place for lesson processes, keys and homes.
+    config.lessons.dir = std::env::temp_dir().join(format!(
+        "switchyard-lessons-{}",
+        uuid::Uuid::new_v4().simple()
+    ));
     config.runtime.reaction_interval = Duration::from_millis(200);
     config
 }
@@ -189,6 +194,15 @@ impl Reply {
                 reason: Some(reason),
                 ..
             } => format!("{code}/{reason}"),
+        }
+    }
+
+    /// The error's message.
+    #[track_caller]
+    pub fn message(&self) -> String {
+        match self {
+            Reply::Ok(value) => panic!("expected an error, got {value}"),
+            Reply::Err { message, .. } => message.clone(),
         }
     }
 

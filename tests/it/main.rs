@@ -15,6 +15,7 @@ mod feed;
 mod harness;
 mod history;
 mod identity;
+mod lessons;
 mod reactions;
 mod session_crash;
 mod sessions;

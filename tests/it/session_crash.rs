@@ -88,7 +88,7 @@ fn starts(marks: &Path) -> BTreeMap<String, usize> {
 
 /// Processes still running whose working directory is under `dir`: the session processes of
 /// this test (the process backend starts each in its own directory).
-fn leftovers(dir: &Path) -> Vec<i32> {
+pub fn leftovers(dir: &Path) -> Vec<i32> {
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         let Some(pid) = entry

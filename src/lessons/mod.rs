@@ -1,0 +1,359 @@
+//! Live lessons (seed 002, antidote): the capability. The catalog, live sessions and live
+//! lessons are entities (their rules in `domain::lessons`); the [`scheduler`] is a reaction that
+//! delegates each lesson's create, modify and delete to the configured [`backend`]; garbage
+//! collection and orphan pruning run here; [`routes`] serve `lesson.*`, `livelesson.*` and
+//! `livesession.*`.
+
+pub mod backend;
+pub mod cli;
+pub mod curriculum;
+pub mod protocol;
+pub mod routes;
+pub mod scheduler;
+pub mod ssh;
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use tokio::sync::watch;
+use tracing::Instrument;
+
+use crate::api::catalog::{Capability, KindSpec, Starter};
+use crate::config::LessonsConfig;
+use crate::domain::lessons::catalog::{Catalog, CatalogCommand, Lesson};
+use crate::domain::lessons::livelesson::{KillReason, LiveLessonCommand};
+use crate::domain::lessons::livesession::{LiveSession as Session, LiveSessionCommand};
+use crate::domain::lessons::{CatalogId, LiveLesson, LiveLessonId, LiveSessionId};
+use crate::domain::{EntityId, Principal};
+use crate::runtime::{
+    Clock, CommandMeta, Entities, EntityTable, ProjectionHandle, derived_command_id, error_chain,
+};
+use backend::{LessonBackend, LocalBackend};
+use scheduler::{Scheduler, Shared};
+
+/// Handles to everything the routes use; cheap to clone.
+#[derive(Clone)]
+pub struct Lessons {
+    pub catalog: Entities<Catalog>,
+    pub sessions: Entities<Session>,
+    pub lessons: Entities<LiveLesson>,
+    pub session_table: ProjectionHandle<EntityTable<Session>>,
+    pub lesson_table: ProjectionHandle<EntityTable<LiveLesson>>,
+    pub backend: Arc<dyn LessonBackend>,
+    pub config: LessonsConfig,
+}
+
+/// Live lessons: `catalog`, `livesession` and `livelesson` entities, the scheduler, garbage
+/// collection and the orphan pruner.
+pub fn capability() -> Capability {
+    Capability {
+        name: "lessons",
+        kinds: || {
+            vec![
+                KindSpec::of::<Catalog>(),
+                KindSpec::of::<Session>(),
+                KindSpec::of::<LiveLesson>(),
+            ]
+        },
+        routes: routes::specs,
+        start,
+    }
+}
+
+fn start(cx: &mut Starter<'_>) {
+    let catalog = cx.entities::<Catalog>();
+    let sessions = cx.entities::<Session>();
+    let lessons = cx.entities::<LiveLesson>();
+    let session_table = cx.table::<Session>();
+    let lesson_table = cx.table::<LiveLesson>();
+    let config = cx.config.lessons.clone();
+    let curriculum = match &config.curriculum {
+        Some(dir) => match curriculum::load(dir) {
+            Ok(lessons) => Some((dir.display().to_string(), lessons)),
+            Err(err) => {
+                cx.invalid(format!("lessons.curriculum: {}", error_chain(&err)));
+                None
+            }
+        },
+        None => None,
+    };
+    // Every resource carries the instance: the stream prefix names this Switchyard.
+    let instance = cx.store.config().stream_prefix.to_lowercase();
+    let backend: Arc<dyn LessonBackend> =
+        Arc::new(LocalBackend::new(&config.dir, &instance, config.stop_grace));
+    let clock = cx.clock();
+    let shared = Arc::new(Shared {
+        lessons: lessons.clone(),
+        sessions: sessions.clone(),
+        backend: backend.clone(),
+        config: config.clone(),
+        clock: clock.clone(),
+    });
+    cx.reaction(Scheduler::new(shared.clone()));
+    let (stop, stopped) = watch::channel(false);
+    cx.on_shutdown(move || {
+        let _ = stop.send(true);
+    });
+    if let Some((source, loaded)) = curriculum {
+        tokio::spawn(record_catalog(
+            catalog.clone(),
+            source,
+            loaded,
+            stopped.clone(),
+        ));
+    }
+    let handle = Lessons {
+        catalog,
+        sessions,
+        lessons,
+        session_table,
+        lesson_table,
+        backend,
+        config,
+    };
+    tokio::spawn(collect_garbage(handle.clone(), clock, stopped.clone()));
+    tokio::spawn(prune(shared, stopped));
+    cx.provide(handle);
+}
+
+/// The command that puts `lessons` in force: named after their digest, so every replica
+/// loading the same curriculum writes it once.
+pub fn load_command(source: String, lessons: Vec<Lesson>) -> (CommandMeta, CatalogCommand) {
+    let digest = crate::domain::lessons::catalog::digest(&lessons);
+    let meta = CommandMeta::new(
+        derived_command_id(&format!("catalog\nload\n{digest}")),
+        Principal::system(),
+    );
+    (meta, CatalogCommand::Load { source, lessons })
+}
+
+/// Records the configured curriculum, retrying until it lands: the catalog's shard may not
+/// have an owner yet at start.
+async fn record_catalog(
+    catalog: Entities<Catalog>,
+    source: String,
+    lessons: Vec<Lesson>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let mut wait = std::time::Duration::from_millis(100);
+    loop {
+        let (meta, command) = load_command(source.clone(), lessons.clone());
+        match catalog.execute(CatalogId::lessons(), command, meta).await {
+            Ok(outcome) => {
+                tracing::info!(catalog = ?outcome.reply.digest, lessons = outcome.reply.lessons, %source, "the curriculum is in force");
+                return;
+            }
+            Err(err) => {
+                tracing::info!(error = %error_chain(&err), "cannot record the curriculum yet; retrying");
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            _ = stopped.changed() => return,
+        }
+        wait = (wait * 2).min(std::time::Duration::from_secs(5));
+    }
+}
+
+/// Each `gc_interval`: kills lessons inactive past their TTL (unless their session is
+/// persistent) and lessons whose session ended; lets sessions go of lessons that are gone;
+/// ends sessions past their TTL that hold no lesson. Only entities of this replica's shards.
+async fn collect_garbage(lessons: Lessons, clock: Clock, mut stopped: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(lessons.config.gc_interval) => {}
+            _ = stopped.changed() => return,
+        }
+        let span = tracing::debug_span!("lessons.gc");
+        if let Err(err) = gc_once(&lessons, clock()).instrument(span).await {
+            tracing::warn!(error = %err, "garbage collection of live lessons failed; retrying at the next round");
+        }
+    }
+}
+
+/// One round of garbage collection.
+pub async fn gc_once(lessons: &Lessons, now: crate::domain::Timestamp) -> Result<(), String> {
+    let ttl = lessons.config.lesson_ttl;
+    // (id, version, session, idle since) of every lesson not being deleted.
+    let live: Vec<(LiveLessonId, u64, LiveSessionId, crate::domain::Timestamp)> = lessons
+        .lesson_table
+        .ask(|table, _| {
+            table
+                .range(std::ops::Bound::Unbounded)
+                .filter_map(|(id, row)| match &row.state {
+                    LiveLesson::Present(r) if r.kill.is_none() && !r.is_deleted() => {
+                        Some((id.clone(), row.last_seq, r.session.clone(), r.idle_since()))
+                    }
+                    _ => None,
+                })
+                .collect()
+        })
+        .await
+        .map_err(|e| format!("the live lesson read model is not running: {e}"))?;
+    let gone: std::collections::BTreeSet<LiveLessonId> = lessons
+        .lesson_table
+        .ask(|table, _| {
+            table
+                .range(std::ops::Bound::Unbounded)
+                .filter(|(_, row)| match &row.state {
+                    LiveLesson::Present(r) => r.is_deleted(),
+                    LiveLesson::Absent => true,
+                })
+                .map(|(id, _)| id.clone())
+                .collect()
+        })
+        .await
+        .map_err(|e| format!("the live lesson read model is not running: {e}"))?;
+    for (id, version, session, idle_since) in live {
+        if !lessons.lessons.owns(&id) {
+            continue;
+        }
+        let reason = match lessons.sessions.read(session.clone()).await {
+            Ok((Some(view), _)) if view.ended.is_some() => Some(KillReason::SessionEnded),
+            Ok((None, _)) => Some(KillReason::SessionEnded),
+            Ok((Some(view), _)) => {
+                (!view.persistent && now.since(idle_since) >= ttl).then_some(KillReason::Expired)
+            }
+            // A session that cannot be read does not stop the rest (antidote's #171).
+            Err(err) => {
+                tracing::info!(lesson = %id, error = %error_chain(&err), "cannot read a lesson's session; skipping it this round");
+                None
+            }
+        };
+        let Some(reason) = reason else {
+            continue;
+        };
+        let meta = CommandMeta::new(
+            derived_command_id(&format!("lessons_gc\n{id}\n{version}")),
+            Principal::system(),
+        );
+        match lessons
+            .lessons
+            .execute(id.clone(), LiveLessonCommand::Kill { reason }, meta)
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(lesson = %id, ?reason, "garbage collection deletes a live lesson")
+            }
+            Err(err) => {
+                tracing::info!(lesson = %id, error = %error_chain(&err), "cannot kill an expired lesson; retrying at the next round")
+            }
+        }
+    }
+    let open: Vec<(LiveSessionId, u64, Vec<LiveLessonId>, bool)> = lessons
+        .session_table
+        .ask(move |table, _| {
+            table
+                .range(std::ops::Bound::Unbounded)
+                .filter_map(|(id, row)| match &row.state {
+                    Session::Present(r) if r.ended.is_none() => Some((
+                        id.clone(),
+                        row.last_seq,
+                        r.lessons.values().cloned().collect(),
+                        now >= r.expires_at(),
+                    )),
+                    _ => None,
+                })
+                .collect()
+        })
+        .await
+        .map_err(|e| format!("the live session read model is not running: {e}"))?;
+    for (id, version, held, expired) in open {
+        if !lessons.sessions.owns(&id) {
+            continue;
+        }
+        let mut holding = held.len();
+        for lesson in held {
+            if !gone.contains(&lesson) {
+                // A lesson the table has not seen yet may be on its way: only deleted ones go.
+                continue;
+            }
+            let meta = CommandMeta::new(
+                derived_command_id(&format!("lessons_gc\ndetach\n{id}\n{lesson}")),
+                Principal::system(),
+            );
+            let detach = LiveSessionCommand::Detach {
+                live_lesson: lesson.clone(),
+            };
+            if lessons
+                .sessions
+                .execute(id.clone(), detach, meta)
+                .await
+                .is_ok()
+            {
+                holding -= 1;
+            }
+        }
+        if expired && holding == 0 {
+            let meta = CommandMeta::new(
+                derived_command_id(&format!("lessons_gc\nexpire\n{id}\n{version}")),
+                Principal::system(),
+            );
+            match lessons
+                .sessions
+                .execute(id.clone(), LiveSessionCommand::Expire, meta)
+                .await
+            {
+                Ok(_) => {
+                    tracing::info!(session = %id, "garbage collection ends a live session past its TTL")
+                }
+                Err(err) => {
+                    tracing::debug!(session = %id, error = %error_chain(&err), "a live session is not ready to expire")
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Removes what the backend has of lessons that are deleted (or that the log never had): left
+/// by a crash between the backend's delete and its record, or by a Switchyard whose log was
+/// wiped. Only lessons of this replica's shards, only once unchanged for the grace. Live
+/// lessons are never touched: a restart leaves them running.
+async fn prune(shared: Arc<Shared>, mut stopped: watch::Receiver<bool>) {
+    let every = shared.config.prune_interval;
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            _ = stopped.changed() => return,
+        }
+        let found = match shared.backend.lessons().await {
+            Ok(found) => found,
+            Err(err) => {
+                tracing::warn!(error = %error_chain(&err), "cannot list what the lesson backend has");
+                continue;
+            }
+        };
+        // File ages: both times are this machine's wall clock.
+        #[allow(clippy::disallowed_methods)]
+        let now = SystemTime::now();
+        for (name, modified) in found {
+            if now.duration_since(modified).unwrap_or_default() < shared.config.prune_grace {
+                continue;
+            }
+            let Ok(id) = LiveLessonId::parse(&name) else {
+                tracing::warn!(resource = %name, "the lesson backend has something that is not a lesson's; leaving it");
+                continue;
+            };
+            if !shared.lessons.owns(&id) {
+                continue;
+            }
+            let live = match shared.lessons.inspect_here(id.clone()).await {
+                Ok((LiveLesson::Present(record), _)) => !record.is_deleted(),
+                Ok((LiveLesson::Absent, _)) => false,
+                Err(_) => continue,
+            };
+            if live {
+                continue;
+            }
+            match shared.backend.delete(&id).await {
+                Ok(()) => {
+                    tracing::info!(lesson = %id, "removed what the backend had of a lesson that is gone")
+                }
+                Err(err) => {
+                    tracing::warn!(lesson = %id, error = %error_chain(&err), "cannot remove an orphaned lesson")
+                }
+            }
+        }
+    }
+}
