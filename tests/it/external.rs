@@ -72,3 +72,57 @@ async fn a_nats_py_client_sends_commands_and_reads_replies() {
     assert_eq!(history[1].principal(), Some("nats-py"));
     assert_eq!(history[2].command_id(), Some("py-ff-1"));
 }
+
+/// A lesson portal in Python creates a live session, requests the sample lesson and waits for
+/// READY on the lesson's event subject, then kills it and sees it deleted.
+#[actix_rt::test]
+async fn a_nats_py_portal_requests_a_lesson_and_waits_for_ready_on_its_events() {
+    let test =
+        start_app(|c| crate::lessons::with_lessons(c, &crate::lessons::sample_curriculum())).await;
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/clients/nats_py_lessons.py");
+    let output = tokio::process::Command::new(python())
+        .arg(&script)
+        .arg(test.server.url())
+        .arg("ssh-basics")
+        .output()
+        .await
+        .expect("python runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "nats-py portal failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let lines: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 5, "{stdout}");
+    let events: Vec<&str> = lines[2]["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e.as_str().unwrap())
+        .collect();
+    for expected in [
+        "livelesson.requested",
+        "livelesson.booting",
+        "livelesson.configuring",
+        "livelesson.ready",
+    ] {
+        assert!(events.contains(&expected), "{expected} in {events:?}");
+    }
+    assert_eq!(lines[3]["status"], "READY", "{stdout}");
+    assert!(
+        lines[3]["ssh"][0].as_str().unwrap().starts_with("ssh -i "),
+        "{stdout}"
+    );
+    assert!(
+        lines[4]["events"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("livelesson.deleted")),
+        "{stdout}"
+    );
+    assert!(crate::lessons::processes_under(&test.config.lessons.dir).is_empty());
+}

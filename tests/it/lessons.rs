@@ -543,3 +543,48 @@ stages: [{}, {}]
         "{error}"
     );
 }
+
+/// Orphan pruning removes what the backend has of a lesson the log never had, and leaves a
+/// live lesson's processes as they are.
+#[actix_rt::test]
+async fn orphans_are_pruned_and_live_lessons_are_left_alone() {
+    let test = start_app(|c| {
+        with_lessons(c, &sample_curriculum());
+        c.lessons.prune_interval = Duration::from_millis(200);
+        c.lessons.prune_grace = Duration::ZERO;
+    })
+    .await;
+    create_session(&test, "live", false).await;
+    let id = request(&test, "live", "ssh-basics", 1).await;
+    let view = wait_status(&test, &id, "READY", 1).await;
+    // Something of this instance's backend that no lesson owns: left by a wiped log.
+    let processes = switchyard::backend::process::ProcessBackend::new(
+        test.config.lessons.dir.join("processes"),
+        "switchyard",
+        Duration::from_millis(200),
+    );
+    let key = switchyard::backend::StepKey {
+        owner: processes.owner("livelesson", "ghost-lesson-1"),
+        name: "solo.cli".into(),
+    };
+    let spec = switchyard::backend::process::ProcessSpec {
+        command: "sleep".into(),
+        args: vec!["300".into()],
+        env: Default::default(),
+        ports: Vec::new(),
+    };
+    processes.start(&key, &spec).await.unwrap();
+    let ghost_dir = processes.resource_dir(&key);
+    wait_for(
+        "the orphan to be pruned",
+        Duration::from_secs(20),
+        || async { (!ghost_dir.exists()).then_some(()) },
+    )
+    .await;
+    // The live lesson still answers, on the same ports.
+    assert_eq!(ssh(&view, "alpha", "cat motd.txt"), "alpha: stage 1\n");
+    assert_eq!(live(&test, &id).await["status"], "READY");
+    call(&test, "livelesson.kill", json!({"id": id})).await.ok();
+    wait_deleted(&test, &id).await;
+    assert!(processes_under(&test.config.lessons.dir).is_empty());
+}

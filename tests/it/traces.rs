@@ -341,3 +341,144 @@ async fn a_session_is_one_trace_from_schedule_to_cleanup() {
     );
     let _ = provider.shutdown();
 }
+
+/// A lesson request is one trace: from the NATS request through a span per scheduler step to
+/// READY, and every event of the lesson carries it. A failed script marks its span as an
+/// error with the reason and the output.
+#[actix_rt::test]
+async fn a_lesson_request_is_one_trace_to_ready_and_a_failed_script_is_an_error_span() {
+    let exporter = InMemorySpanExporter::default();
+    let provider = SdkTracerProvider::builder()
+        .with_simple_exporter(exporter.clone())
+        .build();
+    let _telemetry = telemetry::install(&LogConfig::default(), Some(provider.clone())).unwrap();
+    // The sample lesson, and one whose script fails.
+    let dir = tempfile::tempdir().unwrap();
+    let root = crate::lessons::curriculum(
+        dir.path(),
+        "broken",
+        "name: Broken\nendpoints:\n  - {name: solo, image: x, configuration: shell, presentations: [{name: cli, type: ssh, port: 22}]}\nstages: [{}]\n",
+        &[
+            ("stage1/guide.md", "g"),
+            (
+                "stage1/configs/solo.sh",
+                "echo 'no such router' >&2; exit 4",
+            ),
+        ],
+    );
+    let copied = std::process::Command::new("cp")
+        .arg("-r")
+        .arg(crate::lessons::sample_curriculum().join("ssh-basics"))
+        .arg(root.join("ssh-basics"))
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    let test = crate::harness::start_app(|c| crate::lessons::with_lessons(c, &root)).await;
+    crate::lessons::create_session(&test, "traced", false).await;
+    let traced = |trace: &str| {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(
+            "traceparent",
+            format!("00-{trace}-{CALLER_SPAN}-01").as_str(),
+        );
+        Some(headers)
+    };
+    let reply = request(
+        &test.client,
+        "lesson.request",
+        json!({"session": "traced", "lesson": "ssh-basics"}).to_string(),
+        traced(TRACE),
+    )
+    .await
+    .ok();
+    let id = reply["result"]["id"].as_str().unwrap().to_owned();
+    crate::lessons::wait_status(&test, &id, "READY", 1).await;
+    let trace_id = TraceId::from_hex(TRACE).unwrap();
+    let names = wait_for("the ready span", Duration::from_secs(5), || async {
+        let names: Vec<String> = spans(&exporter)
+            .into_iter()
+            .filter(|s| s.span_context.trace_id() == trace_id)
+            .map(|s| s.name.to_string())
+            .collect();
+        names.iter().any(|n| n == "lesson.ready").then_some(names)
+    })
+    .await;
+    for expected in [
+        "sy.api.lesson.request",
+        "lesson.provision",
+        "lesson.start_endpoint",
+        "lesson.addresses",
+        "lesson.reachability",
+        "lesson.configure",
+        "lesson.ready_delay",
+        "lesson.ready",
+    ] {
+        assert!(
+            names.iter().any(|n| n == expected),
+            "{expected} in {names:?}"
+        );
+    }
+    let configured: std::collections::BTreeSet<String> = spans(&exporter)
+        .into_iter()
+        .filter(|s| s.name == "lesson.configure" && s.span_context.trace_id() == trace_id)
+        .filter_map(|s| {
+            s.attributes
+                .iter()
+                .find(|kv| kv.key.as_str() == "endpoint")
+                .map(|kv| kv.value.to_string())
+        })
+        .collect();
+    assert_eq!(configured, ["alpha".to_owned(), "beta".to_owned()].into());
+    // Every event of the lesson carries the request's trace.
+    let store = switchyard::store::EventStore::attach(
+        test.client.clone(),
+        &switchyard::config::StoreConfig::default(),
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    let history = store
+        .read_subject(&store.subjects().event("livelesson", &id), 1, None)
+        .await
+        .unwrap();
+    assert!(history.len() >= 6, "{} events", history.len());
+    for message in &history {
+        let parent = message.header("traceparent").unwrap_or_default();
+        assert!(
+            parent.contains(TRACE),
+            "seq {}: traceparent {parent:?}",
+            message.seq
+        );
+    }
+
+    const FAILING: &str = "1bf7651916cd43dd8448eb211c80319c";
+    let reply = request(
+        &test.client,
+        "lesson.request",
+        json!({"session": "traced", "lesson": "broken"}).to_string(),
+        traced(FAILING),
+    )
+    .await
+    .ok();
+    let broken = reply["result"]["id"].as_str().unwrap().to_owned();
+    crate::lessons::wait_status(&test, &broken, "ERROR", 1).await;
+    let failing = TraceId::from_hex(FAILING).unwrap();
+    let span = wait_for(
+        "the failed configure span",
+        Duration::from_secs(5),
+        || async {
+            spans(&exporter)
+                .into_iter()
+                .find(|s| s.name == "lesson.configure" && s.span_context.trace_id() == failing)
+        },
+    )
+    .await;
+    let opentelemetry::trace::Status::Error { description } = &span.status else {
+        panic!("the configure span is not an error: {:?}", span.status);
+    };
+    assert!(
+        description.contains("exited with code 4") && description.contains("no such router"),
+        "{description}"
+    );
+    let _ = provider.shutdown();
+}
