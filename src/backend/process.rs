@@ -292,18 +292,20 @@ impl ProcessBackend {
         for group in &groups {
             let _ = killpg(Pid::from_raw(*group), Signal::SIGTERM);
         }
+        // Alive means a process of the step still runs: a zombie (exited, its parent gone and
+        // init yet to reap it) has no environment, so the scan no longer finds it.
         let deadline = tokio::time::Instant::now() + self.stop_grace;
-        while groups.iter().any(|g| group_alive(*g)) && tokio::time::Instant::now() < deadline {
+        let mut running = groups.clone();
+        while !running.is_empty() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
+            running = groups_of(&prefix).await;
         }
-        for group in &groups {
-            if group_alive(*group) {
-                tracing::info!(
-                    group,
-                    "process group still running after the grace; killing it"
-                );
-                let _ = killpg(Pid::from_raw(*group), Signal::SIGKILL);
-            }
+        for group in &running {
+            tracing::info!(
+                group,
+                "process group still running after the grace; killing it"
+            );
+            let _ = killpg(Pid::from_raw(*group), Signal::SIGKILL);
         }
         // Stragglers started meanwhile by what was just stopped.
         for group in groups_of(&prefix).await {
@@ -467,11 +469,6 @@ async fn list(dir: &Path) -> Result<Vec<(String, tokio::fs::DirEntry)>> {
         }
     }
     Ok(listed)
-}
-
-/// Whether any process of the group is still there (zombies included, until reaped).
-fn group_alive(group: i32) -> bool {
-    killpg(Pid::from_raw(group), None).is_ok()
 }
 
 /// The process groups of every live process whose step starts with `prefix`, read from
