@@ -2,6 +2,7 @@
 //! the same server, with the targets of docs/PERFORMANCE.md. Timing lives here, never in tests;
 //! the test suite runs every scenario at a tiny size (`--smoke`) so this cannot rot.
 
+mod lessons;
 pub mod raw;
 mod sessions;
 
@@ -46,10 +47,13 @@ pub enum Scenario {
     /// Sessions with a trivial driver scheduled through to DONE per second, and the time from
     /// scheduling to the first process running, against spawning the process directly.
     Sessions,
+    /// The sample lesson from request to READY by step, against starting its sshd processes
+    /// directly; and many lessons at once (time to READY, ports, memory, deletion).
+    Lessons,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 8] = [
+    pub const ALL: [Scenario; 9] = [
         Scenario::Throughput,
         Scenario::Latency,
         Scenario::Replay,
@@ -58,6 +62,7 @@ impl Scenario {
         Scenario::Replicas,
         Scenario::Durable,
         Scenario::Sessions,
+        Scenario::Lessons,
     ];
 }
 
@@ -79,6 +84,10 @@ pub struct Options {
     pub sessions: usize,
     /// Sessions scheduled one at a time to time the scheduling overhead.
     pub session_samples: usize,
+    /// Lessons requested at once in the lessons scenario.
+    pub lessons: usize,
+    /// Lessons requested one at a time to time each step.
+    pub lesson_samples: usize,
 }
 
 impl Options {
@@ -94,6 +103,8 @@ impl Options {
             memory_entities: 100_000,
             sessions: 300,
             session_samples: 30,
+            lessons: 50,
+            lesson_samples: 10,
         }
     }
 
@@ -110,6 +121,8 @@ impl Options {
             memory_entities: 200,
             sessions: 4,
             session_samples: 2,
+            lessons: 2,
+            lesson_samples: 1,
         }
     }
 }
@@ -653,6 +666,9 @@ pub async fn run(options: &Options, out: &mut dyn Write) -> anyhow::Result<Repor
     }
     if wants(Scenario::Sessions) {
         Box::pin(sessions::sessions(&url, options, &mut report, out)).await?;
+    }
+    if wants(Scenario::Lessons) {
+        Box::pin(lessons::lessons(&url, options, &mut report, out)).await?;
     }
     if wants(Scenario::Durable) {
         if options.nats_url.is_some() {

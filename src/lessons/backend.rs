@@ -89,7 +89,7 @@ pub struct LocalBackend {
 }
 
 /// What starts an endpoint's sshd: its host key once, its configuration, then sshd itself.
-const SSHD: &str = r#"set -e
+pub(crate) const SSHD: &str = r#"set -e
 [ -f host_key ] || ssh-keygen -q -t ed25519 -N '' -C "$SWITCHYARD_ENDPOINT" -f host_key
 cat > sshd_config <<EOF
 Port $PORT

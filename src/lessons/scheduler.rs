@@ -326,9 +326,21 @@ impl Driver {
                 ),
                 Box::pin(self.probe(record, version, deadline)),
             ),
-            Step::Configure { endpoint, stage } => (
-                step_span!("lesson.configure", endpoint = %endpoint, stage),
-                Box::pin(self.configure(record, version, endpoint, stage)),
+            Step::Configure { endpoints, stage } => (
+                step_span!("lesson.configuration", stage),
+                Box::pin(async move {
+                    // Every endpoint at once, each its own span; the first failure fails it.
+                    let runs = endpoints.into_iter().map(|endpoint| {
+                        let span = step_span!("lesson.configure", endpoint = %endpoint, stage);
+                        self.configure(record, version, endpoint, stage)
+                            .instrument(span)
+                    });
+                    let mut progressed = false;
+                    for result in futures::future::join_all(runs).await {
+                        progressed |= result?;
+                    }
+                    Ok(progressed)
+                }),
             ),
             Step::WaitUntil(at) => (
                 step_span!("lesson.ready_delay"),

@@ -33,6 +33,7 @@ fn every_benchmark_scenario_runs_at_smoke_size() {
         "replicas",
         "durable",
         "sessions",
+        "lessons",
     ] {
         let mine: Vec<&Value> = rows.iter().filter(|r| r["scenario"] == scenario).collect();
         assert!(!mine.is_empty(), "no {scenario} rows:\n{stdout}");

@@ -40,9 +40,10 @@ pub enum Step {
     Probe {
         deadline: Timestamp,
     },
-    /// Run the stage's script on this endpoint.
+    /// Run the stage's script on each of these endpoints, at once (a stage's scripts do not
+    /// depend on each other).
     Configure {
-        endpoint: EndpointName,
+        endpoints: Vec<EndpointName>,
         stage: u32,
     },
     Ready {
@@ -133,6 +134,7 @@ pub fn next(
                     output: String::new(),
                 };
             };
+            let mut pending = Vec::new();
             for endpoint in &record.lesson.endpoints {
                 if !definition.configs.contains_key(&endpoint.name)
                     || configuring.done.contains_key(&endpoint.name)
@@ -146,8 +148,11 @@ pub fn next(
                         output: String::new(),
                     };
                 }
+                pending.push(endpoint.name.clone());
+            }
+            if !pending.is_empty() {
                 return Step::Configure {
-                    endpoint: endpoint.name.clone(),
+                    endpoints: pending,
                     stage,
                 };
             }
@@ -288,21 +293,35 @@ mod tests {
         assert_eq!(
             next(record(&state), &seen, at(4), LIMITS),
             Step::Configure {
-                endpoint: name("alpha"),
+                endpoints: vec![name("alpha"), name("beta")],
                 stage: 1
             }
         );
-        for e in ["alpha", "beta"] {
-            run(
-                &mut state,
-                LiveLessonCommand::EndpointConfigured {
-                    stage: 1,
-                    endpoint: name(e),
-                    output: String::new(),
-                },
-                5,
-            );
-        }
+        run(
+            &mut state,
+            LiveLessonCommand::EndpointConfigured {
+                stage: 1,
+                endpoint: name("alpha"),
+                output: String::new(),
+            },
+            5,
+        );
+        assert_eq!(
+            next(record(&state), &seen, at(5), LIMITS),
+            Step::Configure {
+                endpoints: vec![name("beta")],
+                stage: 1
+            }
+        );
+        run(
+            &mut state,
+            LiveLessonCommand::EndpointConfigured {
+                stage: 1,
+                endpoint: name("beta"),
+                output: String::new(),
+            },
+            5,
+        );
         // The ready delay (1 s) counts from the last script.
         assert_eq!(
             next(record(&state), &seen, at(5), LIMITS),
