@@ -519,6 +519,10 @@ impl Ownership {
             if entry.revision <= known {
                 return;
             }
+            // Only a replica that appears or leaves changes the plan: a renewal (every round
+            // writes this replica's own) waking the keeper made it renew again at once, in a
+            // loop of thousands of writes a second.
+            let news = name != self.inner.me.as_str() && (put != state.presence.contains_key(name));
             if put {
                 let first_seen = state.presence.get(name).map_or(now, |p| p.first_seen);
                 state.presence.insert(
@@ -533,7 +537,9 @@ impl Ownership {
                 state.presence.remove(name);
             }
             drop(state);
-            self.inner.wake.notify_one();
+            if news {
+                self.inner.wake.notify_one();
+            }
             return;
         }
         let Some(shard) = entry

@@ -609,3 +609,33 @@ async fn an_actor_whose_snapshot_was_superseded_snapshots_again() {
     .await;
     assert!(record.version >= 6, "{}", record.version);
 }
+
+/// An idle replica renews its leases once a round (every eighth of a TTL), no more: its own
+/// presence renewal once woke the keeper for another round at once, a loop of thousands of
+/// lease writes a second that took a third of a core from nats-server doing nothing.
+#[actix_rt::test]
+async fn an_idle_replica_writes_its_leases_once_a_round() {
+    let test = start_app(|_| {}).await;
+    let mut writes = test
+        .client
+        .subscribe("$KV.SWITCHYARD_SHARDS.>")
+        .await
+        .unwrap();
+    let window = Duration::from_secs(3);
+    let mut count = 0usize;
+    let _ = tokio::time::timeout(window, async {
+        while futures::StreamExt::next(&mut writes).await.is_some() {
+            count += 1;
+        }
+    })
+    .await;
+    // A round renews the presence and the 32 leases; a round every 250 ms (TTL 2 s) is 12
+    // rounds in 3 s, about 400 writes. The loop wrote over 5,000 a second.
+    let rounds = window.as_millis() / (test.config.cluster.lease_ttl.as_millis() / 8);
+    let most = (rounds as usize + 4) * (test.config.cluster.shards as usize + 1);
+    assert!(
+        count <= most,
+        "{count} lease writes in {window:?} (at most {most} expected)"
+    );
+    assert!(count > 0, "the leases are renewed");
+}
