@@ -544,7 +544,8 @@ async fn dev(mut config: Config, args: DevArgs) -> anyhow::Result<()> {
          \n  switchyard pool list -s {url}\
          \n  switchyard livesession create --id demo -s {url}\
          \n  switchyard lesson request ssh-basics --session demo --wait -s {url}\
-         \n\nCtrl-C stops both; the next start rebuilds the same state from the log.\n",
+         \n\nCtrl-C stops both; the next start rebuilds the same state from the log.{lessons}\n",
+        lessons = dev_lessons_note(&config),
         url = server.url(),
         data = args.data_dir.join("nats").display(),
         log = server.log_file().display(),
@@ -583,6 +584,22 @@ fn dev_lessons(config: &mut Config, data_dir: &std::path::Path) {
 }
 
 const DEV_CURRICULUM: &str = "deploy/dev/curriculum";
+
+/// What keeps the sample lesson from running here, if anything.
+fn dev_lessons_note(config: &Config) -> String {
+    if config.lessons.curriculum.is_none() {
+        return format!(
+            "\n\nNo curriculum is loaded: run from a clone (for {DEV_CURRICULUM}) or set lessons.curriculum."
+        );
+    }
+    if switchyard::lessons::backend::sshd_binary().is_some() {
+        String::new()
+    } else {
+        "\n\nLive lessons need OpenSSH's sshd, which is not installed: scripts/setup installs it \
+         (or apt-get install openssh-server)."
+            .to_owned()
+    }
+}
 
 /// `dev --replicas N`: a 3-node NATS cluster and N `switchyard serve` processes over it.
 async fn dev_cluster(args: DevArgs) -> anyhow::Result<()> {

@@ -160,7 +160,8 @@ fn parts(endpoint: &Endpoint) -> Vec<(String, Part)> {
     parts
 }
 
-fn sshd_binary() -> Option<PathBuf> {
+/// OpenSSH's `sshd`, where Debian puts it or on `PATH`.
+pub fn sshd_binary() -> Option<PathBuf> {
     ["/usr/sbin/sshd", "/usr/local/sbin/sshd"]
         .into_iter()
         .map(PathBuf::from)

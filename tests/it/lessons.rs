@@ -588,3 +588,120 @@ async fn orphans_are_pruned_and_live_lessons_are_left_alone() {
     wait_deleted(&test, &id).await;
     assert!(processes_under(&test.config.lessons.dir).is_empty());
 }
+
+/// An http presentation is a real HTTP server (the endpoint's home, or its command), and a
+/// command gets every port it serves as `PORT_<port>` (its first as `PORT`).
+#[actix_rt::test]
+async fn http_endpoints_serve_and_commands_get_their_ports() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = r#"
+name: Web
+endpoints:
+  - name: site
+    image: nginx
+    presentations: [{ name: web, type: http, port: 80 }]
+  - name: app
+    command: [python3, -c, "import http.server, os\nclass H(http.server.BaseHTTPRequestHandler):\n    def do_GET(self):\n        self.send_response(200); self.end_headers(); self.wfile.write((os.environ['PORT'] + ' ' + os.environ['PORT_9000']).encode())\nfor p in ['PORT_8080', 'PORT_9000']:\n    if os.fork() == 0:\n        http.server.HTTPServer(('127.0.0.1', int(os.environ[p])), H).serve_forever()\nos.wait()"]
+    presentations: [{ name: api, type: http, port: 8080 }]
+    additional_ports: [9000]
+stages: [{}]
+"#;
+    let root = curriculum(dir.path(), "web", yaml, &[("stage1/guide.md", "g")]);
+    let test = start_app(|c| with_lessons(c, &root)).await;
+    create_session(&test, "s", false).await;
+    let id = request(&test, "s", "web", 1).await;
+    let view = wait_status(&test, &id, "READY", 1).await;
+    let address = |endpoint: &str, port: &str| {
+        view["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == endpoint)
+            .unwrap()["addresses"][port]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let get = |address: String| {
+        let out = std::process::Command::new("python3")
+            .args(["-c", "import sys, urllib.request; r = urllib.request.urlopen('http://' + sys.argv[1] + '/'); print(r.status, r.read().decode())"])
+            .arg(address)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert!(
+        get(address("site", "80")).starts_with("200 "),
+        "the home directory is served"
+    );
+    let api = address("app", "8080");
+    let extra = address("app", "9000");
+    let port = |a: &str| a.rsplit_once(':').unwrap().1.to_owned();
+    assert_eq!(
+        get(api.clone()).trim(),
+        format!("200 {} {}", port(&api), port(&extra))
+    );
+    assert_eq!(
+        get(extra.clone()).trim(),
+        format!("200 {} {}", port(&api), port(&extra))
+    );
+    call(&test, "livelesson.kill", json!({"id": id})).await.ok();
+    wait_deleted(&test, &id).await;
+    assert!(processes_under(&test.config.lessons.dir).is_empty());
+}
+
+/// The CLI a newcomer uses: create a session, request the sample lesson and wait (it prints
+/// the statuses and how to reach each endpoint), read its status, kill it.
+#[actix_rt::test]
+async fn the_cli_requests_a_lesson_waits_for_ready_and_kills_it() {
+    let test = start_app(|c| with_lessons(c, &sample_curriculum())).await;
+    let (code, out) = crate::sessions::cli(&test, &["livesession", "create", "--id", "cli"]).await;
+    assert_eq!((code, out.trim()), (0, "cli"));
+    let (code, out) = crate::sessions::cli(
+        &test,
+        &[
+            "lesson",
+            "request",
+            "ssh-basics",
+            "--session",
+            "cli",
+            "--wait",
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    for expected in [
+        "BOOTING",
+        "READY (stage 1, 2/2 endpoints answer)",
+        "alpha cli: ssh -i ",
+        "beta cli: ssh -i ",
+    ] {
+        assert!(out.contains(expected), "{expected:?} in:\n{out}");
+    }
+    let (code, out) = crate::sessions::cli(&test, &["lesson", "live", "--session", "cli"]).await;
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("cli-ssh-basics-1") && out.contains("READY"),
+        "{out}"
+    );
+    let (code, out) = crate::sessions::cli(&test, &["lesson", "kill", "cli-ssh-basics-1"]).await;
+    assert_eq!(code, 0, "{out}");
+    wait_deleted(&test, "cli-ssh-basics-1").await;
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args([
+            "lesson",
+            "request",
+            "nope",
+            "--session",
+            "cli",
+            "--server",
+            &test.server.url(),
+        ])
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("not in the catalog"), "{stderr}");
+}

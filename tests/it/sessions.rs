@@ -510,7 +510,7 @@ async fn logs_can_be_followed_while_the_driver_runs() {
 }
 
 /// Runs the `switchyard` binary with `args` against the test's NATS; (exit code, stdout).
-async fn cli(test: &TestApp, args: &[&str]) -> (i32, String) {
+pub async fn cli(test: &TestApp, args: &[&str]) -> (i32, String) {
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
         .args(args)
         .args(["--server", &test.server.url()])
