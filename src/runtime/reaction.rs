@@ -359,10 +359,10 @@ impl<R: Reaction> Runner<R> {
             dirty: false,
             saved_at: Instant::now(),
         };
-        // Every event, not only those of its kinds: its position (what its lag and readiness
-        // are measured by) must move with the stream's, or events of other kinds would leave
-        // it behind for ever. `fold` skips the kinds it does not follow.
-        let filter = self.store.subjects().all_events();
+        let filter = match self.reaction.kinds().as_slice() {
+            [kind] => self.store.subjects().events_of_kind(kind),
+            _ => self.store.subjects().all_events(),
+        };
         let kinds = self.reaction.kinds();
         let mut jobs = Jobs::default();
         let mut changes = self.ownership.subscribe();
@@ -374,7 +374,7 @@ impl<R: Reaction> Runner<R> {
             "reaction starting from its checkpoint"
         );
         'follow: loop {
-            if let Ok(last) = self.store.last_sequence().await {
+            if let Ok(last) = self.store.last_sequence_of(&filter).await {
                 folded.last = last;
             }
             let messages = match self
@@ -423,7 +423,7 @@ impl<R: Reaction> Runner<R> {
                         }
                     }
                     _ = tick.tick() => {
-                        if let Ok(last) = self.store.last_sequence().await {
+                        if let Ok(last) = self.store.last_sequence_of(&filter).await {
                             folded.last = last.max(folded.position);
                         }
                         self.check_caught_up(&mut folded);
