@@ -497,34 +497,23 @@ impl LessonBackend for LocalBackend {
         endpoint: &'a EndpointName,
     ) -> BoxFuture<'a, Option<PublicKey>> {
         Box::pin(async move {
+            // The host key its sshd made, in the step directory of its ssh presentation.
             let lesson_owner = self.owner(id);
-            let (step, _) = self
-                .processes
-                .observe(&lesson_owner)
-                .await
-                .ok()?
-                .into_iter()
-                .filter(|p| p.name.starts_with(&format!("{endpoint}.")))
-                .map(|p| (p.name, ()))
-                .find(|(name, _)| {
-                    let key = StepKey {
-                        owner: lesson_owner.clone(),
-                        name: name.clone(),
-                    };
-                    self.processes
-                        .resource_dir(&key)
-                        .join("host_key.pub")
-                        .is_file()
-                })?;
-            let key = StepKey {
-                owner: lesson_owner,
-                name: step,
-            };
-            let text =
-                tokio::fs::read_to_string(self.processes.resource_dir(&key).join("host_key.pub"))
-                    .await
-                    .ok()?;
-            crate::tunnel::keys::parse_public(&text).ok()
+            let prefix = format!("{endpoint}.");
+            for process in self.processes.observe(&lesson_owner).await.ok()? {
+                if !process.name.starts_with(&prefix) {
+                    continue;
+                }
+                let key = StepKey {
+                    owner: lesson_owner.clone(),
+                    name: process.name,
+                };
+                let path = self.processes.resource_dir(&key).join("host_key.pub");
+                if let Ok(text) = tokio::fs::read_to_string(&path).await {
+                    return crate::tunnel::keys::parse_public(&text).ok();
+                }
+            }
+            None
         })
     }
 

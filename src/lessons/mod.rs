@@ -171,6 +171,9 @@ async fn collect_garbage(lessons: Lessons, clock: Clock, mut stopped: watch::Rec
     }
 }
 
+/// A lesson attached to its session this long ago and never requested was abandoned.
+const ABANDONED_AFTER: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// One round of garbage collection.
 pub async fn gc_once(lessons: &Lessons, now: crate::domain::Timestamp) -> Result<(), String> {
     let ttl = lessons.config.lesson_ttl;
@@ -240,7 +243,14 @@ pub async fn gc_once(lessons: &Lessons, now: crate::domain::Timestamp) -> Result
             }
         }
     }
-    let open: Vec<(LiveSessionId, u64, Vec<LiveLessonId>, bool)> = lessons
+    // (id, last sequence, held lessons with when each was attached, past its TTL)
+    type Open = (
+        LiveSessionId,
+        u64,
+        Vec<(LiveLessonId, crate::domain::Timestamp)>,
+        bool,
+    );
+    let open: Vec<Open> = lessons
         .session_table
         .ask(move |table, _| {
             table
@@ -249,7 +259,10 @@ pub async fn gc_once(lessons: &Lessons, now: crate::domain::Timestamp) -> Result
                     Session::Present(r) if r.ended.is_none() => Some((
                         id.clone(),
                         row.last_seq,
-                        r.lessons.values().cloned().collect(),
+                        r.lessons
+                            .values()
+                            .map(|l| (l.clone(), r.attached_at.get(l).copied().unwrap_or(now)))
+                            .collect(),
                         now >= r.expires_at(),
                     )),
                     _ => None,
@@ -258,14 +271,26 @@ pub async fn gc_once(lessons: &Lessons, now: crate::domain::Timestamp) -> Result
         })
         .await
         .map_err(|e| format!("the live session read model is not running: {e}"))?;
+    let known: std::collections::BTreeSet<LiveLessonId> = lessons
+        .lesson_table
+        .ask(|table, _| {
+            table
+                .range(std::ops::Bound::Unbounded)
+                .map(|(id, _)| id.clone())
+                .collect()
+        })
+        .await
+        .map_err(|e| format!("the live lesson read model is not running: {e}"))?;
     for (id, version, held, expired) in open {
         if !lessons.sessions.owns(&id) {
             continue;
         }
         let mut holding = held.len();
-        for lesson in held {
-            if !gone.contains(&lesson) {
-                // A lesson the table has not seen yet may be on its way: only deleted ones go.
+        for (lesson, attached) in held {
+            // Deleted; or never requested, long after it was attached (the caller gave up
+            // between attaching and requesting it; a lesson on its way is seconds old at most).
+            let abandoned = !known.contains(&lesson) && now.since(attached) >= ABANDONED_AFTER;
+            if !gone.contains(&lesson) && !abandoned {
                 continue;
             }
             let meta = CommandMeta::new(

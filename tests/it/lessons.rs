@@ -705,3 +705,66 @@ async fn the_cli_requests_a_lesson_waits_for_ready_and_kills_it() {
     assert_eq!(output.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("not in the catalog"), "{stderr}");
 }
+
+/// A lesson attached to its session but never requested (the caller gave up between the two
+/// commands) is let go of by garbage collection once it is clearly abandoned, so the session
+/// can expire and its limit counts only real lessons.
+#[actix_rt::test]
+async fn garbage_collection_lets_go_of_an_abandoned_attachment() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicI64, Ordering};
+    let offset = Arc::new(AtomicI64::new(0));
+    let shifted = offset.clone();
+    let system = switchyard::runtime::system_clock();
+    let clock: switchyard::runtime::Clock = Arc::new(move || {
+        switchyard::domain::Timestamp::from_unix_nanos(
+            system().unix_nanos() + shifted.load(Ordering::Relaxed),
+        )
+    });
+    let test = crate::harness::start_app_with_clock(
+        |c| {
+            with_lessons(c, &sample_curriculum());
+            c.lessons.gc_interval = Duration::from_millis(200);
+        },
+        clock,
+    )
+    .await;
+    create_session(&test, "gave-up", false).await;
+    let lessons = test
+        .app
+        .services()
+        .get::<switchyard::lessons::Lessons>()
+        .unwrap();
+    let attach = switchyard::domain::lessons::LiveSessionCommand::Attach {
+        lesson: "ssh-basics".parse().unwrap(),
+        limit: 0,
+    };
+    lessons
+        .sessions
+        .execute(
+            "gave-up".parse().unwrap(),
+            attach,
+            switchyard::runtime::CommandMeta::fresh(switchyard::domain::Principal::system()),
+        )
+        .await
+        .unwrap();
+    let held = || async {
+        call(&test, "livesession.get", json!({"id": "gave-up"}))
+            .await
+            .ok()["result"]["lessons"]
+            .as_object()
+            .unwrap()
+            .len()
+    };
+    assert_eq!(held().await, 1);
+    // Minutes later, still held: it could be on its way... until it is clearly abandoned.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(held().await, 1, "a fresh attachment is kept");
+    offset.store(11 * 60 * 1_000_000_000, Ordering::Relaxed);
+    wait_for(
+        "the abandoned attachment to go",
+        Duration::from_secs(10),
+        || async { (held().await == 0).then_some(()) },
+    )
+    .await;
+}

@@ -38,6 +38,9 @@ pub struct Record {
     pub lessons: BTreeMap<LessonSlug, LiveLessonId>,
     /// Live lessons named so far: the next is `<session>-<lesson>-<named>`.
     pub named: u64,
+    /// When each held live lesson was attached: garbage collection lets go of one whose
+    /// request never followed (a caller that gave up between the two commands).
+    pub attached_at: BTreeMap<LiveLessonId, Timestamp>,
     pub ended: Option<Ended>,
 }
 
@@ -200,7 +203,7 @@ fn name_lesson(id: &LiveSessionId, lesson: &LessonSlug, n: u64) -> Option<LiveLe
 
 impl Aggregate for LiveSession {
     const KIND: &'static str = "livesession";
-    const SNAPSHOT_VERSION: u16 = 1;
+    const SNAPSHOT_VERSION: u16 = 2;
 
     type Id = LiveSessionId;
     type Command = LiveSessionCommand;
@@ -321,6 +324,7 @@ impl Aggregate for LiveSession {
                 created_at: e.at,
                 lessons: BTreeMap::new(),
                 named: 0,
+                attached_at: BTreeMap::new(),
                 ended: None,
             }));
             return;
@@ -336,11 +340,13 @@ impl Aggregate for LiveSession {
                 record
                     .lessons
                     .insert(e.lesson.clone(), e.live_lesson.clone());
+                record.attached_at.insert(e.live_lesson.clone(), e.at);
             }
             LiveSessionEvent::LessonDetached(e) => {
                 if record.lessons.get(&e.lesson) == Some(&e.live_lesson) {
                     record.lessons.remove(&e.lesson);
                 }
+                record.attached_at.remove(&e.live_lesson);
             }
             LiveSessionEvent::Ended(e) => {
                 record.ended = Some(Ended {
