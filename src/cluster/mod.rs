@@ -599,6 +599,19 @@ impl Ownership {
         self.inner.wake.notify_one();
     }
 
+    /// When the first lease held by another replica lapses, unless renewed before.
+    fn next_lapse(&self) -> Option<Instant> {
+        let ttl = self.inner.ttl;
+        self.state()
+            .holders
+            .iter()
+            .filter_map(|holder| match holder {
+                Holder::Other { seen, .. } => Some(*seen + ttl),
+                _ => None,
+            })
+            .min()
+    }
+
     fn notify_changed(&self) {
         self.inner.changed.send_modify(|n| *n += 1);
     }
@@ -889,7 +902,15 @@ enum Renewal {
 async fn keeper(ownership: Ownership) {
     let tick = ownership.inner.ttl / 8;
     loop {
-        let _ = tokio::time::timeout(tick, ownership.inner.wake.notified()).await;
+        // A round at the tick, or as soon as another replica's lease lapses (its owner
+        // stopped renewing): a dead replica's shards are taken within moments of its TTL.
+        // (Not sooner than a quarter tick: a lease seen lapsed whose take failed, renewed
+        // unseen, is retried at that pace rather than in a loop.)
+        let wait = ownership.next_lapse().map_or(tick, |at| {
+            at.saturating_duration_since(Instant::now())
+                .clamp(tick / 4, tick)
+        });
+        let _ = tokio::time::timeout(wait, ownership.inner.wake.notified()).await;
         // Let a burst of watch events settle into one round.
         tokio::time::sleep(Duration::from_millis(5)).await;
         if ownership
