@@ -234,3 +234,33 @@ pub fn current_traceparent() -> Option<String> {
     inject(&Span::current(), &mut headers);
     headers.get("traceparent").map(|v| v.as_str().to_owned())
 }
+
+/// A debug-level span for one step of a reaction's job, with room for an OpenTelemetry error
+/// status (see [`failed`]).
+#[macro_export]
+macro_rules! step_span {
+    ($name:literal $(, $($field:tt)*)?) => {
+        tracing::debug_span!(
+            $name,
+            $($($field)*,)?
+            otel.status_code = tracing::field::Empty,
+            otel.status_description = tracing::field::Empty
+        )
+    };
+}
+
+/// Marks a [`step_span!`] as failed, with why: Jaeger shows it as an error.
+pub fn failed(span: &tracing::Span, why: &str) {
+    span.record("otel.status_code", "ERROR");
+    span.record("otel.status_description", why);
+}
+
+/// Makes `span` continue the trace a stored `traceparent` names (a job continuing the request
+/// that caused it); nothing without one.
+pub fn continue_traceparent(span: &tracing::Span, traceparent: Option<&str>) {
+    if let Some(traceparent) = traceparent {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("traceparent", traceparent);
+        continue_trace(span, Some(&headers));
+    }
+}

@@ -11,6 +11,7 @@ use anyhow::Context as _;
 use bytes::Bytes;
 use serde_json::{Value, json};
 
+use super::sessions::median;
 use super::{Bench, Options, Report, Row};
 
 /// The sample curriculum, built in: the bench runs anywhere, the lesson is the one
@@ -58,11 +59,6 @@ fn write_curriculum(root: &Path) -> anyhow::Result<()> {
         std::fs::write(path, text)?;
     }
     Ok(())
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values.get(values.len() / 2).copied().unwrap_or(0.0)
 }
 
 async fn get(bench: &Bench, id: &str) -> anyhow::Result<Value> {

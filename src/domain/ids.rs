@@ -62,6 +62,18 @@ pub trait EntityId:
     fn as_str(&self) -> &str;
 }
 
+/// A DNS label's shape: lower-case letters, digits and '-', starting and ending with a letter
+/// or digit (the length is the id's own limit).
+pub fn dns_label(value: &str) -> bool {
+    let bytes = value.as_bytes();
+    let edge = |b: &u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    bytes.first().is_some_and(edge)
+        && bytes.last().is_some_and(edge)
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+}
+
 /// Declares a validated string newtype: serde and JSON Schema go through the same check.
 /// Every one is printable text within a length; with `shape`, it must also pass a function,
 /// which JSON Schema states as `pattern`.

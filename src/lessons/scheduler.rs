@@ -30,8 +30,9 @@ use crate::domain::lessons::{EndpointName, LiveLesson, LiveLessonId, LiveSession
 use crate::domain::{Aggregate, ErrorKind, Principal, Timestamp};
 use crate::runtime::reaction::{Due, Observed as Seen, Reaction};
 use crate::runtime::{Clock, CommandMeta, Entities, derived_command_id, error_chain};
+use crate::step_span;
 use crate::store::StoreError;
-use crate::telemetry;
+use crate::telemetry::{self, failed};
 
 /// What the scheduler needs to reach.
 pub struct Shared {
@@ -151,32 +152,10 @@ impl Reaction for Scheduler {
         let shared = self.shared.clone();
         Box::pin(async move {
             let span = tracing::debug_span!("lesson.schedule", lesson = %job.id);
-            if let Some(traceparent) = &job.traceparent {
-                let mut headers = async_nats::HeaderMap::new();
-                headers.insert("traceparent", traceparent.as_str());
-                telemetry::continue_trace(&span, Some(&headers));
-            }
+            telemetry::continue_traceparent(&span, job.traceparent.as_deref());
             Driver { shared, id: job.id }.drive().instrument(span).await
         })
     }
-}
-
-/// A span for one step, in the lesson's trace, with room for an error.
-macro_rules! step_span {
-    ($name:literal $(, $($field:tt)*)?) => {
-        tracing::debug_span!(
-            $name,
-            $($($field)*,)?
-            otel.status_code = tracing::field::Empty,
-            otel.status_description = tracing::field::Empty
-        )
-    };
-}
-
-/// Marks `span` as failed, with why: Jaeger shows it as an error.
-fn failed(span: &tracing::Span, why: &str) {
-    span.record("otel.status_code", "ERROR");
-    span.record("otel.status_description", why);
 }
 
 /// Refusals in a row before the job gives up (and is retried with a back-off).

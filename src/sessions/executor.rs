@@ -31,8 +31,9 @@ use crate::domain::sessions::{
 use crate::domain::{Aggregate, ErrorKind, Principal};
 use crate::runtime::reaction::{Due, Observed as Seen, Reaction};
 use crate::runtime::{Clock, CommandError, CommandMeta, Entities, derived_command_id, error_chain};
+use crate::step_span;
 use crate::store::StoreError;
-use crate::telemetry;
+use crate::telemetry::{self, failed};
 
 /// What the executor needs to reach.
 pub struct Shared {
@@ -181,32 +182,10 @@ impl Reaction for Executor {
         let shared = self.shared.clone();
         Box::pin(async move {
             let span = tracing::debug_span!("session.execute", session = %job.id);
-            if let Some(traceparent) = &job.tracked.traceparent {
-                let mut headers = async_nats::HeaderMap::new();
-                headers.insert("traceparent", traceparent.as_str());
-                telemetry::continue_trace(&span, Some(&headers));
-            }
+            telemetry::continue_traceparent(&span, job.tracked.traceparent.as_deref());
             Driver { shared, job }.drive().instrument(span).await
         })
     }
-}
-
-/// A span for one step of the executor, in the session's trace, with room for an error.
-macro_rules! step_span {
-    ($name:literal $(, $($field:tt)*)?) => {
-        tracing::debug_span!(
-            $name,
-            $($($field)*,)?
-            otel.status_code = tracing::field::Empty,
-            otel.status_description = tracing::field::Empty
-        )
-    };
-}
-
-/// Marks `span` as failed, with why: Jaeger shows it as an error.
-fn failed(span: &tracing::Span, why: &str) {
-    span.record("otel.status_code", "ERROR");
-    span.record("otel.status_description", why);
 }
 
 /// Refusals of the executor's own commands in a row before the job gives up (and is retried

@@ -29,7 +29,7 @@ text_id!(
     LessonSlug,
     "lesson slug",
     MAX_NAME,
-    shape = dns_label,
+    shape = crate::domain::ids::dns_label,
     rule = "lower-case letters, digits and '-', starting and ending with a letter or digit",
     pattern = "^[a-z0-9]([a-z0-9-]*[a-z0-9])?$"
 );
@@ -39,7 +39,7 @@ text_id!(
     EndpointName,
     "endpoint name",
     MAX_NAME,
-    shape = dns_label,
+    shape = crate::domain::ids::dns_label,
     rule = "lower-case letters, digits and '-', starting and ending with a letter or digit",
     pattern = "^[a-z0-9]([a-z0-9-]*[a-z0-9])?$"
 );
@@ -49,7 +49,7 @@ text_id!(
     LiveSessionId,
     "live session id",
     32,
-    shape = dns_label,
+    shape = crate::domain::ids::dns_label,
     rule = "lower-case letters, digits and '-', starting and ending with a letter or digit",
     pattern = "^[a-z0-9]([a-z0-9-]*[a-z0-9])?$"
 );
@@ -59,7 +59,7 @@ text_id!(
     LiveLessonId,
     "live lesson id",
     120,
-    shape = dns_label,
+    shape = crate::domain::ids::dns_label,
     rule = "lower-case letters, digits and '-', starting and ending with a letter or digit",
     pattern = "^[a-z0-9]([a-z0-9-]*[a-z0-9])?$"
 );
@@ -69,7 +69,7 @@ text_id!(
     CatalogId,
     "catalog id",
     MAX_NAME,
-    shape = dns_label,
+    shape = crate::domain::ids::dns_label,
     rule = "lower-case letters, digits and '-', starting and ending with a letter or digit",
     pattern = "^[a-z0-9]([a-z0-9-]*[a-z0-9])?$"
 );
@@ -97,13 +97,3 @@ macro_rules! entity_ids {
 }
 
 entity_ids!(LiveSessionId, LiveLessonId, CatalogId);
-
-fn dns_label(value: &str) -> bool {
-    let bytes = value.as_bytes();
-    let edge = |b: &u8| b.is_ascii_lowercase() || b.is_ascii_digit();
-    bytes.first().is_some_and(edge)
-        && bytes.last().is_some_and(edge)
-        && bytes
-            .iter()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
-}

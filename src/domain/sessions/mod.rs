@@ -51,7 +51,7 @@ text_id!(
     ComponentName,
     "component name",
     MAX_NAME,
-    shape = dns_label,
+    shape = crate::domain::ids::dns_label,
     rule = "lower-case letters, digits and '-', starting and ending with a letter or digit",
     pattern = "^[a-z0-9]([a-z0-9-]*[a-z0-9])?$"
 );
@@ -61,7 +61,7 @@ text_id!(
     PoolName,
     "pool name",
     MAX_NAME,
-    shape = dns_label,
+    shape = crate::domain::ids::dns_label,
     rule = "lower-case letters, digits and '-', starting and ending with a letter or digit",
     pattern = "^[a-z0-9]([a-z0-9-]*[a-z0-9])?$"
 );
@@ -72,13 +72,3 @@ text_id!(
     "machine name",
     253
 );
-
-fn dns_label(value: &str) -> bool {
-    let bytes = value.as_bytes();
-    let edge = |b: &u8| b.is_ascii_lowercase() || b.is_ascii_digit();
-    bytes.first().is_some_and(edge)
-        && bytes.last().is_some_and(edge)
-        && bytes
-            .iter()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
-}
