@@ -41,6 +41,7 @@ pub struct Lessons {
     pub lesson_table: ProjectionHandle<EntityTable<LiveLesson>>,
     pub backend: Arc<dyn LessonBackend>,
     pub config: LessonsConfig,
+    pub store: crate::store::EventStore,
 }
 
 /// Live lessons: `catalog`, `livesession` and `livelesson` entities, the scheduler, garbage
@@ -110,6 +111,7 @@ fn start(cx: &mut Starter<'_>) {
         lesson_table,
         backend,
         config,
+        store: cx.store.clone(),
     };
     tokio::spawn(collect_garbage(handle.clone(), clock, stopped.clone()));
     tokio::spawn(prune(shared, stopped));
@@ -155,8 +157,8 @@ async fn record_catalog(
     }
 }
 
-/// Each `gc_interval`: kills lessons inactive past their TTL (unless their session is
-/// persistent) and lessons whose session ended; lets sessions go of lessons that are gone;
+/// Each `gc_interval`: fails a READY lesson whose endpoint died; kills lessons inactive past
+/// their TTL (unless their session is persistent) and lessons whose session ended; lets sessions go of lessons that are gone;
 /// ends sessions past their TTL that hold no lesson. Only entities of this replica's shards.
 async fn collect_garbage(lessons: Lessons, clock: Clock, mut stopped: watch::Receiver<bool>) {
     loop {
@@ -211,6 +213,7 @@ pub async fn gc_once(lessons: &Lessons, now: crate::domain::Timestamp) -> Result
         if !lessons.lessons.owns(&id) {
             continue;
         }
+        check_ready(lessons, &id, version).await;
         let reason = match lessons.sessions.read(session.clone()).await {
             Ok((Some(view), _)) if view.ended.is_some() => Some(KillReason::SessionEnded),
             Ok((None, _)) => Some(KillReason::SessionEnded),
@@ -329,6 +332,52 @@ pub async fn gc_once(lessons: &Lessons, now: crate::domain::Timestamp) -> Result
         }
     }
     Ok(())
+}
+
+/// A READY lesson has no scheduler job; an endpoint of it that exited or vanished since is
+/// found here, and the lesson fails with what the backend says of it (its output).
+async fn check_ready(lessons: &Lessons, id: &LiveLessonId, seq: u64) {
+    let Ok((LiveLesson::Present(record), _)) = lessons.lessons.inspect_here(id.clone()).await
+    else {
+        return;
+    };
+    if record.status != crate::domain::lessons::Status::Ready || record.kill.is_some() {
+        return;
+    }
+    let seen = match lessons.backend.observe(id, &record.lesson).await {
+        Ok(seen) => seen,
+        Err(err) => {
+            tracing::info!(lesson = %id, error = %error_chain(&err), "cannot observe a ready lesson's endpoints");
+            return;
+        }
+    };
+    for endpoint in &record.lesson.endpoints {
+        let reason = match seen.get(&endpoint.name) {
+            Some(crate::domain::lessons::plan::Seen::Failed { why, output }) => {
+                (format!("endpoint {}: {why}", endpoint.name), output.clone())
+            }
+            None => (
+                format!("endpoint {} is gone from the backend", endpoint.name),
+                String::new(),
+            ),
+            Some(_) => continue,
+        };
+        let meta = CommandMeta::new(
+            derived_command_id(&format!("lessons_gc\nfail\n{id}\n{seq}")),
+            Principal::system(),
+        );
+        let (reason, output) = reason;
+        tracing::warn!(lesson = %id, %reason, "a ready lesson lost an endpoint");
+        let fail = LiveLessonCommand::Fail {
+            step: "endpoint".to_owned(),
+            reason,
+            output,
+        };
+        if let Err(err) = lessons.lessons.execute(id.clone(), fail, meta).await {
+            tracing::info!(lesson = %id, error = %error_chain(&err), "cannot record a ready lesson's lost endpoint");
+        }
+        return;
+    }
 }
 
 /// Removes what the backend has of lessons that are deleted (or that the log never had): left

@@ -358,6 +358,48 @@ fn list_live_lessons(
     })
 }
 
+/// How many open live sessions `source` holds, counted once the session read model has every
+/// live-session event stored before this request (so a create acknowledged earlier is
+/// counted; creates at the same moment may still not see each other).
+async fn sessions_of(lessons: &Lessons, source: &str) -> Result<usize, ApiError> {
+    let filter = lessons.store.subjects().events_of_kind(LiveSession::KIND);
+    let last = lessons
+        .store
+        .last_sequence_of(&filter)
+        .await
+        .map_err(|e| ApiError::unavailable(error_chain(&e)))?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let counted = source.to_owned();
+        let (position, held) = lessons
+            .session_table
+            .ask(move |table, position| {
+                let held = table
+                    .range(Bound::Unbounded)
+                    .filter(|(_, row)| match &row.state {
+                        LiveSession::Present(r) => r.ended.is_none() && r.source == counted,
+                        LiveSession::Absent => false,
+                    })
+                    .count();
+                (position, held)
+            })
+            .await
+            .map_err(|e| {
+                ApiError::unavailable(format!("the live session read model is not running: {e}"))
+            })?;
+        if position >= last {
+            return Ok(held);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(ApiError::unavailable(
+                "the live session read model is behind; retry with the same command id",
+            )
+            .with_reason("catching_up"));
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
 /// 10 random lower-case letters and digits, as antidote named sessions.
 fn random_id() -> String {
     use rand::RngExt;
@@ -381,24 +423,7 @@ fn create_session(
         let limit = lessons.config.session_limit;
         if limit > 0 {
             routes::caught_up(&lessons.session_table)?;
-            let counted = source.clone();
-            let held = lessons
-                .session_table
-                .ask(move |table, _| {
-                    table
-                        .range(Bound::Unbounded)
-                        .filter(|(_, row)| match &row.state {
-                            LiveSession::Present(r) => r.ended.is_none() && r.source == counted,
-                            LiveSession::Absent => false,
-                        })
-                        .count()
-                })
-                .await
-                .map_err(|e| {
-                    ApiError::unavailable(format!(
-                        "the live session read model is not running: {e}"
-                    ))
-                })?;
+            let held = sessions_of(&lessons, &source).await?;
             if held >= limit as usize {
                 return Err(ApiError::new(
                     ErrorKind::Capacity,

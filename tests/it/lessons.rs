@@ -768,3 +768,52 @@ async fn garbage_collection_lets_go_of_an_abandoned_attachment() {
     )
     .await;
 }
+
+/// A READY lesson has no scheduler job; an endpoint that dies under it is found by the next
+/// garbage collection round, and the lesson fails saying which endpoint and why.
+#[actix_rt::test]
+async fn a_ready_lesson_whose_endpoint_dies_ends_in_error() {
+    let test = start_app(|c| {
+        with_lessons(c, &sample_curriculum());
+        c.lessons.gc_interval = Duration::from_millis(300);
+    })
+    .await;
+    create_session(&test, "fragile", false).await;
+    let id = request(&test, "fragile", "ssh-basics", 1).await;
+    wait_status(&test, &id, "READY", 1).await;
+    // Kill alpha's sshd and its supervisor, as an OOM killer or an operator might.
+    let steps = test
+        .config
+        .lessons
+        .dir
+        .join("processes/switchyard/livelesson")
+        .join(&id);
+    let alpha = std::fs::read_dir(&steps)
+        .unwrap()
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().starts_with("alpha"))
+        .unwrap()
+        .path();
+    let group: i32 = std::fs::read_to_string(alpha.join("pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(group),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let view = wait_status(&test, &id, "ERROR", 1).await;
+    assert_eq!(view["error"]["step"], "endpoint", "{view:#}");
+    assert!(
+        view["error"]["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("endpoint alpha:"),
+        "{view:#}"
+    );
+    call(&test, "livelesson.kill", json!({"id": id})).await.ok();
+    wait_deleted(&test, &id).await;
+    assert!(processes_under(&test.config.lessons.dir).is_empty());
+}
