@@ -402,6 +402,7 @@ async fn a_restarting_control_plane_takes_no_request_before_its_read_models_caug
         app,
         client,
         config,
+        cleanup: _cleanup,
     } = test;
     app.shutdown().await;
 
@@ -583,6 +584,7 @@ async fn fire_and_forget_commands_wait_for_a_control_plane_that_is_down() {
         app,
         client,
         config,
+        cleanup,
     } = test;
     app.shutdown().await;
 
@@ -625,6 +627,7 @@ async fn fire_and_forget_commands_wait_for_a_control_plane_that_is_down() {
         app,
         client,
         config,
+        cleanup,
     };
     let value = wait_for(
         "the queued commands to be applied",

@@ -83,6 +83,50 @@ pub struct TestApp {
     pub app: switchyard::app::App,
     pub client: async_nats::Client,
     pub config: switchyard::config::Config,
+    /// Kills what the test's backends started when the test ends, passed or failed.
+    pub cleanup: ProcessGuard,
+}
+
+/// Kills, on drop, every process whose working directory is under one of its directories
+/// (the process backend starts each process in its own), and the groups they lead: a test's
+/// sessions and lessons never outlive it, even when it fails half-way.
+pub struct ProcessGuard(pub Vec<PathBuf>);
+
+impl ProcessGuard {
+    pub fn of(config: &switchyard::config::Config) -> Self {
+        Self(vec![
+            config.sessions.process_dir.clone(),
+            config.lessons.dir.clone(),
+        ])
+    }
+}
+
+impl Drop for ProcessGuard {
+    fn drop(&mut self) {
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<i32>().ok())
+            else {
+                continue;
+            };
+            let Ok(cwd) = std::fs::read_link(format!("/proc/{pid}/cwd")) else {
+                continue;
+            };
+            if self.0.iter().any(|dir| cwd.starts_with(dir)) {
+                let pid = nix::unistd::Pid::from_raw(pid);
+                let _ = nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGKILL);
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+        for dir in &self.0 {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
 }
 
 /// A test configuration: free HTTP port, fast timers, the server's URL.
@@ -125,6 +169,7 @@ pub async fn start_app_with_clock(
         server,
         app,
         client,
+        cleanup: ProcessGuard::of(&config),
         config,
     };
     wait_for(
@@ -145,6 +190,7 @@ impl TestApp {
             app,
             client,
             config,
+            cleanup,
         } = self;
         app.shutdown().await;
         let app = switchyard::app::App::start(&config, switchyard::runtime::system_clock())
@@ -155,6 +201,7 @@ impl TestApp {
             app,
             client,
             config,
+            cleanup,
         }
     }
 }
