@@ -105,6 +105,23 @@ pub struct ListRequest<I> {
     pub limit: Option<usize>,
 }
 
+/// One page of a filtered listing: at most `limit` views, and the id to continue after when
+/// there are more.
+pub fn page<I, V>(
+    views: impl Iterator<Item = V>,
+    limit: usize,
+    id: impl Fn(&V) -> I,
+) -> (Vec<V>, Option<I>) {
+    let mut views: Vec<V> = views.take(limit + 1).collect();
+    let next = if views.len() > limit {
+        views.truncate(limit);
+        views.last().map(id)
+    } else {
+        None
+    };
+    (views, next)
+}
+
 #[derive(Debug, Serialize, Deserialize, JsonSchema)]
 pub struct ListReply<I, V> {
     pub result: Vec<V>,

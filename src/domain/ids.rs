@@ -85,6 +85,12 @@ macro_rules! text_id {
             "printable text without control characters or surrounding white space",
             "^[^\\s\\x00-\\x1f\\x7f-\\x9f]([^\\x00-\\x1f\\x7f-\\x9f]*[^\\s\\x00-\\x1f\\x7f-\\x9f])?$");
     };
+    ($(#[$meta:meta])* $name:ident, $what:literal, $max:expr, dns_label) => {
+        $crate::text_id!(@impl $(#[$meta])* $name, $what, $max,
+            $crate::domain::ids::dns_label,
+            "lower-case letters, digits and '-', starting and ending with a letter or digit",
+            "^[a-z0-9]([a-z0-9-]*[a-z0-9])?$");
+    };
     (
         $(#[$meta:meta])* $name:ident, $what:literal, $max:expr,
         shape = $shape:expr, rule = $rule:literal, pattern = $pattern:literal

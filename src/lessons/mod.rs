@@ -179,33 +179,32 @@ const ABANDONED_AFTER: std::time::Duration = std::time::Duration::from_secs(600)
 /// One round of garbage collection.
 pub async fn gc_once(lessons: &Lessons, now: crate::domain::Timestamp) -> Result<(), String> {
     let ttl = lessons.config.lesson_ttl;
-    // (id, version, session, idle since) of every lesson not being deleted.
-    let live: Vec<(LiveLessonId, u64, LiveSessionId, crate::domain::Timestamp)> = lessons
+    // One pass over the lesson table: the lessons not being deleted (id, last sequence,
+    // session, idle since), those deleted, and every id it has.
+    type Live = (LiveLessonId, u64, LiveSessionId, crate::domain::Timestamp);
+    type Ids = std::collections::BTreeSet<LiveLessonId>;
+    let (live, gone, known): (Vec<Live>, Ids, Ids) = lessons
         .lesson_table
         .ask(|table, _| {
-            table
-                .range(std::ops::Bound::Unbounded)
-                .filter_map(|(id, row)| match &row.state {
-                    LiveLesson::Present(r) if r.kill.is_none() && !r.is_deleted() => {
-                        Some((id.clone(), row.last_seq, r.session.clone(), r.idle_since()))
+            let mut live = Vec::new();
+            let mut gone = Ids::new();
+            let mut known = Ids::new();
+            for (id, row) in table.range(std::ops::Bound::Unbounded) {
+                known.insert(id.clone());
+                match &row.state {
+                    LiveLesson::Present(r) if r.is_deleted() => {
+                        gone.insert(id.clone());
                     }
-                    _ => None,
-                })
-                .collect()
-        })
-        .await
-        .map_err(|e| format!("the live lesson read model is not running: {e}"))?;
-    let gone: std::collections::BTreeSet<LiveLessonId> = lessons
-        .lesson_table
-        .ask(|table, _| {
-            table
-                .range(std::ops::Bound::Unbounded)
-                .filter(|(_, row)| match &row.state {
-                    LiveLesson::Present(r) => r.is_deleted(),
-                    LiveLesson::Absent => true,
-                })
-                .map(|(id, _)| id.clone())
-                .collect()
+                    LiveLesson::Present(r) if r.kill.is_none() => {
+                        live.push((id.clone(), row.last_seq, r.session.clone(), r.idle_since()));
+                    }
+                    LiveLesson::Present(_) => {}
+                    LiveLesson::Absent => {
+                        gone.insert(id.clone());
+                    }
+                }
+            }
+            (live, gone, known)
         })
         .await
         .map_err(|e| format!("the live lesson read model is not running: {e}"))?;
@@ -274,16 +273,6 @@ pub async fn gc_once(lessons: &Lessons, now: crate::domain::Timestamp) -> Result
         })
         .await
         .map_err(|e| format!("the live session read model is not running: {e}"))?;
-    let known: std::collections::BTreeSet<LiveLessonId> = lessons
-        .lesson_table
-        .ask(|table, _| {
-            table
-                .range(std::ops::Bound::Unbounded)
-                .map(|(id, _)| id.clone())
-                .collect()
-        })
-        .await
-        .map_err(|e| format!("the live lesson read model is not running: {e}"))?;
     for (id, version, held, expired) in open {
         if !lessons.sessions.owns(&id) {
             continue;

@@ -332,19 +332,17 @@ fn list_live_lessons(
                     .after
                     .as_ref()
                     .map_or(Bound::Unbounded, Bound::Excluded);
-                let mut views: Vec<LiveLessonView> = table
-                    .range(start)
-                    .filter_map(|(id, row)| row.state.view(id))
-                    .filter(|v| body.deleted || v.deleted_at.is_none())
-                    .filter(|v| body.session.as_ref().is_none_or(|s| &v.session == s))
-                    .filter(|v| body.status.is_none_or(|s| v.status == s))
-                    .take(limit + 1)
-                    .collect();
-                let next = (views.len() > limit).then(|| {
-                    views.truncate(limit);
-                    views.last().map(|v| v.id.clone())
-                });
-                (views, next.flatten(), position)
+                let (views, next) = crate::api::routes::page(
+                    table
+                        .range(start)
+                        .filter_map(|(id, row)| row.state.view(id))
+                        .filter(|v| body.deleted || v.deleted_at.is_none())
+                        .filter(|v| body.session.as_ref().is_none_or(|s| &v.session == s))
+                        .filter(|v| body.status.is_none_or(|s| v.status == s)),
+                    limit,
+                    |v: &LiveLessonView| v.id.clone(),
+                );
+                (views, next, position)
             })
             .await
             .map_err(|e| {

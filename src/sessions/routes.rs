@@ -199,17 +199,15 @@ fn list(sessions: Sessions, request: ApiRequest) -> BoxFuture<'static, Result<By
                     .after
                     .as_ref()
                     .map_or(Bound::Unbounded, Bound::Excluded);
-                let mut views: Vec<SessionView> = table
-                    .range(start)
-                    .filter_map(|(id, row)| row.state.view(id))
-                    .filter(|view| body.status.is_none_or(|status| view.status == status))
-                    .take(limit + 1)
-                    .collect();
-                let next = (views.len() > limit).then(|| {
-                    views.truncate(limit);
-                    views.last().map(|v| v.id.clone())
-                });
-                (views, next.flatten(), position)
+                let (views, next) = crate::api::routes::page(
+                    table
+                        .range(start)
+                        .filter_map(|(id, row)| row.state.view(id))
+                        .filter(|view| body.status.is_none_or(|status| view.status == status)),
+                    limit,
+                    |v: &SessionView| v.id.clone(),
+                );
+                (views, next, position)
             })
             .await
             .map_err(|e| {

@@ -192,17 +192,15 @@ fn list_pods(
                     .after
                     .as_ref()
                     .map_or(Bound::Unbounded, Bound::Excluded);
-                let mut views: Vec<PodView> = table
-                    .range(start)
-                    .filter_map(|(pod, row)| row.state.view(pod))
-                    .filter(|view| body.all || view.is_valid(now))
-                    .take(limit + 1)
-                    .collect();
-                let next = (views.len() > limit).then(|| {
-                    views.truncate(limit);
-                    views.last().map(|v| v.name.clone())
-                });
-                (views, next.flatten(), position)
+                let (views, next) = crate::api::routes::page(
+                    table
+                        .range(start)
+                        .filter_map(|(pod, row)| row.state.view(pod))
+                        .filter(|view| body.all || view.is_valid(now)),
+                    limit,
+                    |v: &PodView| v.name.clone(),
+                );
+                (views, next, position)
             })
             .await
             .map_err(|e| read_model_down(Pod::KIND, e))?;
@@ -229,17 +227,15 @@ fn list_meeting_points(
                     .after
                     .as_ref()
                     .map_or(Bound::Unbounded, Bound::Excluded);
-                let mut views: Vec<MeetingPointView> = table
-                    .range(start)
-                    .filter_map(|(machine, row)| row.state.view(machine))
-                    .filter(|view| body.pod.as_ref().is_none_or(|pod| pod == &view.pod))
-                    .take(limit + 1)
-                    .collect();
-                let next = (views.len() > limit).then(|| {
-                    views.truncate(limit);
-                    views.last().map(|v| v.machine.clone())
-                });
-                (views, next.flatten(), position)
+                let (views, next) = crate::api::routes::page(
+                    table
+                        .range(start)
+                        .filter_map(|(machine, row)| row.state.view(machine))
+                        .filter(|view| body.pod.as_ref().is_none_or(|pod| pod == &view.pod)),
+                    limit,
+                    |v: &MeetingPointView| v.machine.clone(),
+                );
+                (views, next, position)
             })
             .await
             .map_err(|e| read_model_down(MeetingPoint::KIND, e))?;

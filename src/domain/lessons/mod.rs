@@ -29,9 +29,7 @@ text_id!(
     LessonSlug,
     "lesson slug",
     MAX_NAME,
-    shape = crate::domain::ids::dns_label,
-    rule = "lower-case letters, digits and '-', starting and ending with a letter or digit",
-    pattern = "^[a-z0-9]([a-z0-9-]*[a-z0-9])?$"
+    dns_label
 );
 
 text_id!(
@@ -39,9 +37,7 @@ text_id!(
     EndpointName,
     "endpoint name",
     MAX_NAME,
-    shape = crate::domain::ids::dns_label,
-    rule = "lower-case letters, digits and '-', starting and ending with a letter or digit",
-    pattern = "^[a-z0-9]([a-z0-9-]*[a-z0-9])?$"
+    dns_label
 );
 
 text_id!(
@@ -49,9 +45,7 @@ text_id!(
     LiveSessionId,
     "live session id",
     32,
-    shape = crate::domain::ids::dns_label,
-    rule = "lower-case letters, digits and '-', starting and ending with a letter or digit",
-    pattern = "^[a-z0-9]([a-z0-9-]*[a-z0-9])?$"
+    dns_label
 );
 
 text_id!(
@@ -59,9 +53,7 @@ text_id!(
     LiveLessonId,
     "live lesson id",
     120,
-    shape = crate::domain::ids::dns_label,
-    rule = "lower-case letters, digits and '-', starting and ending with a letter or digit",
-    pattern = "^[a-z0-9]([a-z0-9-]*[a-z0-9])?$"
+    dns_label
 );
 
 text_id!(
@@ -69,9 +61,7 @@ text_id!(
     CatalogId,
     "catalog id",
     MAX_NAME,
-    shape = crate::domain::ids::dns_label,
-    rule = "lower-case letters, digits and '-', starting and ending with a letter or digit",
-    pattern = "^[a-z0-9]([a-z0-9-]*[a-z0-9])?$"
+    dns_label
 );
 
 /// The id of the one catalog.

@@ -51,9 +51,7 @@ text_id!(
     ComponentName,
     "component name",
     MAX_NAME,
-    shape = crate::domain::ids::dns_label,
-    rule = "lower-case letters, digits and '-', starting and ending with a letter or digit",
-    pattern = "^[a-z0-9]([a-z0-9-]*[a-z0-9])?$"
+    dns_label
 );
 
 text_id!(
@@ -61,9 +59,7 @@ text_id!(
     PoolName,
     "pool name",
     MAX_NAME,
-    shape = crate::domain::ids::dns_label,
-    rule = "lower-case letters, digits and '-', starting and ending with a letter or digit",
-    pattern = "^[a-z0-9]([a-z0-9-]*[a-z0-9])?$"
+    dns_label
 );
 
 text_id!(
