@@ -21,6 +21,7 @@ pub struct Config {
     pub switchboard: SwitchboardConfig,
     pub sessions: SessionsConfig,
     pub lessons: LessonsConfig,
+    pub kubernetes: KubernetesConfig,
     pub cluster: ClusterConfig,
     pub api: ApiConfig,
     pub auth: AuthConfig,
@@ -300,6 +301,9 @@ impl Default for SessionsConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LessonsConfig {
+    /// What runs live lessons: `local` (processes on this machine) or `kubernetes` (a
+    /// namespace per lesson, through `[kubernetes]`).
+    pub backend: LessonBackendKind,
     /// The curriculum directory, loaded (and recorded as a catalog event) at start; none: the
     /// catalog is whatever was loaded last (`lesson.reload` loads a directory).
     pub curriculum: Option<std::path::PathBuf>,
@@ -346,6 +350,7 @@ pub struct LessonsConfig {
 impl Default for LessonsConfig {
     fn default() -> Self {
         Self {
+            backend: LessonBackendKind::Local,
             curriculum: None,
             dir: std::path::PathBuf::from(".switchyard/lessons"),
             session_ttl: Duration::from_secs(1440 * 60),
@@ -360,6 +365,48 @@ impl Default for LessonsConfig {
             stop_grace: Duration::from_secs(5),
             prune_interval: Duration::from_secs(30),
             prune_grace: Duration::from_secs(60),
+        }
+    }
+}
+
+/// The lesson backends configuration can select.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LessonBackendKind {
+    /// Local processes: an OpenSSH `sshd` per ssh presentation, on loopback ports.
+    #[default]
+    Local,
+    /// A namespace per live lesson on the cluster `[kubernetes]` names.
+    Kubernetes,
+}
+
+/// The cluster the Kubernetes backends use.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KubernetesConfig {
+    /// The API server's URL; none: the kubeconfig (`$KUBECONFIG`, else `~/.kube/config`) or,
+    /// inside a pod, its service account.
+    pub api: Option<String>,
+    /// The kubeconfig context to use; none: its current one.
+    pub context: Option<String>,
+    /// Who configuration scripts (and people) log in as on lesson endpoints.
+    pub ssh_user: String,
+    /// A call answered with 429 or 5xx, or not answered, is tried again this often (waiting
+    /// what the server asks, or backing off) before the step fails and is retried later.
+    pub retries: u32,
+    /// One API call gives up after this.
+    #[serde(with = "humantime_serde")]
+    pub call_timeout: Duration,
+}
+
+impl Default for KubernetesConfig {
+    fn default() -> Self {
+        Self {
+            api: None,
+            context: None,
+            ssh_user: "root".to_owned(),
+            retries: 4,
+            call_timeout: Duration::from_secs(30),
         }
     }
 }

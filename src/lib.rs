@@ -17,6 +17,7 @@ pub mod domain;
 pub mod error_chain;
 pub mod failpoint;
 pub mod http;
+pub mod kubernetes;
 pub mod lessons;
 pub mod metrics;
 pub mod nats_server;

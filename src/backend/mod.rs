@@ -45,6 +45,13 @@ pub enum BackendError {
     /// the owner should record it as a failure, not retry.
     #[error("{what}: {reason}")]
     Refused { what: String, reason: String },
+    /// The backend may not do it (Kubernetes RBAC): the owner records it as a failure; an
+    /// operator grants what is missing.
+    #[error("{what}: forbidden: {reason}")]
+    Forbidden { what: String, reason: String },
+    /// The backend is out of reach or overloaded, even after retries: retry later.
+    #[error("{what} is unavailable: {reason}")]
+    Unavailable { what: String, reason: String },
     /// The backend itself failed (a disk, a permission): retry later.
     #[error("{what}")]
     Failed {

@@ -28,7 +28,7 @@ use crate::backend::{BackendError, Owner, Result, StepKey};
 use crate::domain::Aggregate;
 use crate::domain::lessons::catalog::{Endpoint, Lesson, PresentationKind};
 use crate::domain::lessons::plan::Seen;
-use crate::domain::lessons::{EndpointName, LiveLesson, LiveLessonId};
+use crate::domain::lessons::{EndpointName, LiveLesson, LiveLessonId, LiveSessionId};
 use crate::subject::encode_token;
 
 /// How the scheduler logs in to a lesson's endpoints to configure them.
@@ -52,10 +52,11 @@ pub trait LessonBackend: Send + Sync + 'static {
         lesson: &'a Lesson,
     ) -> BoxFuture<'a, Result<BTreeMap<EndpointName, Seen>>>;
 
-    /// Starts what it does not have of `endpoint`.
+    /// Starts what it does not have of `endpoint` (`session` holds the lesson).
     fn start<'a>(
         &'a self,
         id: &'a LiveLessonId,
+        session: &'a LiveSessionId,
         lesson: &'a Lesson,
         endpoint: &'a EndpointName,
     ) -> BoxFuture<'a, Result<()>>;
@@ -468,6 +469,7 @@ impl LessonBackend for LocalBackend {
     fn start<'a>(
         &'a self,
         id: &'a LiveLessonId,
+        _session: &'a LiveSessionId,
         lesson: &'a Lesson,
         endpoint: &'a EndpointName,
     ) -> BoxFuture<'a, Result<()>> {

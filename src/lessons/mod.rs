@@ -7,6 +7,7 @@
 pub mod backend;
 pub mod cli;
 pub mod curriculum;
+pub mod kubernetes;
 pub mod protocol;
 pub mod routes;
 pub mod scheduler;
@@ -19,16 +20,18 @@ use tokio::sync::watch;
 use tracing::Instrument;
 
 use crate::api::catalog::{Capability, KindSpec, Starter};
-use crate::config::LessonsConfig;
+use crate::config::{LessonBackendKind, LessonsConfig};
 use crate::domain::lessons::catalog::{Catalog, CatalogCommand, Lesson};
 use crate::domain::lessons::livelesson::{KillReason, LiveLessonCommand};
 use crate::domain::lessons::livesession::{LiveSession as Session, LiveSessionCommand};
 use crate::domain::lessons::{CatalogId, LiveLesson, LiveLessonId, LiveSessionId};
 use crate::domain::{EntityId, Principal};
+use crate::kubernetes::Kube;
 use crate::runtime::{
     Clock, CommandMeta, Entities, EntityTable, ProjectionHandle, derived_command_id, error_chain,
 };
 use backend::{LessonBackend, LocalBackend};
+use kubernetes::KubernetesBackend;
 use scheduler::{Scheduler, Shared};
 
 /// Handles to everything the routes use; cheap to clone.
@@ -80,8 +83,18 @@ fn start(cx: &mut Starter<'_>) {
     };
     // Every resource carries the instance: the stream prefix names this Switchyard.
     let instance = cx.store.config().stream_prefix.to_lowercase();
-    let backend: Arc<dyn LessonBackend> =
-        Arc::new(LocalBackend::new(&config.dir, &instance, config.stop_grace));
+    let backend: Arc<dyn LessonBackend> = match config.backend {
+        LessonBackendKind::Local => {
+            Arc::new(LocalBackend::new(&config.dir, &instance, config.stop_grace))
+        }
+        LessonBackendKind::Kubernetes => match Kube::new(cx.config.kubernetes.clone()) {
+            Ok(kube) => Arc::new(KubernetesBackend::new(kube, &config.dir, &instance)),
+            Err(err) => {
+                cx.invalid(err.to_string());
+                Arc::new(LocalBackend::new(&config.dir, &instance, config.stop_grace))
+            }
+        },
+    };
     let clock = cx.clock();
     let shared = Arc::new(Shared {
         lessons: lessons.clone(),

@@ -364,23 +364,18 @@ impl Driver {
         match self
             .shared
             .backend
-            .start(&self.id, &record.lesson, &endpoint)
+            .start(&self.id, &record.session, &record.lesson, &endpoint)
             .await
         {
             Ok(()) => {
                 crate::failpoint::hit("lesson.after_start");
                 Ok(true)
             }
-            Err(BackendError::Refused { what, reason }) => {
+            // What retrying cannot fix fails the lesson, saying why.
+            Err(err @ (BackendError::Refused { .. } | BackendError::Forbidden { .. })) => {
                 let span = tracing::Span::current();
-                self.fail(
-                    version,
-                    &span,
-                    "provision",
-                    format!("{what}: {reason}"),
-                    String::new(),
-                )
-                .await
+                self.fail(version, &span, "provision", err.to_string(), String::new())
+                    .await
             }
             Err(err) => Err(backend_error(&err)),
         }

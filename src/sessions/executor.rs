@@ -526,8 +526,9 @@ impl Driver {
                 )
                 .await
             }
-            Err(BackendError::Refused { what, reason }) => {
-                failed(&tracing::Span::current(), &format!("{what}: {reason}"));
+            Err(err @ (BackendError::Refused { .. } | BackendError::Forbidden { .. })) => {
+                let why = err.to_string();
+                failed(&tracing::Span::current(), &why);
                 let step = format!("health\n{component}");
                 self.record(
                     version,
@@ -535,7 +536,7 @@ impl Driver {
                     SessionCommand::Health {
                         component,
                         health: Health::Failed,
-                        detail: Some(format!("{what}: {reason}")),
+                        detail: Some(why),
                     },
                 )
                 .await

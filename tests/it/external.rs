@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 
 use crate::harness::{call, start_app, wait_for};
 
-fn python() -> PathBuf {
+pub fn python() -> PathBuf {
     let python = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".tools/venv/bin/python");
     assert!(
         python.exists(),

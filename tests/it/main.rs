@@ -15,6 +15,7 @@ mod feed;
 mod harness;
 mod history;
 mod identity;
+mod kubernetes;
 mod lesson_crash;
 mod lessons;
 mod reactions;

@@ -1,0 +1,486 @@
+//! The Kubernetes backends against a Kubernetes API emulator that speaks the real protocol
+//! (kmock, pinned in `scripts/setup`, under `tests/kubernetes/emulator.py`): the objects the API
+//! received are asserted, and a test plays the kubelet. It marks pods running and points their
+//! addresses at real local `sshd` processes started with the keys from the lesson's Secret, so
+//! the scheduler's reachability test and configuration over SSH run for real.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use kube::Api;
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use serde_json::{Value, json};
+
+use crate::harness::{TestApp, start_app, wait_for};
+use crate::lessons::{create_session, request, sample_curriculum, wait_status, with_lessons};
+
+/// A running emulator, killed on drop.
+pub struct Emulator {
+    child: Child,
+    url: String,
+}
+
+impl Emulator {
+    pub fn start() -> Self {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/kubernetes/emulator.py");
+        let mut child = Command::new(crate::external::python())
+            .arg(&script)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("the emulator starts");
+        let stdout = child.stdout.take().unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).unwrap();
+        let url = line
+            .strip_prefix("READY ")
+            .unwrap_or_else(|| {
+                panic!(
+                    "the emulator did not start (is kmock installed? run scripts/setup): {line:?}"
+                )
+            })
+            .trim()
+            .to_owned();
+        Self { child, url }
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    pub fn client(&self) -> kube::Client {
+        let mut config = kube::Config::new(self.url.parse().unwrap());
+        config.default_retry = false;
+        kube::Client::try_from(config).unwrap()
+    }
+
+    /// Posts to one of the emulator's own endpoints (`faults`, `watch-gone`, `logs`).
+    pub async fn control(&self, what: &str, body: Value) {
+        let request = http::Request::post(format!("/emulator/{what}"))
+            .header("content-type", "application/json")
+            .body(serde_json::to_vec(&body).unwrap())
+            .unwrap();
+        self.client().request_text(request).await.unwrap();
+    }
+}
+
+impl Drop for Emulator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Switchyard with the sample curriculum on the Kubernetes backend at `emulator`.
+pub async fn with_kubernetes(emulator: &Emulator, curriculum: &Path) -> TestApp {
+    let url = emulator.url().to_owned();
+    let curriculum = curriculum.to_owned();
+    start_app(move |config| {
+        with_lessons(config, &curriculum);
+        config.lessons.backend = switchyard::config::LessonBackendKind::Kubernetes;
+        config.kubernetes.api = Some(url);
+        config.kubernetes.ssh_user = current_user();
+        config.lessons.prune_interval = Duration::from_millis(300);
+        config.lessons.prune_grace = Duration::ZERO;
+    })
+    .await
+}
+
+fn current_user() -> String {
+    nix::unistd::User::from_uid(nix::unistd::getuid())
+        .unwrap()
+        .unwrap()
+        .name
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The namespace of live lesson `id`.
+pub async fn namespace_of(client: &kube::Client, id: &str) -> Namespace {
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    wait_for(
+        &format!("the namespace of {id}"),
+        Duration::from_secs(30),
+        || async {
+            let found = namespaces
+                .list(&ListParams::default().labels(&format!("switchyard.dev/live-lesson={id}")))
+                .await
+                .ok()?;
+            found.items.into_iter().next()
+        },
+    )
+    .await
+}
+
+/// What a kubelet would do for a lesson's pods: an sshd per endpoint with the keys the pod
+/// mounts, its pod marked Running and its service's address pointed at it. Killed on drop.
+pub struct Kubelet {
+    children: Vec<Child>,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Kubelet {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Kubelet {
+    /// Where a login on `endpoint` lands.
+    pub fn home(&self, endpoint: &str) -> PathBuf {
+        self.dir.path().join(endpoint)
+    }
+
+    pub async fn run(client: &kube::Client, ns: &str, endpoints: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+        let services: Api<Service> = Api::namespaced(client.clone(), ns);
+        let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+        let secret = wait_for("the lesson's secret", Duration::from_secs(30), || async {
+            secrets.get_opt("credentials").await.ok().flatten()
+        })
+        .await;
+        let data = secret.data.unwrap();
+        let text = |key: &str| String::from_utf8(data[key].0.clone()).unwrap();
+        if nix::unistd::geteuid().is_root() {
+            let _ = std::fs::create_dir_all("/run/sshd");
+        }
+        let mut children = Vec::new();
+        for endpoint in endpoints {
+            wait_for(
+                &format!("pod {endpoint}"),
+                Duration::from_secs(30),
+                || async { pods.get_opt(endpoint).await.ok().flatten() },
+            )
+            .await;
+            let home = dir.path().join(endpoint);
+            std::fs::create_dir_all(&home).unwrap();
+            let host_key = write_private(
+                dir.path(),
+                &format!("{endpoint}.key"),
+                &text(&format!("host-{endpoint}")),
+            );
+            let keys = dir.path().join(format!("{endpoint}.authorized_keys"));
+            std::fs::write(&keys, text("authorized_keys")).unwrap();
+            let login = dir.path().join(format!("{endpoint}.login"));
+            std::fs::write(
+                &login,
+                format!(
+                    "#!/bin/sh\ncd {home:?} || exit 1\nHOME=\"$PWD\"\nexport HOME\nexec /bin/sh -c \"$SSH_ORIGINAL_COMMAND\"\n"
+                ),
+            )
+            .unwrap();
+            Command::new("chmod")
+                .arg("755")
+                .arg(&login)
+                .status()
+                .unwrap();
+            let port = free_port();
+            let config = dir.path().join(format!("{endpoint}.sshd_config"));
+            std::fs::write(
+                &config,
+                format!(
+                    "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\n\
+                     PidFile none\nStrictModes no\nUsePAM no\nPasswordAuthentication no\n\
+                     KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n\
+                     ForceCommand {}\n",
+                    host_key.display(),
+                    keys.display(),
+                    login.display()
+                ),
+            )
+            .unwrap();
+            children.push(
+                Command::new(switchyard::lessons::backend::sshd_binary().expect("sshd"))
+                    .args(["-D", "-e", "-f"])
+                    .arg(&config)
+                    .current_dir(dir.path())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap(),
+            );
+            pods.patch_status(
+                endpoint,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": {"phase": "Running", "podIP": "127.0.0.1"}})),
+            )
+            .await
+            .unwrap();
+            services
+                .patch(
+                    &format!("{endpoint}-cli"),
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"spec": {"clusterIP": "127.0.0.1",
+                        "ports": [{"name": "cli", "port": port, "targetPort": 22, "protocol": "TCP"}]}})),
+                )
+                .await
+                .unwrap();
+        }
+        Self { children, dir }
+    }
+}
+
+fn write_private(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    Command::new("chmod")
+        .arg("600")
+        .arg(&path)
+        .status()
+        .unwrap();
+    path
+}
+
+fn labels(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Value {
+    serde_json::to_value(meta.labels.clone().unwrap_or_default()).unwrap()
+}
+
+#[actix_rt::test]
+async fn the_sample_lesson_gets_a_namespace_of_its_own_reaches_ready_and_is_deleted_whole() {
+    let emulator = Emulator::start();
+    let test = with_kubernetes(&emulator, &sample_curriculum()).await;
+    let client = emulator.client();
+    create_session(&test, "demo", false).await;
+    let id = request(&test, "demo", "ssh-basics", 1).await;
+    let ns = namespace_of(&client, &id).await;
+    let name = ns.metadata.name.clone().unwrap();
+    assert_eq!(name, format!("switchyard-{id}"));
+    let expected = json!({
+        "app.kubernetes.io/managed-by": "switchyard",
+        "switchyard.dev/instance": "switchyard",
+        "switchyard.dev/live-lesson": id,
+        "switchyard.dev/live-session": "demo",
+        "switchyard.dev/lesson": "ssh-basics",
+    });
+    assert_eq!(labels(&ns.metadata), expected);
+
+    let kubelet = Kubelet::run(&client, &name, &["alpha", "beta"]).await;
+    let view = wait_status(&test, &id, "READY", 1).await;
+    assert_eq!(view["healthy"], 2, "{view:#}");
+
+    // What the API received: every object labelled as the lesson's, in its namespace.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &name);
+    let found = pods.list(&ListParams::default()).await.unwrap().items;
+    assert_eq!(found.len(), 2);
+    for pod in &found {
+        let endpoint = pod.metadata.name.clone().unwrap();
+        let mut want = expected.clone();
+        want["switchyard.dev/endpoint"] = json!(endpoint);
+        assert_eq!(labels(&pod.metadata), want);
+        let spec = pod.spec.clone().unwrap();
+        assert_eq!(
+            spec.containers[0].image.as_deref(),
+            Some("antidotelabs/utility")
+        );
+        assert_eq!(spec.automount_service_account_token, Some(false));
+        let items = spec.volumes.unwrap()[0]
+            .secret
+            .clone()
+            .unwrap()
+            .items
+            .unwrap();
+        let keys: Vec<String> = items.into_iter().map(|i| i.key).collect();
+        assert_eq!(
+            keys,
+            ["authorized_keys".to_owned(), format!("host-{endpoint}")]
+        );
+        // No key in a plain pod spec.
+        assert!(!serde_json::to_string(pod).unwrap().contains("PRIVATE KEY"));
+    }
+    let services: Api<Service> = Api::namespaced(client.clone(), &name);
+    let mut service_names: Vec<String> = services
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .map(|s| s.metadata.name.unwrap())
+        .collect();
+    service_names.sort();
+    assert_eq!(service_names, ["alpha-cli", "beta-cli"]);
+    let policies: Api<NetworkPolicy> = Api::namespaced(client.clone(), &name);
+    let mut policy_names: Vec<String> = policies
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .map(|p| p.metadata.name.unwrap())
+        .collect();
+    policy_names.sort();
+    assert_eq!(
+        policy_names,
+        [
+            "connections-alpha",
+            "connections-beta",
+            "dns",
+            "from-outside-lessons",
+            "isolate"
+        ]
+    );
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &name);
+    let secret = secrets.get("credentials").await.unwrap();
+    let mut secret_keys: Vec<String> = secret.data.unwrap().into_keys().collect();
+    secret_keys.sort();
+    assert_eq!(
+        secret_keys,
+        [
+            "authorized_keys",
+            "host-alpha",
+            "host-alpha.pub",
+            "host-beta",
+            "host-beta.pub",
+            "id_ed25519"
+        ]
+    );
+    // The scripts ran over SSH on the "pods", checked against the Secret's host keys.
+    for endpoint in ["alpha", "beta"] {
+        let motd = std::fs::read_to_string(kubelet.home(endpoint).join("motd.txt")).unwrap();
+        assert_eq!(motd, format!("{endpoint}: stage 1\n"));
+    }
+
+    crate::harness::call(&test, "livelesson.kill", json!({"id": id}))
+        .await
+        .ok();
+    crate::lessons::wait_deleted(&test, &id).await;
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    assert!(namespaces.get_opt(&name).await.unwrap().is_none());
+    assert!(
+        pods.list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
+    drop(kubelet);
+}
+
+#[actix_rt::test]
+async fn api_errors_are_typed_forbidden_fails_the_lesson_and_throttling_is_waited_out() {
+    let emulator = Emulator::start();
+    let test = with_kubernetes(&emulator, &sample_curriculum()).await;
+    let client = emulator.client();
+    create_session(&test, "demo", false).await;
+    // Throttled twice, with the server's hint: the step waits and goes on.
+    emulator
+        .control(
+            "faults",
+            json!({"method": "POST", "path": "/namespaces$", "status": 429, "count": 2, "retry_after": 1}),
+        )
+        .await;
+    let id = request(&test, "demo", "ssh-basics", 1).await;
+    let ns = namespace_of(&client, &id).await;
+    assert!(ns.metadata.name.is_some());
+
+    // RBAC missing a verb: the lesson fails, saying so, and nothing retries it forever.
+    emulator
+        .control(
+            "faults",
+            json!({"method": "POST", "path": "/namespaces/[^/]+/pods$", "status": 403, "count": 100}),
+        )
+        .await;
+    create_session(&test, "other", false).await;
+    let denied = request(&test, "other", "ssh-basics", 1).await;
+    let view = wait_status(&test, &denied, "ERROR", 1).await;
+    let error = view.to_string();
+    assert!(error.contains("forbidden"), "{view:#}");
+}
+
+#[actix_rt::test]
+async fn an_endpoint_without_an_image_fails_with_a_clear_error_and_creates_no_pod() {
+    let emulator = Emulator::start();
+    let dir = tempfile::tempdir().unwrap();
+    let curriculum = crate::lessons::curriculum(
+        dir.path(),
+        "imageless",
+        "name: x\nendpoints:\n  - name: a\n    command: [sleep, '9']\n    additional_ports: [8080]\nstages: [{}]\n",
+        &[("stage1/guide.md", "guide")],
+    );
+    let test = with_kubernetes(&emulator, &curriculum).await;
+    create_session(&test, "demo", false).await;
+    let id = request(&test, "demo", "imageless", 1).await;
+    let view = wait_status(&test, &id, "ERROR", 1).await;
+    assert!(view.to_string().contains("has no image"), "{view:#}");
+    let pods: Api<Pod> = Api::all(emulator.client());
+    assert!(
+        pods.list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
+}
+
+#[actix_rt::test]
+async fn orphan_pruning_deletes_only_this_instances_namespaces_of_no_live_lesson() {
+    let emulator = Emulator::start();
+    let client = emulator.client();
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let namespace = |name: &str, instance: &str, lesson: &str| {
+        serde_json::from_value::<Namespace>(json!({
+            "apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": name, "labels": {
+                "app.kubernetes.io/managed-by": "switchyard",
+                "switchyard.dev/instance": instance,
+                "switchyard.dev/live-lesson": lesson},
+                "annotations": {"switchyard.dev/live-lesson": lesson}}
+        }))
+        .unwrap()
+    };
+    for ns in [
+        namespace("switchyard-gone-x-1", "switchyard", "gone-x-1"),
+        namespace("elsewhere-gone-x-1", "elsewhere", "gone-x-1"),
+    ] {
+        namespaces
+            .create(&PostParams::default(), &ns)
+            .await
+            .unwrap();
+    }
+    let unrelated = serde_json::from_value::<Namespace>(json!({
+        "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "kube-system"}
+    }))
+    .unwrap();
+    namespaces
+        .create(&PostParams::default(), &unrelated)
+        .await
+        .unwrap();
+
+    let test = with_kubernetes(&emulator, &sample_curriculum()).await;
+    create_session(&test, "demo", false).await;
+    let id = request(&test, "demo", "ssh-basics", 1).await;
+    let live_ns = namespace_of(&client, &id).await.metadata.name.unwrap();
+    wait_for(
+        "the orphan to be pruned",
+        Duration::from_secs(30),
+        || async {
+            namespaces
+                .get_opt("switchyard-gone-x-1")
+                .await
+                .unwrap()
+                .is_none()
+                .then_some(())
+        },
+    )
+    .await;
+    // Another instance's, an unrelated one and the live lesson's stay.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for kept in ["elsewhere-gone-x-1", "kube-system", live_ns.as_str()] {
+        assert!(
+            namespaces.get_opt(kept).await.unwrap().is_some(),
+            "{kept} was deleted"
+        );
+    }
+}
