@@ -387,6 +387,8 @@ pub struct KubernetesConfig {
     /// The API server's URL; none: the kubeconfig (`$KUBECONFIG`, else `~/.kube/config`) or,
     /// inside a pod, its service account.
     pub api: Option<String>,
+    /// The kubeconfig file; none: `$KUBECONFIG`, else `~/.kube/config`.
+    pub kubeconfig: Option<PathBuf>,
     /// The kubeconfig context to use; none: its current one.
     pub context: Option<String>,
     /// Who configuration scripts (and people) log in as on lesson endpoints.
@@ -403,6 +405,7 @@ impl Default for KubernetesConfig {
     fn default() -> Self {
         Self {
             api: None,
+            kubeconfig: None,
             context: None,
             ssh_user: "root".to_owned(),
             retries: 4,
@@ -643,6 +646,26 @@ mod tests {
         let config = Config::load(Some(&path)).unwrap();
         assert_eq!(config.store.replicas, 3);
         assert_eq!(config.nats.servers.len(), 3);
+    }
+
+    /// The ConfigMap of `deploy/kubernetes/switchyard.yaml` is a configuration that loads and
+    /// selects the Kubernetes backend.
+    #[test]
+    fn the_shipped_kubernetes_config_loads_and_selects_the_kubernetes_backend() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes/switchyard.yaml");
+        let manifest = std::fs::read_to_string(path).unwrap();
+        let (_, rest) = manifest.split_once("switchyard.toml: |\n").unwrap();
+        let toml: String = rest
+            .lines()
+            .take_while(|l| !l.starts_with("---"))
+            .map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or(l)))
+            .collect();
+        let config: Config = Figment::from(Serialized::defaults(Config::default()))
+            .merge(Toml::string(&toml))
+            .extract()
+            .unwrap();
+        assert_eq!(config.lessons.backend, LessonBackendKind::Kubernetes);
+        assert_eq!(config.kubernetes.api, None);
     }
 
     #[test]

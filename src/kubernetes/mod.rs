@@ -118,8 +118,8 @@ impl Kube {
         &self.config
     }
 
-    /// The client: from `kubernetes.api` when set, else the kubeconfig (`$KUBECONFIG`,
-    /// `~/.kube/config`) or, in a pod, its service account.
+    /// The client: from `kubernetes.api` when set, else the kubeconfig (`kubernetes.kubeconfig`,
+    /// `$KUBECONFIG`, `~/.kube/config`) or, in a pod, its service account.
     pub async fn client(&self) -> Result<Client> {
         self.client
             .get_or_try_init(|| async {
@@ -135,7 +135,21 @@ impl Kube {
                             context: self.config.context.clone(),
                             ..Default::default()
                         };
-                        match kube::Config::from_kubeconfig(&options).await {
+                        let loaded = match &self.config.kubeconfig {
+                            Some(path) => match kube::config::Kubeconfig::read_from(path) {
+                                Ok(file) => {
+                                    kube::Config::from_custom_kubeconfig(file, &options).await
+                                }
+                                Err(err) => {
+                                    return Err(KubeError::Config(format!(
+                                        "kubernetes.kubeconfig {}: {err}",
+                                        path.display()
+                                    )));
+                                }
+                            },
+                            None => kube::Config::from_kubeconfig(&options).await,
+                        };
+                        match loaded {
                             Ok(config) => config,
                             Err(kubeconfig) => kube::Config::incluster().map_err(|e| {
                                 KubeError::Config(format!(

@@ -484,3 +484,180 @@ async fn orphan_pruning_deletes_only_this_instances_namespaces_of_no_live_lesson
         );
     }
 }
+
+#[actix_rt::test]
+async fn kill_9_mid_provision_then_restart_creates_nothing_twice_and_prunes_only_orphans() {
+    use crate::crash::{Switchyard, wait_serving};
+    use crate::lesson_crash::{client, ready, request_lesson};
+
+    let emulator = Emulator::start();
+    let kube = emulator.client();
+    let nats = crate::harness::start_nats();
+    let dir = tempfile::tempdir().unwrap();
+    let _cleanup = crate::harness::ProcessGuard(vec![dir.path().to_owned()]);
+    let config = dir.path().join("switchyard.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[runtime]
+reaction_interval = "200ms"
+
+[lessons]
+backend = "kubernetes"
+curriculum = "{}"
+dir = "{}"
+poll_interval = "50ms"
+prune_interval = "300ms"
+prune_grace = "0s"
+
+[kubernetes]
+api = "{}"
+ssh_user = "{}"
+"#,
+            sample_curriculum().display(),
+            dir.path().join("lessons").display(),
+            emulator.url(),
+            current_user(),
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("switchyard.log");
+    let armed = [
+        ("SWITCHYARD_CONFIG", config.to_str().unwrap()),
+        ("SWITCHYARD_FAILPOINTS", "lesson.after_start"),
+    ];
+    // Killed the moment its first endpoint's pod and services are created.
+    let mut crashing = Switchyard::spawn_with(&nats.url(), &log, &armed);
+    let nats_client = client(&nats.url()).await;
+    wait_serving(&nats_client).await;
+    let id = request_lesson(&nats_client, "crashed", "ssh-basics").await;
+    for _ in 0..300 {
+        if crashing.has_exited() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(crashing.has_exited(), "the failpoint was not reached");
+    let ns = namespace_of(&kube, &id).await.metadata.name.unwrap();
+    let uids = |kube: kube::Client, ns: String| async move {
+        let pods: Api<Pod> = Api::namespaced(kube.clone(), &ns);
+        let secrets: Api<Secret> = Api::namespaced(kube.clone(), &ns);
+        let mut uids: Vec<String> = pods
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .map(|p| format!("{}={}", p.metadata.name.unwrap(), p.metadata.uid.unwrap()))
+            .collect();
+        uids.push(
+            secrets
+                .get("credentials")
+                .await
+                .unwrap()
+                .metadata
+                .uid
+                .unwrap(),
+        );
+        uids
+    };
+    let before = uids(kube.clone(), ns.clone()).await;
+    assert_eq!(before.len(), 2, "one pod and the secret: {before:?}");
+
+    // An orphan of this instance (no such lesson in the log), and a lesson namespace of
+    // another instance: only the first is pruned.
+    let namespaces: Api<Namespace> = Api::all(kube.clone());
+    for (name, instance) in [
+        ("switchyard-gone-x-1", "switchyard"),
+        ("other-gone-x-1", "other"),
+    ] {
+        let ns: Namespace = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": name, "labels": {
+                "app.kubernetes.io/managed-by": "switchyard",
+                "switchyard.dev/instance": instance,
+                "switchyard.dev/live-lesson": "gone-x-1"},
+                "annotations": {"switchyard.dev/live-lesson": "gone-x-1"}}
+        }))
+        .unwrap();
+        namespaces
+            .create(&PostParams::default(), &ns)
+            .await
+            .unwrap();
+    }
+
+    let plain = [("SWITCHYARD_CONFIG", config.to_str().unwrap())];
+    let _restarted = Switchyard::spawn_with(&nats.url(), &log, &plain);
+    wait_serving(&nats_client).await;
+    let _kubelet = Kubelet::run(&kube, &ns, &["alpha", "beta"]).await;
+    ready(&nats_client, &id).await;
+    let after = uids(kube.clone(), ns.clone()).await;
+    // The pod and the secret made before the crash are the ones in use: none was made again.
+    for uid in &before {
+        assert!(
+            after.contains(uid),
+            "{uid} was replaced: {before:?} -> {after:?}"
+        );
+    }
+    assert_eq!(after.len(), 3, "{after:?}");
+    wait_for(
+        "the orphan to be pruned",
+        Duration::from_secs(30),
+        || async {
+            namespaces
+                .get_opt("switchyard-gone-x-1")
+                .await
+                .unwrap()
+                .is_none()
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(
+        namespaces
+            .get_opt("other-gone-x-1")
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert!(namespaces.get_opt(&ns).await.unwrap().is_some());
+}
+
+/// On a real cluster, opt-in: `SWITCHYARD_TEST_KUBECONFIG=<kubeconfig>` (run where the
+/// cluster's Service addresses are reachable, on a node or inside the cluster). The sample
+/// lesson's image must provide `sh` and OpenSSH's `/usr/sbin/sshd`.
+#[actix_rt::test]
+async fn on_a_real_cluster_the_sample_lesson_reaches_ready_and_is_deleted() {
+    let Some(kubeconfig) = std::env::var_os("SWITCHYARD_TEST_KUBECONFIG") else {
+        eprintln!(
+            "skipped: SWITCHYARD_TEST_KUBECONFIG is not set (set it to a kubeconfig to run the \
+             sample lesson on that cluster)"
+        );
+        return;
+    };
+    let curriculum = sample_curriculum();
+    let test = start_app(move |config| {
+        with_lessons(config, &curriculum);
+        config.lessons.backend = switchyard::config::LessonBackendKind::Kubernetes;
+        config.kubernetes.kubeconfig = Some(PathBuf::from(kubeconfig));
+        config.lessons.poll_interval = Duration::from_millis(500);
+    })
+    .await;
+    create_session(&test, "real", false).await;
+    let id = request(&test, "real", "ssh-basics", 1).await;
+    wait_for(
+        &format!("lesson {id} to be READY on the cluster"),
+        Duration::from_secs(600),
+        || async {
+            let view = crate::lessons::live(&test, &id).await;
+            assert_ne!(view["status"], "ERROR", "{view:#}");
+            (view["status"] == "READY").then_some(())
+        },
+    )
+    .await;
+    crate::harness::call(&test, "livelesson.kill", json!({"id": id}))
+        .await
+        .ok();
+    crate::lessons::wait_deleted(&test, &id).await;
+}

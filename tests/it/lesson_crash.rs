@@ -39,7 +39,7 @@ stop_grace = "500ms"
     path
 }
 
-async fn client(url: &str) -> async_nats::Client {
+pub async fn client(url: &str) -> async_nats::Client {
     async_nats::ConnectOptions::new()
         .request_timeout(Some(Duration::from_secs(5)))
         .connect(url)
@@ -49,7 +49,7 @@ async fn client(url: &str) -> async_nats::Client {
 
 /// The lesson, if the request was answered (a read in flight to a replica as it is killed is
 /// lost, and a caller asks again).
-async fn get(client: &async_nats::Client, id: &str) -> Option<Value> {
+pub async fn get(client: &async_nats::Client, id: &str) -> Option<Value> {
     let reply = client
         .request(
             "sy.api.livelesson.get",
@@ -61,7 +61,7 @@ async fn get(client: &async_nats::Client, id: &str) -> Option<Value> {
     value.get("result").cloned()
 }
 
-async fn ready(client: &async_nats::Client, id: &str) -> Value {
+pub async fn ready(client: &async_nats::Client, id: &str) -> Value {
     wait_for(
         &format!("lesson {id} to be READY"),
         Duration::from_secs(60),
@@ -98,7 +98,7 @@ async fn retried(client: &async_nats::Client, route: &str, mut body: Value) -> V
 }
 
 /// Requests `lesson` for a new session `session`.
-async fn request_lesson(client: &async_nats::Client, session: &str, lesson: &str) -> String {
+pub async fn request_lesson(client: &async_nats::Client, session: &str, lesson: &str) -> String {
     retried(client, "livesession.create", json!({"id": session})).await;
     let reply = retried(
         client,
