@@ -16,11 +16,11 @@ use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 
+use super::backend::SessionBackend;
 use super::logs::LogStore;
-use crate::backend::process::{ProcessBackend, ProcessSpec, ProcessState};
-use crate::backend::{BackendError, StepKey};
+use crate::backend::BackendError;
 use crate::config::SessionsConfig;
-use crate::domain::sessions::plan::{self, Observed, Step};
+use crate::domain::sessions::plan::{self, Step};
 use crate::domain::sessions::scheduler::{Scheduler, SchedulerCommand, SchedulerEvent};
 use crate::domain::sessions::session::{
     Health, Outcome, Placed, Record, Session, SessionCommand, SessionEvent, Status, StoredLog, tail,
@@ -39,7 +39,7 @@ use crate::telemetry::{self, failed};
 pub struct Shared {
     pub sessions: Entities<Session>,
     pub scheduler: Entities<Scheduler>,
-    pub backend: ProcessBackend,
+    pub backend: Arc<dyn SessionBackend>,
     pub logs: LogStore,
     pub config: SessionsConfig,
     pub clock: Clock,
@@ -198,16 +198,6 @@ struct Driver {
 }
 
 impl Driver {
-    fn key(&self, component: &ComponentName) -> StepKey {
-        StepKey {
-            owner: self
-                .shared
-                .backend
-                .owner(Session::KIND, self.job.id.as_str()),
-            name: component.to_string(),
-        }
-    }
-
     async fn drive(self) -> Result<(), String> {
         let mut refusals = 0;
         loop {
@@ -227,36 +217,12 @@ impl Driver {
                     None => return Ok(()),
                 }
             } else {
-                let owner = self
-                    .shared
-                    .backend
-                    .owner(Session::KIND, self.job.id.as_str());
                 let observed = self
                     .shared
                     .backend
-                    .observe(&owner)
+                    .observe(&self.job.id)
                     .await
                     .map_err(|e| error_chain(&e))?;
-                let observed: BTreeMap<ComponentName, Observed> = observed
-                    .into_iter()
-                    .filter_map(|p| {
-                        let name = ComponentName::new(p.name.clone()).ok()?;
-                        let seen = match p.state {
-                            ProcessState::Running => Observed::Running {
-                                address: p.address.unwrap_or_default(),
-                            },
-                            ProcessState::Exited(code) => Observed::Exited {
-                                address: p.address.unwrap_or_default(),
-                                code,
-                            },
-                            ProcessState::Vanished(why) => Observed::Vanished {
-                                address: p.address,
-                                why,
-                            },
-                        };
-                        Some((name, seen))
-                    })
-                    .collect();
                 let now = (self.shared.clock)();
                 match plan::next(&record, &observed, now) {
                     Step::Done => {
@@ -446,13 +412,9 @@ impl Driver {
             Step::CleanUp => (
                 step_span!("session.cleanup"),
                 Box::pin(async move {
-                    let owner = self
-                        .shared
-                        .backend
-                        .owner(Session::KIND, self.job.id.as_str());
                     self.shared
                         .backend
-                        .remove(&owner)
+                        .remove(&self.job.id)
                         .await
                         .map_err(|e| backend_error(&e))?;
                     self.record(version, "cleaned_up", SessionCommand::CleanedUp)
@@ -501,22 +463,12 @@ impl Driver {
                 record.worker_addresses().join(","),
             );
         }
-        let process = ProcessSpec {
-            command: spec.command.clone(),
-            args: spec.args.clone(),
-            env,
-            ports: Vec::new(),
-        };
-        match self
-            .shared
-            .backend
-            .start(&self.key(&component), &process)
-            .await
-        {
+        match self.shared.backend.start(&self.job.id, spec, env).await {
             Ok(started) => {
                 crate::failpoint::hit("session.after_start");
-                let Some(address) = started.address else {
-                    return Ok(false);
+                // Not known yet (a pod not yet running): observing reports it.
+                let Some(address) = started else {
+                    return Ok(true);
                 };
                 let step = format!("started\n{component}");
                 self.record(
@@ -556,8 +508,16 @@ impl Driver {
         let timeout = self.shared.config.check_timeout;
         let result = match &check {
             ReadinessCheck::Tcp { port } => {
+                // The port asked for, on the host the component runs on.
                 let address = match (port, &state.started) {
-                    (Some(port), _) => format!("127.0.0.1:{port}"),
+                    (Some(port), Some(started)) => {
+                        let host = started
+                            .address
+                            .rsplit_once(':')
+                            .map_or("127.0.0.1", |(host, _)| host);
+                        format!("{host}:{port}")
+                    }
+                    (Some(port), None) => format!("127.0.0.1:{port}"),
                     (None, Some(started)) => started.address.clone(),
                     (None, None) => return Ok(false),
                 };
@@ -571,7 +531,7 @@ impl Driver {
                     .unwrap_or_default();
                 self.shared
                     .backend
-                    .check(&self.key(&component), command, args, &env, timeout)
+                    .check(&self.job.id, &component, command, args, &env, timeout)
                     .await
             }
         };
@@ -609,9 +569,13 @@ impl Driver {
     }
 
     async fn store_log(&self, version: u64, component: ComponentName) -> Result<bool, String> {
-        let key = self.key(&component);
         let max = self.shared.config.max_log_bytes;
-        let length = match self.shared.backend.output(&key, 0, 0).await {
+        let length = match self
+            .shared
+            .backend
+            .output(&self.job.id, &component, 0, 0)
+            .await
+        {
             Ok(Some((_, length))) => length,
             Ok(None) => 0,
             Err(err) => return Err(backend_error(&err)),
@@ -620,7 +584,12 @@ impl Driver {
         let data = match self
             .shared
             .backend
-            .output(&key, from, usize::try_from(max).unwrap_or(usize::MAX))
+            .output(
+                &self.job.id,
+                &component,
+                from,
+                usize::try_from(max).unwrap_or(usize::MAX),
+            )
             .await
         {
             Ok(Some((data, _))) => data,

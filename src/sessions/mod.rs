@@ -2,6 +2,7 @@
 //! entities (their rules in `domain::sessions`); the [`executor`] is a reaction that drives each
 //! admitted session through the process backend; [`routes`] serve `session.*` and `pool.list`.
 
+pub mod backend;
 pub mod cli;
 pub mod executor;
 pub mod logs;
@@ -19,8 +20,9 @@ use crate::config::{PoolConfig, SessionsConfig};
 use crate::domain::sessions::scheduler::{PoolSpec, Scheduler, SchedulerCommand};
 use crate::domain::sessions::session::Session;
 use crate::domain::sessions::{MachineName, PoolName, SchedulerId, SessionId};
-use crate::domain::{Aggregate, EntityId, Principal};
+use crate::domain::{EntityId, Principal};
 use crate::runtime::{CommandMeta, Entities, EntityTable, ProjectionHandle, error_chain};
+use backend::{LocalSessions, SessionBackend};
 use executor::{Executor, Shared};
 use logs::LogStore;
 
@@ -30,7 +32,7 @@ pub struct Sessions {
     pub sessions: Entities<Session>,
     pub scheduler: Entities<Scheduler>,
     pub table: ProjectionHandle<EntityTable<Session>>,
-    pub backend: ProcessBackend,
+    pub backend: Arc<dyn SessionBackend>,
     pub logs: LogStore,
     pub config: SessionsConfig,
 }
@@ -102,7 +104,11 @@ fn start(cx: &mut Starter<'_>) {
     }
     // Every resource carries the instance: the stream prefix names this Switchyard.
     let instance = cx.store.config().stream_prefix.to_lowercase();
-    let backend = ProcessBackend::new(config.process_dir.clone(), instance, config.stop_grace);
+    let backend: Arc<dyn SessionBackend> = Arc::new(LocalSessions::new(ProcessBackend::new(
+        config.process_dir.clone(),
+        instance,
+        config.stop_grace,
+    )));
     let logs = LogStore::new(cx.store.clone());
     let shared = Arc::new(Shared {
         sessions: sessions.clone(),
@@ -197,43 +203,42 @@ async fn prune(shared: Arc<Shared>, mut stopped: watch::Receiver<bool>) {
             () = tokio::time::sleep(every) => {}
             _ = stopped.changed() => return,
         }
-        let owners = match shared.backend.owners(Session::KIND).await {
+        let owners = match shared.backend.sessions().await {
             Ok(owners) => owners,
             Err(err) => {
-                tracing::warn!(error = %error_chain(&err), "cannot list what the process backend has");
+                tracing::warn!(error = %error_chain(&err), "cannot list what the session backend has");
                 continue;
             }
         };
         // File ages: both times are this machine's wall clock.
         #[allow(clippy::disallowed_methods)]
         let now = SystemTime::now();
-        for (owner, modified) in owners {
+        for (name, modified) in owners {
             let age = now.duration_since(modified).unwrap_or_default();
             if age < shared.config.prune_grace {
                 continue;
             }
-            let live = match SessionId::parse(&owner.id) {
-                Ok(id) => {
-                    if !shared.sessions.owns(&id) {
-                        continue;
-                    }
-                    match shared.sessions.inspect_here(id).await {
-                        Ok((Session::Present(record), _)) => record.cleaned_up_at.is_none(),
-                        Ok((Session::Absent, _)) => false,
-                        Err(_) => continue,
-                    }
-                }
-                Err(_) => false,
+            let Ok(id) = SessionId::parse(&name) else {
+                tracing::warn!(resource = %name, "the session backend has something that is not a session's; leaving it");
+                continue;
+            };
+            if !shared.sessions.owns(&id) {
+                continue;
+            }
+            let live = match shared.sessions.inspect_here(id.clone()).await {
+                Ok((Session::Present(record), _)) => record.cleaned_up_at.is_none(),
+                Ok((Session::Absent, _)) => false,
+                Err(_) => continue,
             };
             if live {
                 continue;
             }
-            match shared.backend.remove(&owner).await {
+            match shared.backend.remove(&id).await {
                 Ok(()) => {
-                    tracing::info!(session = %owner.id, "removed the processes of a session that has ended")
+                    tracing::info!(session = %id, "removed what the backend had of a session that has ended")
                 }
                 Err(err) => {
-                    tracing::warn!(session = %owner.id, error = %error_chain(&err), "cannot remove an ended session's processes")
+                    tracing::warn!(session = %id, error = %error_chain(&err), "cannot remove what an ended session left")
                 }
             }
         }

@@ -15,7 +15,6 @@ use crate::api::routes::{
     self, CommandReply, GetReply, ListReply, MAX_PAGE, Mode, RouteSpec, json,
 };
 use crate::api::{ApiError, ApiRequest, Services};
-use crate::backend::StepKey;
 use crate::domain::sessions::scheduler::{SchedulerView, UNKNOWN_POOL};
 use crate::domain::sessions::session::{Session, SessionCommand, SessionView, Status};
 use crate::domain::sessions::spec::describe;
@@ -281,13 +280,9 @@ fn logs(sessions: Sessions, request: ApiRequest) -> BoxFuture<'static, Result<By
             let end = start.saturating_add(max).min(data.len());
             return json(chunk(data[start..end].to_vec(), length, "store", true));
         }
-        let key = StepKey {
-            owner: sessions.backend.owner(Session::KIND, body.id.as_str()),
-            name: component.to_string(),
-        };
         let read = sessions
             .backend
-            .output(&key, body.offset, max)
+            .output(&body.id, &component, body.offset, max)
             .await
             .map_err(|e| ApiError::unavailable(crate::runtime::error_chain(&e)))?;
         match read {

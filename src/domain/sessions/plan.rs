@@ -22,13 +22,24 @@ pub enum Observed {
         address: Option<String>,
         why: String,
     },
+    /// The backend has it, but it does not run yet (a pod being scheduled, its image pulled).
+    Pending,
+    /// It will not run, and the backend says why (a pod whose image cannot be pulled, a
+    /// container in a crash loop).
+    Failed {
+        address: Option<String>,
+        why: String,
+    },
 }
 
 impl Observed {
     fn address(&self) -> Option<&str> {
         match self {
             Observed::Running { address } | Observed::Exited { address, .. } => Some(address),
-            Observed::Vanished { address, .. } => address.as_deref(),
+            Observed::Vanished { address, .. } | Observed::Failed { address, .. } => {
+                address.as_deref()
+            }
+            Observed::Pending => None,
         }
     }
 }
@@ -105,7 +116,9 @@ pub fn next(record: &Record, observed: &BTreeMap<ComponentName, Observed>, now: 
             Some(Observed::Exited { code, .. }) => {
                 (Health::Failed, format!("exited with code {code}"))
             }
-            Some(Observed::Vanished { why, .. }) => (Health::Failed, why.clone()),
+            Some(Observed::Vanished { why, .. } | Observed::Failed { why, .. }) => {
+                (Health::Failed, why.clone())
+            }
             _ => continue,
         };
         if state.started.is_none() {
@@ -177,6 +190,8 @@ pub fn next(record: &Record, observed: &BTreeMap<ComponentName, Observed>, now: 
                     component: spec.name.clone(),
                     address: address.clone(),
                 },
+                // Started, not running yet: the backend says when it runs.
+                Some(Observed::Pending) if state.starting_at.is_some() => Step::Wait,
                 _ => Step::Start {
                     component: spec.name.clone(),
                 },
@@ -425,6 +440,44 @@ mod tests {
             "{:?}",
             next(&r, &seen, t(3))
         );
+    }
+
+    #[test]
+    fn a_started_component_that_is_pending_is_waited_for_then_fails_with_the_reason() {
+        let mut r = record();
+        r.components.insert(
+            name("s"),
+            Component {
+                starting_at: Some(t(1)),
+                ..Component::default()
+            },
+        );
+        let pending = [(name("s"), Observed::Pending)].into();
+        assert_eq!(next(&r, &pending, t(2)), Step::Wait);
+        let failed = [(
+            name("s"),
+            Observed::Failed {
+                address: None,
+                why: "ImagePullBackOff".into(),
+            },
+        )]
+        .into();
+        assert_eq!(
+            next(&r, &failed, t(2)),
+            Step::Health {
+                component: name("s"),
+                health: Health::Failed,
+                detail: Some("ImagePullBackOff".into()),
+            }
+        );
+        r.components.get_mut(&name("s")).unwrap().health = Health::Failed;
+        assert!(matches!(
+            next(&r, &failed, t(2)),
+            Step::Finish {
+                outcome: Outcome::Error,
+                ..
+            }
+        ));
     }
 
     #[test]
