@@ -22,6 +22,9 @@ use crate::domain::sessions::session::Session;
 use crate::domain::sessions::spec::ComponentSpec;
 use crate::domain::sessions::{ComponentName, SessionId};
 
+/// Some bytes of a component's output, and its whole length.
+pub type Chunk = (Vec<u8>, u64);
+
 /// The contract every session backend keeps.
 pub trait SessionBackend: Send + Sync + 'static {
     /// The backend's name, as configuration selects it.
@@ -61,7 +64,7 @@ pub trait SessionBackend: Send + Sync + 'static {
         component: &'a ComponentName,
         offset: u64,
         max: usize,
-    ) -> BoxFuture<'a, Result<Option<(Vec<u8>, u64)>>>;
+    ) -> BoxFuture<'a, Result<Option<Chunk>>>;
 
     /// Stops and removes everything of `session`; removing what is gone succeeds.
     fn remove<'a>(&'a self, session: &'a SessionId) -> BoxFuture<'a, Result<()>>;
@@ -170,7 +173,7 @@ impl SessionBackend for LocalSessions {
         component: &'a ComponentName,
         offset: u64,
         max: usize,
-    ) -> BoxFuture<'a, Result<Option<(Vec<u8>, u64)>>> {
+    ) -> BoxFuture<'a, Result<Option<Chunk>>> {
         Box::pin(async move {
             self.processes
                 .output(&self.key(session, component), offset, max)
