@@ -234,6 +234,8 @@ impl Default for SwitchboardConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SessionsConfig {
+    /// What runs sessions' components: `local` (processes) or `kubernetes` (a pod each).
+    pub backend: SessionBackendKind,
     /// At most this many sessions are admitted (provisioning, running or cleaning up) at once.
     pub executor_count: u32,
     /// A session not done this long after admission ends in ERROR (timeout), unless it gives
@@ -282,6 +284,7 @@ pub struct PoolConfig {
 impl Default for SessionsConfig {
     fn default() -> Self {
         Self {
+            backend: SessionBackendKind::Local,
             executor_count: 1,
             timeout: Duration::from_secs(15 * 60),
             workers_env: "QPS_WORKERS".to_owned(),
@@ -369,6 +372,18 @@ impl Default for LessonsConfig {
     }
 }
 
+/// The session backends configuration can select.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SessionBackendKind {
+    /// Local processes (the process backend).
+    #[default]
+    Local,
+    /// A pod per component on the cluster `[kubernetes]` names; without `pools`, the pools
+    /// are its nodes labelled `kubernetes.pool_label`.
+    Kubernetes,
+}
+
 /// The lesson backends configuration can select.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -393,6 +408,13 @@ pub struct KubernetesConfig {
     pub context: Option<String>,
     /// Who configuration scripts (and people) log in as on lesson endpoints.
     pub ssh_user: String,
+    /// The namespace of session components' pods.
+    pub namespace: String,
+    /// The port a session component listens on in its pod (`PORT`; the driver's workers are
+    /// `<pod IP>:<port>`).
+    pub component_port: u16,
+    /// The node label whose value names a node's pool (orch's `pool`).
+    pub pool_label: String,
     /// A call answered with 429 or 5xx, or not answered, is tried again this often (waiting
     /// what the server asks, or backing off) before the step fails and is retried later.
     pub retries: u32,
@@ -408,6 +430,9 @@ impl Default for KubernetesConfig {
             kubeconfig: None,
             context: None,
             ssh_user: "root".to_owned(),
+            namespace: "default".to_owned(),
+            component_port: 10000,
+            pool_label: "pool".to_owned(),
             retries: 4,
             call_timeout: Duration::from_secs(30),
         }

@@ -5,6 +5,7 @@
 pub mod backend;
 pub mod cli;
 pub mod executor;
+pub mod kubernetes;
 pub mod logs;
 pub mod protocol;
 pub mod routes;
@@ -16,14 +17,16 @@ use tokio::sync::watch;
 
 use crate::api::catalog::{Capability, KindSpec, Starter};
 use crate::backend::process::ProcessBackend;
-use crate::config::{PoolConfig, SessionsConfig};
+use crate::config::{PoolConfig, SessionBackendKind, SessionsConfig};
 use crate::domain::sessions::scheduler::{PoolSpec, Scheduler, SchedulerCommand};
 use crate::domain::sessions::session::Session;
 use crate::domain::sessions::{MachineName, PoolName, SchedulerId, SessionId};
 use crate::domain::{EntityId, Principal};
+use crate::kubernetes::Kube;
 use crate::runtime::{CommandMeta, Entities, EntityTable, ProjectionHandle, error_chain};
 use backend::{LocalSessions, SessionBackend};
 use executor::{Executor, Shared};
+use kubernetes::KubernetesSessions;
 use logs::LogStore;
 
 /// Handles to everything the routes use; cheap to clone.
@@ -104,11 +107,40 @@ fn start(cx: &mut Starter<'_>) {
     }
     // Every resource carries the instance: the stream prefix names this Switchyard.
     let instance = cx.store.config().stream_prefix.to_lowercase();
-    let backend: Arc<dyn SessionBackend> = Arc::new(LocalSessions::new(ProcessBackend::new(
-        config.process_dir.clone(),
-        instance,
-        config.stop_grace,
-    )));
+    let (stop, stopped) = watch::channel(false);
+    cx.on_shutdown(move || {
+        let _ = stop.send(true);
+    });
+    let local = || -> Arc<dyn SessionBackend> {
+        Arc::new(LocalSessions::new(ProcessBackend::new(
+            config.process_dir.clone(),
+            instance.clone(),
+            config.stop_grace,
+        )))
+    };
+    // The pools: from configuration, or the cluster's nodes as they come and go.
+    let (backend, pools) = match config.backend {
+        SessionBackendKind::Local => (local(), watch::channel(Some(pools)).1),
+        SessionBackendKind::Kubernetes => match Kube::new(cx.config.kubernetes.clone()) {
+            Ok(kube) => {
+                let backend: Arc<dyn SessionBackend> = Arc::new(KubernetesSessions::start(
+                    kube.clone(),
+                    &instance,
+                    stopped.clone(),
+                ));
+                let pools = if pools.is_empty() {
+                    kubernetes::watch_pools(kube, stopped.clone())
+                } else {
+                    watch::channel(Some(pools)).1
+                };
+                (backend, pools)
+            }
+            Err(err) => {
+                cx.invalid(err.to_string());
+                (local(), watch::channel(Some(pools)).1)
+            }
+        },
+    };
     let logs = LogStore::new(cx.store.clone());
     let shared = Arc::new(Shared {
         sessions: sessions.clone(),
@@ -119,10 +151,6 @@ fn start(cx: &mut Starter<'_>) {
         clock: cx.clock(),
     });
     cx.reaction(Executor::new(shared.clone()));
-    let (stop, stopped) = watch::channel(false);
-    cx.on_shutdown(move || {
-        let _ = stop.send(true);
-    });
     tokio::spawn(configure(
         scheduler.clone(),
         pools,
@@ -140,14 +168,35 @@ fn start(cx: &mut Starter<'_>) {
     });
 }
 
-/// Records the configured pools on the scheduler (nothing if they are what it has), retrying
-/// until it lands: the scheduler's shard may not have an owner yet at start.
+/// Records the pools on the scheduler each time they change (from configuration: once).
 async fn configure(
     scheduler: Entities<Scheduler>,
-    pools: Vec<PoolSpec>,
+    mut pools: watch::Receiver<Option<Vec<PoolSpec>>>,
     executor_count: u32,
     mut stopped: watch::Receiver<bool>,
 ) {
+    loop {
+        let current = pools.borrow_and_update().clone();
+        if let Some(current) = current
+            && !record_pools(&scheduler, current, executor_count, &mut stopped).await
+        {
+            return;
+        }
+        tokio::select! {
+            changed = pools.changed() => if changed.is_err() { return },
+            _ = stopped.changed() => return,
+        }
+    }
+}
+
+/// Records `pools` on the scheduler (nothing if they are what it has), retrying until it
+/// lands: the scheduler's shard may not have an owner yet at start. False: stopped first.
+async fn record_pools(
+    scheduler: &Entities<Scheduler>,
+    pools: Vec<PoolSpec>,
+    executor_count: u32,
+    stopped: &mut watch::Receiver<bool>,
+) -> bool {
     let mut wait = std::time::Duration::from_millis(100);
     loop {
         // No pool, and none ever recorded: nothing to say (and nothing written).
@@ -158,14 +207,14 @@ async fn configure(
                         .as_ref()
                         .is_none_or(|v| v.pools.is_empty() && v.executor_count == 0) =>
                 {
-                    return;
+                    return true;
                 }
                 Ok(_) => {}
                 Err(err) => {
                     tracing::info!(error = %error_chain(&err), "cannot read the scheduler yet; retrying");
                     tokio::select! {
                         () = tokio::time::sleep(wait) => {}
-                        _ = stopped.changed() => return,
+                        _ = stopped.changed() => return false,
                     }
                     continue;
                 }
@@ -180,14 +229,14 @@ async fn configure(
             .execute(SchedulerId::sessions(), command, meta)
             .await
         {
-            Ok(_) => return,
+            Ok(_) => return true,
             Err(err) => {
                 tracing::info!(error = %error_chain(&err), "cannot record the pools on the scheduler yet; retrying");
             }
         }
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
-            _ = stopped.changed() => return,
+            _ = stopped.changed() => return false,
         }
         wait = (wait * 2).min(std::time::Duration::from_secs(5));
     }

@@ -661,3 +661,269 @@ async fn on_a_real_cluster_the_sample_lesson_reaches_ready_and_is_deleted() {
         .ok();
     crate::lessons::wait_deleted(&test, &id).await;
 }
+
+/// Switchyard with sessions on the Kubernetes backend at `emulator`, pools from its nodes.
+async fn with_kubernetes_sessions(emulator: &Emulator) -> TestApp {
+    let url = emulator.url().to_owned();
+    start_app(move |config| {
+        config.sessions.backend = switchyard::config::SessionBackendKind::Kubernetes;
+        config.sessions.executor_count = 4;
+        config.kubernetes.api = Some(url);
+    })
+    .await
+}
+
+async fn add_node(client: &kube::Client, name: &str, pool: &str) {
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+    let node = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": name, "labels": {"pool": pool}}
+    }))
+    .unwrap();
+    nodes.create(&PostParams::default(), &node).await.unwrap();
+}
+
+/// The pools the scheduler has, as `pool: machines`.
+async fn pools(test: &TestApp) -> Vec<(String, Vec<String>)> {
+    let view = crate::harness::call(test, "pool.list", json!({}))
+        .await
+        .ok();
+    view["result"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            let machines = p["machines"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| m.as_str().unwrap().to_owned())
+                .collect();
+            (p["name"].as_str().unwrap().to_owned(), machines)
+        })
+        .collect()
+}
+
+async fn wait_pools(test: &TestApp, want: &[(&str, &[&str])]) {
+    let want: Vec<(String, Vec<String>)> = want
+        .iter()
+        .map(|(p, ms)| (p.to_string(), ms.iter().map(|m| m.to_string()).collect()))
+        .collect();
+    let mut seen = Vec::new();
+    for _ in 0..300 {
+        seen = pools(test).await;
+        if seen == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("pools are {seen:?}, not {want:?}");
+}
+
+/// Plays the kubelet for one pod: its container's state as given.
+async fn set_pod(client: &kube::Client, name: &str, ip: &str, state: Value) {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    pods.patch_status(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": {"phase": "Running", "podIP": ip,
+            "containerStatuses": [{"name": "main", "image": "i", "imageID": "", "ready": true,
+                "restartCount": 0, "state": state}]}})),
+    )
+    .await
+    .unwrap();
+}
+
+async fn pod(client: &kube::Client, name: &str) -> Pod {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    wait_for(&format!("pod {name}"), Duration::from_secs(30), || async {
+        pods.get_opt(name).await.ok().flatten()
+    })
+    .await
+}
+
+async fn session_pods(client: &kube::Client, id: &str) -> Vec<String> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    pods.list(&ListParams::default().labels(&format!("switchyard.dev/session={id}")))
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .map(|p| p.metadata.name.unwrap())
+        .collect()
+}
+
+fn k8s_component(name: &str, kind: &str, pool: &str) -> Value {
+    json!({"name": name, "kind": kind, "pool": pool, "command": kind, "image": format!("grpc/{kind}")})
+}
+
+#[actix_rt::test]
+async fn a_session_runs_a_pod_per_component_on_its_pools_nodes_through_a_broken_watch() {
+    let emulator = Emulator::start();
+    let client = emulator.client();
+    add_node(&client, "n1", "workers").await;
+    add_node(&client, "n2", "workers").await;
+    add_node(&client, "n3", "drivers").await;
+    let test = with_kubernetes_sessions(&emulator).await;
+    wait_pools(&test, &[("drivers", &["n3"]), ("workers", &["n1", "n2"])]).await;
+
+    let id = crate::sessions::schedule(
+        &test,
+        json!({"id": "qps", "components": [
+            k8s_component("w1", "server", "workers"),
+            k8s_component("w2", "client", "workers"),
+            k8s_component("driver", "driver", "drivers")]}),
+    )
+    .await;
+    let running = json!({"running": {}});
+    for (worker, ip) in [("w1", "10.0.0.1"), ("w2", "10.0.0.2")] {
+        let found = pod(&client, &format!("{id}-{worker}")).await;
+        let spec = found.spec.unwrap();
+        assert_eq!(spec.node_selector.unwrap()["pool"], "workers");
+        assert_eq!(
+            spec.containers[0].image.as_deref(),
+            Some(format!(
+                "grpc/{}",
+                if worker == "w1" { "server" } else { "client" }
+            ))
+            .as_deref()
+        );
+        set_pod(&client, &format!("{id}-{worker}"), ip, running.clone()).await;
+    }
+    let driver = pod(&client, &format!("{id}-driver")).await;
+    let env: Vec<(String, String)> = driver.spec.unwrap().containers[0]
+        .env
+        .clone()
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.name, e.value.unwrap_or_default()))
+        .collect();
+    assert!(
+        env.contains(&(
+            "QPS_WORKERS".to_owned(),
+            "10.0.0.1:10000,10.0.0.2:10000".to_owned()
+        )),
+        "{env:?}"
+    );
+    set_pod(
+        &client,
+        &format!("{id}-driver"),
+        "10.0.0.3",
+        running.clone(),
+    )
+    .await;
+    wait_for("the session to run", Duration::from_secs(30), || async {
+        (crate::sessions::get(&test, &id).await["status"] == "RUNNING").then_some(())
+    })
+    .await;
+
+    // The watch breaks, and the driver ends while it is down: the re-list brings it.
+    emulator.control("watch-gone", json!({"count": 1})).await;
+    emulator
+        .control(
+            "logs",
+            json!({"namespace": "default", "pod": format!("{id}-driver"), "text": "qps: 12345\n"}),
+        )
+        .await;
+    set_pod(
+        &client,
+        &format!("{id}-driver"),
+        "10.0.0.3",
+        json!({"terminated": {"exitCode": 0}}),
+    )
+    .await;
+    let view = crate::sessions::ended(&test, &id, Duration::from_secs(60)).await;
+    assert_eq!(view["status"], "DONE", "{view:#}");
+    assert_eq!(
+        crate::sessions::driver_log(&test, &id).await,
+        "qps: 12345\n"
+    );
+    // Cleanup by label: nothing of it is left.
+    assert!(session_pods(&client, &id).await.is_empty());
+}
+
+#[actix_rt::test]
+async fn a_failing_driver_or_an_unpullable_image_ends_in_error_and_is_cleaned_up() {
+    let emulator = Emulator::start();
+    let client = emulator.client();
+    add_node(&client, "n1", "workers").await;
+    add_node(&client, "n2", "drivers").await;
+    add_node(&client, "n3", "drivers").await;
+    let test = with_kubernetes_sessions(&emulator).await;
+    wait_pools(&test, &[("drivers", &["n2", "n3"]), ("workers", &["n1"])]).await;
+
+    let failing = crate::sessions::schedule(
+        &test,
+        json!({"id": "failing", "components": [k8s_component("driver", "driver", "drivers")]}),
+    )
+    .await;
+    pod(&client, "failing-driver").await;
+    set_pod(
+        &client,
+        "failing-driver",
+        "10.0.0.9",
+        json!({"terminated": {"exitCode": 3, "reason": "Error"}}),
+    )
+    .await;
+    let view = crate::sessions::ended(&test, &failing, Duration::from_secs(60)).await;
+    assert_eq!(view["status"], "ERROR", "{view:#}");
+    assert!(view.to_string().contains("exited with code 3"), "{view:#}");
+    assert!(session_pods(&client, &failing).await.is_empty());
+
+    let unpullable = crate::sessions::schedule(
+        &test,
+        json!({"id": "unpullable", "components": [k8s_component("driver", "driver", "drivers")]}),
+    )
+    .await;
+    pod(&client, "unpullable-driver").await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    pods.patch_status(
+        "unpullable-driver",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": {"phase": "Pending",
+            "containerStatuses": [{"name": "main", "image": "i", "imageID": "", "ready": false,
+                "restartCount": 0, "state": {"waiting": {"reason": "ImagePullBackOff",
+                "message": "no such image grpc/driver"}}}]}})),
+    )
+    .await
+    .unwrap();
+    let view = crate::sessions::ended(&test, &unpullable, Duration::from_secs(60)).await;
+    assert_eq!(view["status"], "ERROR", "{view:#}");
+    assert!(view.to_string().contains("ImagePullBackOff"), "{view:#}");
+    assert!(session_pods(&client, &unpullable).await.is_empty());
+}
+
+#[actix_rt::test]
+async fn pools_follow_node_labels_as_nodes_come_and_go() {
+    let emulator = Emulator::start();
+    let client = emulator.client();
+    add_node(&client, "n1", "workers").await;
+    let test = with_kubernetes_sessions(&emulator).await;
+    wait_pools(&test, &[("workers", &["n1"])]).await;
+    add_node(&client, "n2", "workers").await;
+    add_node(&client, "n3", "drivers").await;
+    wait_pools(&test, &[("drivers", &["n3"]), ("workers", &["n1", "n2"])]).await;
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+    nodes
+        .delete("n1", &kube::api::DeleteParams::default())
+        .await
+        .unwrap();
+    wait_pools(&test, &[("drivers", &["n3"]), ("workers", &["n2"])]).await;
+    // Each change is an event on the scheduler.
+    let filter = switchyard::audit::Filter {
+        kind: Some("scheduler".into()),
+        ..Default::default()
+    };
+    let mut configured = 0;
+    switchyard::audit::replay(test.app.store(), &filter, |record| {
+        configured += record
+            .events
+            .iter()
+            .filter(|e| e.event_type == "scheduler.configured")
+            .count();
+        Ok(())
+    })
+    .await
+    .unwrap();
+    assert!(configured >= 3, "{configured} scheduler.configured events");
+}

@@ -10,8 +10,8 @@ kmock 0.8 lacks:
 - pod logs (`GET .../pods/NAME/log`), set by tests with `POST /emulator/logs`;
 - faults: `POST /emulator/faults {"method","path" (a regex),"status","count","retry_after"}`
   answers the next `count` matching requests with that status as a Kubernetes Status;
-- broken watches: `POST /emulator/watch-gone {"count"}` ends the next `count` watch streams
-  with an ERROR 410 event, after which a client must list again.
+- broken watches: `POST /emulator/watch-gone {"count"}` ends every open watch stream, and the
+  next `count` ones, with an ERROR 410 event, after which a client must list again.
 
 Usage: python emulator.py [PORT]  (0, the default, picks a free port). Prints
 `READY http://127.0.0.1:PORT` once it serves, then serves until killed.
@@ -77,6 +77,7 @@ class Emulator(kmock.KubernetesEmulator):
     versions = itertools.count(1)
     faults: list = []       # [method, path regex, status, remaining, retry_after]
     gone = 0                # watch streams still to break with a 410
+    open_watches: set = set()
     logs: dict = {}         # (namespace, pod) -> text
 
     async def _handle(self, request):
@@ -141,14 +142,35 @@ class Emulator(kmock.KubernetesEmulator):
         if Emulator.gone > 0:
             Emulator.gone -= 1
             yield b''
-            yield {'type': 'ERROR', 'object': {'apiVersion': 'v1', 'kind': 'Status',
-                   'status': 'Failure', 'code': 410, 'reason': 'Expired',
-                   'message': 'too old resource version'}}
+            yield GONE
             return
-        async for event in super()._serve_watch(request):
-            if isinstance(event, dict) and not matches(labels_of(event['object']), selector):
-                continue
-            yield event
+        broken = asyncio.Event()
+        Emulator.open_watches.add(broken)
+        events = super()._serve_watch(request).__aiter__()
+        try:
+            while True:
+                next_event = asyncio.ensure_future(events.__anext__())
+                breaking = asyncio.ensure_future(broken.wait())
+                done, _ = await asyncio.wait({next_event, breaking},
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if breaking in done:
+                    next_event.cancel()
+                    yield GONE
+                    return
+                breaking.cancel()
+                try:
+                    event = next_event.result()
+                except StopAsyncIteration:
+                    return
+                if isinstance(event, dict) and not matches(labels_of(event['object']), selector):
+                    continue
+                yield event
+        finally:
+            Emulator.open_watches.discard(broken)
+
+
+GONE = {'type': 'ERROR', 'object': {'apiVersion': 'v1', 'kind': 'Status', 'status': 'Failure',
+        'code': 410, 'reason': 'Expired', 'message': 'too old resource version'}}
 
 
 async def main(port: int) -> None:
@@ -162,7 +184,10 @@ async def main(port: int) -> None:
             return {'ok': True}
 
         def watch_gone(request):
-            Emulator.gone += int((request.data or {}).get('count', 1))
+            # Every open watch ends with a 410 now, and the next `count` ones at once.
+            for broken in Emulator.open_watches:
+                broken.set()
+            Emulator.gone += int((request.data or {}).get('count', 0))
             return {'ok': True}
 
         def set_logs(request):
