@@ -174,7 +174,7 @@ impl Kube {
         F: FnMut(Client) -> Fut,
         Fut: Future<Output = kube::Result<T>>,
     {
-        let span = tracing::debug_span!(
+        let span = crate::step_span!(
             "k8s",
             otel.name = %format!("k8s {} {}", call.method, call.resource),
             k8s.method = call.method,
@@ -182,7 +182,7 @@ impl Kube {
             k8s.namespace = call.namespace.unwrap_or(""),
             k8s.name = call.name.unwrap_or(""),
             http.response.status_code = tracing::field::Empty,
-            attempts = tracing::field::Empty,
+            attempts = tracing::field::Empty
         );
         let client = self.client().instrument(span.clone()).await?;
         let mut tries = 0;

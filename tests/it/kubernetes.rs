@@ -927,3 +927,102 @@ async fn pools_follow_node_labels_as_nodes_come_and_go() {
     .unwrap();
     assert!(configured >= 3, "{configured} scheduler.configured events");
 }
+
+/// Every Kubernetes call is a span under its step's span, in the request's trace, with the
+/// method, resource, namespace, name and status; a denied call is an error span.
+#[actix_rt::test]
+async fn every_kubernetes_call_is_a_span_under_its_step() {
+    use opentelemetry::trace::{Status, TraceId};
+    use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider};
+
+    let exporter = InMemorySpanExporter::default();
+    let provider = SdkTracerProvider::builder()
+        .with_simple_exporter(exporter.clone())
+        .build();
+    let _telemetry = switchyard::telemetry::install(
+        &switchyard::telemetry::LogConfig::default(),
+        Some(provider.clone()),
+    )
+    .unwrap();
+    let emulator = Emulator::start();
+    emulator
+        .control(
+            "faults",
+            json!({"method": "POST", "path": "/services$", "status": 403, "count": 100}),
+        )
+        .await;
+    let test = with_kubernetes(&emulator, &sample_curriculum()).await;
+    create_session(&test, "traced", false).await;
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(
+        "traceparent",
+        format!("00-{trace}-00f067aa0ba902b7-01").as_str(),
+    );
+    let reply = crate::harness::request(
+        &test.client,
+        "lesson.request",
+        json!({"session": "traced", "lesson": "ssh-basics"}).to_string(),
+        Some(headers),
+    )
+    .await
+    .ok();
+    let id = reply["result"]["id"].as_str().unwrap().to_owned();
+    wait_status(&test, &id, "ERROR", 1).await;
+    let trace_id = TraceId::from_hex(trace).unwrap();
+    let spans = wait_for(
+        "the denied call's span",
+        Duration::from_secs(10),
+        || async {
+            let spans: Vec<_> = exporter
+                .get_finished_spans()
+                .unwrap()
+                .into_iter()
+                .filter(|s| s.span_context.trace_id() == trace_id)
+                .collect();
+            spans
+                .iter()
+                .any(|s| s.name == "k8s create services")
+                .then_some(spans)
+        },
+    )
+    .await;
+    let attribute = |span: &opentelemetry_sdk::trace::SpanData, key: &str| {
+        span.attributes
+            .iter()
+            .find(|kv| kv.key.as_str() == key)
+            .map(|kv| kv.value.to_string())
+    };
+    let steps: Vec<_> = spans
+        .iter()
+        .filter(|s| s.name == "lesson.start_endpoint")
+        .map(|s| s.span_context.span_id())
+        .collect();
+    let pod = spans
+        .iter()
+        .find(|s| s.name == "k8s create pods")
+        .expect("a span for the pod's creation");
+    assert!(steps.contains(&pod.parent_span_id), "under its step");
+    let ns = format!("switchyard-{id}");
+    assert_eq!(attribute(pod, "k8s.namespace"), Some(ns));
+    assert_eq!(attribute(pod, "k8s.resource").as_deref(), Some("pods"));
+    assert_eq!(attribute(pod, "k8s.method").as_deref(), Some("create"));
+    assert_eq!(attribute(pod, "k8s.name").as_deref(), Some("alpha"));
+    assert_eq!(
+        attribute(pod, "http.response.status_code").as_deref(),
+        Some("200")
+    );
+    let denied = spans
+        .iter()
+        .find(|s| s.name == "k8s create services")
+        .unwrap();
+    assert_eq!(
+        attribute(denied, "http.response.status_code").as_deref(),
+        Some("403")
+    );
+    assert!(
+        matches!(denied.status, Status::Error { .. }),
+        "{:?}",
+        denied.status
+    );
+}
