@@ -690,6 +690,7 @@ mod tests {
             .extract()
             .unwrap();
         assert_eq!(config.lessons.backend, LessonBackendKind::Kubernetes);
+        assert_eq!(config.sessions.backend, SessionBackendKind::Kubernetes);
         assert_eq!(config.kubernetes.api, None);
     }
 
