@@ -1026,3 +1026,129 @@ async fn every_kubernetes_call_is_a_span_under_its_step() {
         denied.status
     );
 }
+
+#[actix_rt::test]
+async fn kill_9_right_after_a_components_pod_is_created_then_restart_adopts_it_and_ends_done() {
+    use crate::crash::{Switchyard, wait_serving};
+
+    let emulator = Emulator::start();
+    let kube = emulator.client();
+    add_node(&kube, "n1", "workers").await;
+    add_node(&kube, "n2", "drivers").await;
+    let nats = crate::harness::start_nats();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("switchyard.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[runtime]\nreaction_interval = \"200ms\"\n\n[sessions]\nbackend = \"kubernetes\"\n\
+             poll_interval = \"50ms\"\n\n[kubernetes]\napi = \"{}\"\n",
+            emulator.url()
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("switchyard.log");
+    let armed = [
+        ("SWITCHYARD_CONFIG", config.to_str().unwrap()),
+        ("SWITCHYARD_FAILPOINTS", "session.after_start"),
+    ];
+    let mut crashing = Switchyard::spawn_with(&nats.url(), &log, &armed);
+    let client = crate::lesson_crash::client(&nats.url()).await;
+    wait_serving(&client).await;
+    // Pools come from the nodes before a session can be scheduled.
+    wait_for("the pools", Duration::from_secs(30), || async {
+        let reply =
+            crate::harness::request(&client, "pool.list", json!({}).to_string(), None).await;
+        let crate::harness::Reply::Ok(view) = reply else {
+            return None;
+        };
+        (view["result"].as_array().map(Vec::len) == Some(2)).then_some(())
+    })
+    .await;
+    crate::harness::request(
+        &client,
+        "session.schedule",
+        json!({"id": "drill", "components": [
+            k8s_component("w1", "server", "workers"),
+            k8s_component("driver", "driver", "drivers")]})
+        .to_string(),
+        None,
+    )
+    .await
+    .ok();
+    for _ in 0..300 {
+        if crashing.has_exited() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(crashing.has_exited(), "the failpoint was not reached");
+    let worker = pod(&kube, "drill-w1").await;
+    let uid = worker.metadata.uid.clone().unwrap();
+
+    let plain = [("SWITCHYARD_CONFIG", config.to_str().unwrap())];
+    let _restarted = Switchyard::spawn_with(&nats.url(), &log, &plain);
+    wait_serving(&client).await;
+    set_pod(&kube, "drill-w1", "10.0.0.1", json!({"running": {}})).await;
+    pod(&kube, "drill-driver").await;
+    // The worker's pod made before the crash was adopted, not made again.
+    assert_eq!(pod(&kube, "drill-w1").await.metadata.uid.unwrap(), uid);
+    set_pod(
+        &kube,
+        "drill-driver",
+        "10.0.0.2",
+        json!({"terminated": {"exitCode": 0}}),
+    )
+    .await;
+    let view = wait_for("the session to end", Duration::from_secs(60), || async {
+        let reply = crate::harness::request(
+            &client,
+            "session.get",
+            json!({"id": "drill"}).to_string(),
+            None,
+        )
+        .await;
+        let crate::harness::Reply::Ok(view) = reply else {
+            return None;
+        };
+        view["result"]["cleaned_up_at"]
+            .is_string()
+            .then(|| view["result"].clone())
+    })
+    .await;
+    assert_eq!(view["status"], "DONE", "{view:#}");
+    assert!(view.to_string().contains("10.0.0.1:10000"), "{view:#}");
+    assert!(session_pods(&kube, "drill").await.is_empty());
+}
+
+/// On a real cluster, opt-in (`SWITCHYARD_TEST_KUBECONFIG`): a session whose driver runs in a
+/// `busybox` pod on a node labelled `pool=switchyard-test`
+/// (`kubectl label node NODE pool=switchyard-test`), its log kept, its pod cleaned up.
+#[actix_rt::test]
+async fn on_a_real_cluster_a_session_runs_its_driver_in_a_pod_and_ends_done() {
+    let Some(kubeconfig) = std::env::var_os("SWITCHYARD_TEST_KUBECONFIG") else {
+        eprintln!(
+            "skipped: SWITCHYARD_TEST_KUBECONFIG is not set (set it to a kubeconfig, with a node \
+             labelled pool=switchyard-test, to run a session on that cluster)"
+        );
+        return;
+    };
+    let test = start_app(move |config| {
+        config.sessions.backend = switchyard::config::SessionBackendKind::Kubernetes;
+        config.kubernetes.kubeconfig = Some(PathBuf::from(kubeconfig));
+    })
+    .await;
+    let id = crate::sessions::schedule(
+        &test,
+        json!({"components": [{"name": "driver", "kind": "driver", "pool": "switchyard-test",
+            "image": "busybox", "command": "sh", "args": ["-c", "echo driver on $(hostname)"]}]}),
+    )
+    .await;
+    let view = crate::sessions::ended(&test, &id, Duration::from_secs(600)).await;
+    assert_eq!(view["status"], "DONE", "{view:#}");
+    assert!(
+        crate::sessions::driver_log(&test, &id)
+            .await
+            .contains("driver on")
+    );
+}
