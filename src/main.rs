@@ -210,6 +210,10 @@ struct BenchArgs {
     /// Every scenario at a tiny size: checks that the benchmark works, measures nothing.
     #[arg(long)]
     smoke: bool,
+    /// The Kubernetes API the kubernetes scenario uses; without it, the tests' emulator
+    /// (kmock, from scripts/setup), or the scenario is skipped.
+    #[arg(long)]
+    kubernetes_api: Option<String>,
     /// How long each throughput run lasts.
     #[arg(long, value_parser = humantime::parse_duration)]
     duration: Option<Duration>,
@@ -911,6 +915,7 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         Options::full()
     };
     options.nats_url = args.nats_url;
+    options.kubernetes_api = args.kubernetes_api;
     if !args.scenario.is_empty() {
         options.scenarios = args.scenario;
     }

@@ -47,7 +47,7 @@ const SAMPLE: [(&str, &str); 7] = [
     ),
 ];
 
-fn write_curriculum(root: &Path) -> anyhow::Result<()> {
+pub(super) fn write_curriculum(root: &Path) -> anyhow::Result<()> {
     for (path, text) in SAMPLE {
         let path = root.join(path);
         std::fs::create_dir_all(path.parent().context("a lesson file has a directory")?)?;
@@ -61,7 +61,7 @@ fn write_curriculum(root: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn get(bench: &Bench, id: &str) -> anyhow::Result<Value> {
+pub(super) async fn get(bench: &Bench, id: &str) -> anyhow::Result<Value> {
     let subject = format!("{}.api.livelesson.get", bench.config.store.subject_prefix);
     let reply = bench
         .client
@@ -72,7 +72,7 @@ async fn get(bench: &Bench, id: &str) -> anyhow::Result<Value> {
 }
 
 /// Requests the sample lesson for a new session `session`; the live lesson's id.
-async fn request(bench: &Bench, session: &str) -> anyhow::Result<String> {
+pub(super) async fn request(bench: &Bench, session: &str) -> anyhow::Result<String> {
     bench
         .call(
             "livesession.create",

@@ -2,6 +2,7 @@
 //! the same server, with the targets of docs/PERFORMANCE.md. Timing lives here, never in tests;
 //! the test suite runs every scenario at a tiny size (`--smoke`) so this cannot rot.
 
+mod kubernetes;
 mod lessons;
 pub mod raw;
 mod sessions;
@@ -50,10 +51,13 @@ pub enum Scenario {
     /// The sample lesson from request to READY by step, against starting its sshd processes
     /// directly; and many lessons at once (time to READY, ports, memory, deletion).
     Lessons,
+    /// The Kubernetes backends: a lesson's objects and a session's pod made, against making
+    /// them with kube-rs directly (on `--kubernetes-api`, or the tests' emulator).
+    Kubernetes,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 9] = [
+    pub const ALL: [Scenario; 10] = [
         Scenario::Throughput,
         Scenario::Latency,
         Scenario::Replay,
@@ -63,6 +67,7 @@ impl Scenario {
         Scenario::Durable,
         Scenario::Sessions,
         Scenario::Lessons,
+        Scenario::Kubernetes,
     ];
 }
 
@@ -86,8 +91,11 @@ pub struct Options {
     pub session_samples: usize,
     /// Lessons requested at once in the lessons scenario.
     pub lessons: usize,
-    /// Lessons requested one at a time to time each step.
+    /// Lessons requested one at a time to time each step (and, on Kubernetes, lessons and
+    /// sessions timed one at a time).
     pub lesson_samples: usize,
+    /// The Kubernetes API for the kubernetes scenario; none: the tests' emulator.
+    pub kubernetes_api: Option<String>,
 }
 
 impl Options {
@@ -105,6 +113,7 @@ impl Options {
             session_samples: 30,
             lessons: 50,
             lesson_samples: 10,
+            kubernetes_api: None,
         }
     }
 
@@ -123,6 +132,7 @@ impl Options {
             session_samples: 2,
             lessons: 2,
             lesson_samples: 1,
+            kubernetes_api: None,
         }
     }
 }
@@ -669,6 +679,9 @@ pub async fn run(options: &Options, out: &mut dyn Write) -> anyhow::Result<Repor
     }
     if wants(Scenario::Lessons) {
         Box::pin(lessons::lessons(&url, options, &mut report, out)).await?;
+    }
+    if wants(Scenario::Kubernetes) {
+        Box::pin(kubernetes::kubernetes(&url, options, &mut report, out)).await?;
     }
     if wants(Scenario::Durable) {
         if options.nats_url.is_some() {

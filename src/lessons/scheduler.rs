@@ -330,6 +330,11 @@ impl Driver {
                     Ok(true)
                 }),
             ),
+            // Not a step of its own: no span, only the pause.
+            Step::Poll => {
+                tokio::time::sleep(self.shared.config.poll_interval).await;
+                return Ok(true);
+            }
             Step::Ready { stage } => (
                 step_span!("lesson.ready", stage),
                 Box::pin(self.record(version, "ready", LiveLessonCommand::Ready { stage })),

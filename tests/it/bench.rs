@@ -34,6 +34,7 @@ fn every_benchmark_scenario_runs_at_smoke_size() {
         "durable",
         "sessions",
         "lessons",
+        "kubernetes",
     ] {
         let mine: Vec<&Value> = rows.iter().filter(|r| r["scenario"] == scenario).collect();
         assert!(!mine.is_empty(), "no {scenario} rows:\n{stdout}");

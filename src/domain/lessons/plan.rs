@@ -15,8 +15,11 @@ use crate::domain::Timestamp;
 pub enum Seen {
     /// Everything of it runs: where each port the lesson names is reached.
     Running { addresses: BTreeMap<u16, String> },
-    /// Some of it was started, not all.
+    /// Some of it was started, not all: starting it again starts the rest.
     Partial,
+    /// All of it was started and the backend is bringing it up (a pod being scheduled, its
+    /// image pulled, its Service given an address): wait for it.
+    Starting,
     /// Some of it exited or vanished: why, and its output.
     Failed { why: String, output: String },
 }
@@ -56,6 +59,8 @@ pub enum Step {
     },
     /// Nothing to do before then.
     WaitUntil(Timestamp),
+    /// Endpoints are coming up: look again in a moment.
+    Poll,
     /// Nothing to do: READY, ERROR or deleted.
     Done,
 }
@@ -96,6 +101,10 @@ pub fn next(
     match record.status {
         Status::Initialized => Step::Provision,
         Status::Booting => {
+            let since = record.booting_at.unwrap_or(record.requested_at);
+            let deadline = since.saturating_add(limits.reachability);
+            // Every endpoint is started before any is waited for: they come up together.
+            let mut starting = Vec::new();
             for endpoint in &record.lesson.endpoints {
                 match seen.get(&endpoint.name) {
                     Some(Seen::Running { addresses }) => {
@@ -106,6 +115,7 @@ pub fn next(
                             };
                         }
                     }
+                    Some(Seen::Starting) => starting.push(endpoint.name.to_string()),
                     _ => {
                         return Step::Start {
                             endpoint: endpoint.name.clone(),
@@ -113,9 +123,20 @@ pub fn next(
                     }
                 }
             }
-            let since = record.booting_at.unwrap_or(record.requested_at);
-            Step::Probe {
-                deadline: since.saturating_add(limits.reachability),
+            if starting.is_empty() {
+                Step::Probe { deadline }
+            } else if now >= deadline {
+                Step::Fail {
+                    step: "reachability",
+                    reason: format!(
+                        "not running {} s after booting: {}",
+                        limits.reachability.as_secs(),
+                        starting.join(", ")
+                    ),
+                    output: String::new(),
+                }
+            } else {
+                Step::Poll
             }
         }
         Status::Configuration => {
@@ -352,5 +373,37 @@ mod tests {
             7,
         );
         assert_eq!(next(record(&state), &seen, at(7), LIMITS), Step::Delete);
+    }
+
+    #[test]
+    fn starting_endpoints_are_all_started_then_waited_for_until_the_deadline() {
+        let mut state = LiveLesson::default();
+        let lesson = validate(&[sample()]).unwrap().remove(0);
+        run(
+            &mut state,
+            LiveLessonCommand::Request {
+                session: LiveSessionId::new("abc").unwrap(),
+                lesson: Box::new(lesson),
+                catalog: "d".into(),
+                stage: 1,
+            },
+            0,
+        );
+        run(&mut state, LiveLessonCommand::Provision, 1);
+        let mut seen = BTreeMap::new();
+        seen.insert(name("alpha"), Seen::Starting);
+        // alpha comes up; beta is started meanwhile, not after it.
+        assert_eq!(
+            next(record(&state), &seen, at(1), LIMITS),
+            Step::Start {
+                endpoint: name("beta")
+            }
+        );
+        seen.insert(name("beta"), Seen::Starting);
+        assert_eq!(next(record(&state), &seen, at(2), LIMITS), Step::Poll);
+        assert!(matches!(
+            next(record(&state), &seen, at(61), LIMITS),
+            Step::Fail { step: "reachability", ref reason, .. } if reason.contains("alpha, beta")
+        ));
     }
 }

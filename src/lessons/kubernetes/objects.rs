@@ -485,10 +485,23 @@ pub fn pod_state(pod: &Pod) -> PodState {
 }
 
 /// What the scheduler sees of `endpoint`, from its pod's state and its services: running once
-/// the pod runs and every presentation's Service has an address.
+/// the pod runs and every presentation's Service has an address; partial while a Service is
+/// missing (starting it again makes it); starting while they come up.
 pub fn seen(endpoint: &Endpoint, state: &PodState, services: &[Service]) -> Option<Seen> {
+    let service = |name: &str| {
+        services
+            .iter()
+            .find(|s| s.metadata.name.as_deref() == Some(name))
+    };
+    if endpoint
+        .presentations
+        .iter()
+        .any(|p| service(&service_name(&endpoint.name, &p.name)).is_none())
+    {
+        return Some(Seen::Partial);
+    }
     match state {
-        PodState::Pending => Some(Seen::Partial),
+        PodState::Pending => Some(Seen::Starting),
         PodState::Failed(why) => Some(Seen::Failed {
             why: why.clone(),
             output: String::new(),
@@ -497,12 +510,8 @@ pub fn seen(endpoint: &Endpoint, state: &PodState, services: &[Service]) -> Opti
             let mut addresses = BTreeMap::new();
             for p in &endpoint.presentations {
                 let name = service_name(&endpoint.name, &p.name);
-                let Some(spec) = services
-                    .iter()
-                    .find(|s| s.metadata.name.as_deref() == Some(name.as_str()))
-                    .and_then(|s| s.spec.as_ref())
-                else {
-                    return Some(Seen::Partial);
+                let Some(spec) = service(&name).and_then(|s| s.spec.as_ref()) else {
+                    return Some(Seen::Starting);
                 };
                 let ip = spec.cluster_ip.as_deref().unwrap_or_default();
                 let port = spec
@@ -515,7 +524,7 @@ pub fn seen(endpoint: &Endpoint, state: &PodState, services: &[Service]) -> Opti
                     Some(port) if !ip.is_empty() && ip != "None" => {
                         addresses.insert(p.port, format!("{ip}:{port}"));
                     }
-                    _ => return Some(Seen::Partial),
+                    _ => return Some(Seen::Starting),
                 }
             }
             for port in &endpoint.additional_ports {
