@@ -70,6 +70,42 @@ impl BackendError {
 
 pub type Result<T, E = BackendError> = std::result::Result<T, E>;
 
+/// Writes a secret (a private key) to `path` whole, readable by its owner only from the start:
+/// written aside, created with mode 0600, then moved into place.
+pub async fn write_private(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
+    let partial = path.with_extension("partial");
+    let what = format!("cannot write {}", path.display());
+    let _ = tokio::fs::remove_file(&partial).await;
+    let mut file = tokio::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&partial)
+        .await
+        .map_err(BackendError::failed(what.clone()))?;
+    file.write_all(bytes)
+        .await
+        .map_err(BackendError::failed(what.clone()))?;
+    file.sync_all()
+        .await
+        .map_err(BackendError::failed(what.clone()))?;
+    tokio::fs::rename(&partial, path)
+        .await
+        .map_err(BackendError::failed(what))
+}
+
+/// Removes `dir` and everything in it; one that is gone is removed.
+pub async fn remove_dir(dir: &std::path::Path) -> Result<()> {
+    match tokio::fs::remove_dir_all(dir).await {
+        Ok(()) => Ok(()),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(err) => Err(BackendError::Failed {
+            what: format!("cannot delete {}", dir.display()),
+            source: err,
+        }),
+    }
+}
+
 /// Whether a TCP connection to `address` succeeds within `timeout`: a readiness check.
 pub async fn tcp_ready(address: &str, timeout: Duration) -> std::result::Result<(), String> {
     match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(address)).await {

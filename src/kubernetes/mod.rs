@@ -73,15 +73,30 @@ impl From<KubeError> for BackendError {
 pub type Result<T, E = KubeError> = std::result::Result<T, E>;
 
 /// What one call is about, for its span and its errors.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Call<'a> {
     pub method: &'static str,
-    pub resource: &'a str,
+    /// The resource's plural (`pods`), or a subresource (`pods/log`).
+    pub resource: String,
     pub namespace: Option<&'a str>,
     pub name: Option<&'a str>,
 }
 
-impl Call<'_> {
+impl<'a> Call<'a> {
+    /// A call on `K`, the resource type.
+    pub fn on<K>(method: &'static str, namespace: Option<&'a str>, name: Option<&'a str>) -> Self
+    where
+        K: Resource,
+        K::DynamicType: Default,
+    {
+        Self {
+            method,
+            resource: K::plural(&K::DynamicType::default()).into_owned(),
+            namespace,
+            name,
+        }
+    }
+
     fn what(&self) -> String {
         let mut what = format!("{} {}", self.method, self.resource);
         if let Some(ns) = self.namespace {
@@ -178,7 +193,7 @@ impl Kube {
             "k8s",
             otel.name = %format!("k8s {} {}", call.method, call.resource),
             k8s.method = call.method,
-            k8s.resource = call.resource,
+            k8s.resource = %call.resource,
             k8s.namespace = call.namespace.unwrap_or(""),
             k8s.name = call.name.unwrap_or(""),
             http.response.status_code = tracing::field::Empty,
@@ -196,11 +211,9 @@ impl Kube {
                         format!("no answer within {timeout:?}").into(),
                     )),
                 };
+                // kube-rs does not say which 2xx a success was: only failures carry a code.
                 let err = match outcome {
-                    Ok(value) => {
-                        span.record("http.response.status_code", 200);
-                        return Ok(value);
-                    }
+                    Ok(value) => return Ok(value),
                     Err(err) => err,
                 };
                 let (code, message, hint) = match &err {
@@ -220,12 +233,19 @@ impl Kube {
                     span.record("http.response.status_code", code);
                 }
                 let what = call.what();
-                let retryable = code == 0 || code == 429 || code >= 500;
+                // Throttled, overloaded or unanswered: may pass. A bad answer (not JSON, not
+                // UTF-8) or a request that cannot be built will not.
+                let transport = matches!(
+                    err,
+                    kube::Error::HyperError(_)
+                        | kube::Error::Service(_)
+                        | kube::Error::ReadEvents(_)
+                );
+                let retryable = transport || matches!(code, 408 | 429) || code >= 500;
                 if !retryable || tries > self.config.retries {
                     return Err(match code {
-                        403 => KubeError::Forbidden { what, message },
+                        401 | 403 => KubeError::Forbidden { what, message },
                         404 => KubeError::NotFound { what },
-                        400 | 409 | 422 => KubeError::Invalid { what, message },
                         _ if retryable => KubeError::Unavailable {
                             what,
                             attempts: tries,
@@ -258,13 +278,7 @@ impl Kube {
     {
         let name = object.meta().name.clone().unwrap_or_default();
         let namespace = object.meta().namespace.clone();
-        let resource = resource_name::<K>();
-        let call = Call {
-            method: "create",
-            resource: &resource,
-            namespace: namespace.as_deref(),
-            name: Some(&name),
-        };
+        let call = Call::on::<K>("create", namespace.as_deref(), Some(&name));
         self.call(call, |_| {
             let api = api.clone();
             let object = object.clone();
@@ -290,13 +304,7 @@ impl Kube {
         K: Resource + Clone + Debug + DeserializeOwned,
         K::DynamicType: Default,
     {
-        let resource = resource_name::<K>();
-        let call = Call {
-            method: "get",
-            resource: &resource,
-            namespace,
-            name: Some(name),
-        };
+        let call = Call::on::<K>("get", namespace, Some(name));
         self.call(call, |_| {
             let api = api.clone();
             let name = name.to_owned();
@@ -322,13 +330,7 @@ impl Kube {
         K: Resource + Clone + Debug + DeserializeOwned,
         K::DynamicType: Default,
     {
-        let resource = resource_name::<K>();
-        let call = Call {
-            method: "list",
-            resource: &resource,
-            namespace,
-            name: None,
-        };
+        let call = Call::on::<K>("list", namespace, None);
         self.call(call, |_| {
             let api = api.clone();
             let params = ListParams::default().labels(selector);
@@ -343,13 +345,7 @@ impl Kube {
         K: Resource + Clone + Debug + DeserializeOwned,
         K::DynamicType: Default,
     {
-        let resource = resource_name::<K>();
-        let call = Call {
-            method: "delete",
-            resource: &resource,
-            namespace,
-            name: Some(name),
-        };
+        let call = Call::on::<K>("delete", namespace, Some(name));
         self.call(call, |_| {
             let api = api.clone();
             let name = name.to_owned();
@@ -375,13 +371,7 @@ impl Kube {
         K: Resource + Clone + Debug + DeserializeOwned,
         K::DynamicType: Default,
     {
-        let resource = resource_name::<K>();
-        let call = Call {
-            method: "deletecollection",
-            resource: &resource,
-            namespace,
-            name: None,
-        };
+        let call = Call::on::<K>("deletecollection", namespace, None);
         self.call(call, |_| {
             let api = api.clone();
             let params = ListParams::default().labels(selector);
@@ -393,15 +383,6 @@ impl Kube {
         })
         .await
     }
-}
-
-/// The plural a resource type is known by in the API (`pods`, `namespaces`).
-fn resource_name<K>() -> String
-where
-    K: Resource,
-    K::DynamicType: Default,
-{
-    K::plural(&K::DynamicType::default()).into_owned()
 }
 
 /// A DNS label of at most `max` characters for `raw`: `raw` itself when it is one; otherwise

@@ -234,18 +234,7 @@ impl LocalBackend {
         tokio::fs::write(dir.join("authorized_keys"), format!("{public}\n"))
             .await
             .map_err(io("cannot write authorized_keys"))?;
-        // Private: written aside with its mode set, then moved into place whole.
-        let partial = dir.join("id_ed25519.partial");
-        tokio::fs::write(&partial, private.as_bytes())
-            .await
-            .map_err(io("cannot write the lesson's key"))?;
-        tokio::fs::set_permissions(&partial, std::fs::Permissions::from_mode(0o600))
-            .await
-            .map_err(io("cannot protect the lesson's key"))?;
-        tokio::fs::rename(&partial, &path)
-            .await
-            .map_err(io("cannot write the lesson's key"))?;
-        Ok(())
+        crate::backend::write_private(&path, private.as_bytes()).await
     }
 
     async fn prepare_home(&self, id: &LiveLessonId, endpoint: &EndpointName) -> Result<PathBuf> {
@@ -532,14 +521,7 @@ impl LessonBackend for LocalBackend {
         Box::pin(async move {
             self.processes.remove(&self.owner(id)).await?;
             let dir = self.lesson_dir(id);
-            match tokio::fs::remove_dir_all(&dir).await {
-                Ok(()) => Ok(()),
-                Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
-                Err(err) => Err(BackendError::Failed {
-                    what: format!("cannot delete {}", dir.display()),
-                    source: err,
-                }),
-            }
+            crate::backend::remove_dir(&dir).await
         })
     }
 

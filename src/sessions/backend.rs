@@ -20,7 +20,7 @@ use crate::domain::Aggregate;
 use crate::domain::sessions::plan::Observed;
 use crate::domain::sessions::session::Session;
 use crate::domain::sessions::spec::ComponentSpec;
-use crate::domain::sessions::{ComponentName, SessionId};
+use crate::domain::sessions::{ComponentName, MachineName, SessionId};
 
 /// Some bytes of a component's output, and its whole length.
 pub type Chunk = (Vec<u8>, u64);
@@ -36,12 +36,14 @@ pub trait SessionBackend: Send + Sync + 'static {
         session: &'a SessionId,
     ) -> BoxFuture<'a, Result<BTreeMap<ComponentName, Observed>>>;
 
-    /// Starts `component` with `env` added, unless it has it already; its address, once known
-    /// (a backend that learns it later reports it through [`observe`](Self::observe)).
+    /// Starts `component` with `env` added on `machine` (the scheduler's placement), unless it
+    /// has it already; its address, once known (a backend that learns it later reports it
+    /// through [`observe`](Self::observe)).
     fn start<'a>(
         &'a self,
         session: &'a SessionId,
         component: &'a ComponentSpec,
+        machine: Option<&'a MachineName>,
         env: BTreeMap<String, String>,
     ) -> BoxFuture<'a, Result<Option<String>>>;
 
@@ -134,6 +136,8 @@ impl SessionBackend for LocalSessions {
         &'a self,
         session: &'a SessionId,
         component: &'a ComponentSpec,
+        // Every machine of the process backend is this host.
+        _machine: Option<&'a MachineName>,
         env: BTreeMap<String, String>,
     ) -> BoxFuture<'a, Result<Option<String>>> {
         Box::pin(async move {

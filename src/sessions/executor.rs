@@ -463,11 +463,18 @@ impl Driver {
                 record.worker_addresses().join(","),
             );
         }
-        match self.shared.backend.start(&self.job.id, spec, env).await {
+        let machine = record.placement.get(&component).map(|p| &p.machine);
+        match self
+            .shared
+            .backend
+            .start(&self.job.id, spec, machine, env)
+            .await
+        {
             Ok(started) => {
                 crate::failpoint::hit("session.after_start");
-                // Not known yet (a pod not yet running): observing reports it.
+                // Not known yet (a pod not yet running): observing reports it, in a moment.
                 let Some(address) = started else {
+                    tokio::time::sleep(self.shared.config.poll_interval).await;
                     return Ok(true);
                 };
                 let step = format!("started\n{component}");

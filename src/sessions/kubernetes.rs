@@ -26,8 +26,8 @@ use std::time::{Duration, SystemTime};
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use k8s_openapi::api::core::v1::{
-    Affinity, Container, ContainerPort, EnvVar, Node, Pod, PodAffinityTerm, PodAntiAffinity,
-    PodSpec,
+    Affinity, Container, ContainerPort, EnvVar, Node, NodeAffinity, NodeSelector,
+    NodeSelectorRequirement, NodeSelectorTerm, Pod, PodAffinityTerm, PodAntiAffinity, PodSpec,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
     LabelSelector, LabelSelectorRequirement, ObjectMeta,
@@ -51,9 +51,19 @@ pub const COMPONENT: &str = "switchyard.dev/component";
 pub const COMPONENT_KIND: &str = "switchyard.dev/component-kind";
 pub const POOL: &str = "switchyard.dev/pool";
 
-/// The pod of a session's component.
+/// The pod of a session's component: both names and a digest of the pair, so that no two
+/// pairs share a pod (`a-b` + `c` and `a` + `b-c` would).
 pub fn pod_name(session: &SessionId, component: &ComponentName) -> String {
-    label(&format!("{session}-{component}"), 63)
+    let digest = ring::digest::digest(
+        &ring::digest::SHA256,
+        format!("{session}\n{component}").as_bytes(),
+    );
+    let hex: String = digest.as_ref()[..4]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let name = label(&format!("{session}-{component}"), 63 - hex.len() - 1);
+    format!("{name}-{hex}")
 }
 
 /// The labels that pick this instance's session pods (and one session's, with `session`).
@@ -81,6 +91,8 @@ pub struct PodPlan<'a> {
     pub env: &'a BTreeMap<String, String>,
     pub port: u16,
     pub pool_label: &'a str,
+    /// The node it must run on (the scheduler's placement, when pools are nodes).
+    pub node: Option<&'a MachineName>,
 }
 
 impl PodPlan<'_> {
@@ -145,6 +157,19 @@ impl PodPlan<'_> {
                 )])),
                 // One session component per node: a pool's machine is a node.
                 affinity: Some(Affinity {
+                    node_affinity: self.node.map(|node| NodeAffinity {
+                        required_during_scheduling_ignored_during_execution: Some(NodeSelector {
+                            node_selector_terms: vec![NodeSelectorTerm {
+                                match_fields: Some(vec![NodeSelectorRequirement {
+                                    key: "metadata.name".to_owned(),
+                                    operator: "In".to_owned(),
+                                    values: Some(vec![node.to_string()]),
+                                }]),
+                                ..NodeSelectorTerm::default()
+                            }],
+                        }),
+                        ..NodeAffinity::default()
+                    }),
                     pod_anti_affinity: Some(PodAntiAffinity {
                         required_during_scheduling_ignored_during_execution: Some(vec![
                             PodAffinityTerm {
@@ -198,6 +223,12 @@ const FATAL_WAITING: [&str; 6] = [
 /// What a pod says of its component (orch's `diagnose`, with the reasons kept).
 pub fn observe_pod(pod: &Pod, port: u16) -> Observed {
     let status = pod.status.clone().unwrap_or_default();
+    if pod.metadata.deletion_timestamp.is_some() {
+        return Observed::Vanished {
+            address: status.pod_ip.map(|ip| format!("{ip}:{port}")),
+            why: "its pod is being deleted".to_owned(),
+        };
+    }
     let address = status
         .pod_ip
         .as_deref()
@@ -311,11 +342,14 @@ pub struct KubernetesSessions {
     kube: Kube,
     instance: String,
     pods: Store<Pod>,
+    /// Pools are nodes: a component runs on the node it was placed on.
+    pin: bool,
 }
 
 impl KubernetesSessions {
-    /// Starts the pod watcher (it runs until `stopped`).
-    pub fn start(kube: Kube, instance: &str, stopped: watch::Receiver<bool>) -> Self {
+    /// Starts the pod watcher (it runs until `stopped`). With `pin`, the pools are the nodes
+    /// and each component is placed on its machine's node.
+    pub fn start(kube: Kube, instance: &str, pin: bool, stopped: watch::Receiver<bool>) -> Self {
         let (pods, writer) = reflector::store::<Pod>();
         let watched = kube.clone();
         let selector = selector(instance, None);
@@ -339,6 +373,7 @@ impl KubernetesSessions {
             kube,
             instance: instance.to_owned(),
             pods,
+            pin,
         }
     }
 
@@ -425,6 +460,7 @@ impl SessionBackend for KubernetesSessions {
         &'a self,
         session: &'a SessionId,
         component: &'a ComponentSpec,
+        machine: Option<&'a MachineName>,
         env: BTreeMap<String, String>,
     ) -> BoxFuture<'a, Result<Option<String>>> {
         Box::pin(async move {
@@ -437,6 +473,7 @@ impl SessionBackend for KubernetesSessions {
                 env: &env,
                 port: config.component_port,
                 pool_label: &config.pool_label,
+                node: machine.filter(|_| self.pin),
             };
             let pod = plan.pod().map_err(|reason| BackendError::Refused {
                 what: format!("cannot start component {}", component.name),
@@ -477,7 +514,7 @@ impl SessionBackend for KubernetesSessions {
             let name = pod_name(session, component);
             let call = crate::kubernetes::Call {
                 method: "get",
-                resource: "pods/log",
+                resource: "pods/log".to_owned(),
                 namespace: Some(self.namespace()),
                 name: Some(&name),
             };
@@ -486,7 +523,11 @@ impl SessionBackend for KubernetesSessions {
                 .call(call, |_| {
                     let api = api.clone();
                     let name = name.clone();
-                    async move { api.logs(&name, &LogParams::default()).await }
+                    async move {
+                        crate::lessons::kubernetes::lossy(
+                            api.logs(&name, &LogParams::default()).await,
+                        )
+                    }
                 })
                 .await
             {
@@ -635,9 +676,10 @@ mod tests {
             env: &env,
             port: 10000,
             pool_label: "pool",
+            node: Some(&MachineName::new("n3").unwrap()),
         };
         let pod = plan.pod().unwrap();
-        assert_eq!(pod.metadata.name.as_deref(), Some("s1-driver"));
+        assert!(pod.metadata.name.unwrap().starts_with("s1-driver-"));
         let spec = pod.spec.unwrap();
         assert_eq!(spec.node_selector.unwrap()["pool"], "drivers");
         assert_eq!(spec.restart_policy.as_deref(), Some("Never"));
@@ -650,7 +692,23 @@ mod tests {
             .collect();
         assert!(env.contains(&("QPS_WORKERS".into(), "10.0.0.1:10000".into())));
         assert!(env.contains(&("PORT".into(), "10000".into())));
-        assert!(spec.affinity.unwrap().pod_anti_affinity.is_some());
+        let affinity = spec.affinity.unwrap();
+        assert!(affinity.pod_anti_affinity.is_some());
+        let pinned = serde_json::to_string(&affinity.node_affinity).unwrap();
+        assert!(pinned.contains("\"n3\""), "{pinned}");
+        // Joined names that read the same get distinct pods.
+        let (a, b) = (
+            pod_name(
+                &SessionId::new("a-b").unwrap(),
+                &ComponentName::new("c").unwrap(),
+            ),
+            pod_name(
+                &SessionId::new("a").unwrap(),
+                &ComponentName::new("b-c").unwrap(),
+            ),
+        );
+        assert_ne!(a, b);
+        assert!(a.len() <= 63 && crate::domain::ids::dns_label(&a));
     }
 
     #[test]
@@ -668,6 +726,7 @@ mod tests {
                 env: &env,
                 port: 10000,
                 pool_label: "pool",
+                node: None,
             }
             .pod()
             .unwrap_err()

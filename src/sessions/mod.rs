@@ -123,12 +123,14 @@ fn start(cx: &mut Starter<'_>) {
         SessionBackendKind::Local => (local(), watch::channel(Some(pools)).1),
         SessionBackendKind::Kubernetes => match Kube::new(cx.config.kubernetes.clone()) {
             Ok(kube) => {
+                let from_nodes = pools.is_empty();
                 let backend: Arc<dyn SessionBackend> = Arc::new(KubernetesSessions::start(
                     kube.clone(),
                     &instance,
+                    from_nodes,
                     stopped.clone(),
                 ));
-                let pools = if pools.is_empty() {
+                let pools = if from_nodes {
                     kubernetes::watch_pools(kube, stopped.clone())
                 } else {
                     watch::channel(Some(pools)).1

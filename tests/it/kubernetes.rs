@@ -144,6 +144,17 @@ impl Kubelet {
     }
 
     pub async fn run(client: &kube::Client, ns: &str, endpoints: &[&str]) -> Self {
+        Self::run_with(client, ns, endpoints, false).await
+    }
+
+    /// With `impostor`, each sshd presents a host key of its own instead of the Secret's: a
+    /// machine in the middle.
+    pub async fn run_with(
+        client: &kube::Client,
+        ns: &str,
+        endpoints: &[&str],
+        impostor: bool,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
         let services: Api<Service> = Api::namespaced(client.clone(), ns);
@@ -167,11 +178,22 @@ impl Kubelet {
             .await;
             let home = dir.path().join(endpoint);
             std::fs::create_dir_all(&home).unwrap();
-            let host_key = write_private(
-                dir.path(),
-                &format!("{endpoint}.key"),
-                &text(&format!("host-{endpoint}")),
-            );
+            let host_key = if impostor {
+                let path = dir.path().join(format!("{endpoint}.key"));
+                let made = Command::new("ssh-keygen")
+                    .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+                    .arg(&path)
+                    .status()
+                    .unwrap();
+                assert!(made.success());
+                path
+            } else {
+                write_private(
+                    dir.path(),
+                    &format!("{endpoint}.key"),
+                    &text(&format!("host-{endpoint}")),
+                )
+            };
             let keys = dir.path().join(format!("{endpoint}.authorized_keys"));
             std::fs::write(&keys, text("authorized_keys")).unwrap();
             let login = dir.path().join(format!("{endpoint}.login"));
@@ -366,6 +388,29 @@ async fn the_sample_lesson_gets_a_namespace_of_its_own_reaches_ready_and_is_dele
             .is_empty()
     );
     drop(kubelet);
+}
+
+#[actix_rt::test]
+async fn an_endpoint_presenting_another_host_key_than_its_secrets_fails_the_lesson() {
+    let emulator = Emulator::start();
+    let test = with_kubernetes(&emulator, &sample_curriculum()).await;
+    let client = emulator.client();
+    create_session(&test, "demo", false).await;
+    let id = request(&test, "demo", "ssh-basics", 1).await;
+    let ns = namespace_of(&client, &id).await.metadata.name.unwrap();
+    let kubelet = Kubelet::run_with(&client, &ns, &["alpha", "beta"], true).await;
+    let mut view = Value::Null;
+    for _ in 0..300 {
+        view = crate::lessons::live(&test, &id).await;
+        if view["status"] == "ERROR" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(view["status"], "ERROR", "{view:#}");
+    assert!(view.to_string().contains("Unknown server key"), "{view:#}");
+    // No script ran on an impostor.
+    assert!(!kubelet.home("alpha").join("motd.txt").exists());
 }
 
 #[actix_rt::test]
@@ -753,6 +798,14 @@ async fn session_pods(client: &kube::Client, id: &str) -> Vec<String> {
         .collect()
 }
 
+/// The pod of a session's component.
+fn pod_of(session: &str, component: &str) -> String {
+    switchyard::sessions::kubernetes::pod_name(
+        &switchyard::domain::sessions::SessionId::new(session).unwrap(),
+        &switchyard::domain::sessions::ComponentName::new(component).unwrap(),
+    )
+}
+
 fn k8s_component(name: &str, kind: &str, pool: &str) -> Value {
     json!({"name": name, "kind": kind, "pool": pool, "command": kind, "image": format!("grpc/{kind}")})
 }
@@ -777,7 +830,7 @@ async fn a_session_runs_a_pod_per_component_on_its_pools_nodes_through_a_broken_
     .await;
     let running = json!({"running": {}});
     for (worker, ip) in [("w1", "10.0.0.1"), ("w2", "10.0.0.2")] {
-        let found = pod(&client, &format!("{id}-{worker}")).await;
+        let found = pod(&client, &pod_of(&id, worker)).await;
         let spec = found.spec.unwrap();
         assert_eq!(spec.node_selector.unwrap()["pool"], "workers");
         assert_eq!(
@@ -788,9 +841,9 @@ async fn a_session_runs_a_pod_per_component_on_its_pools_nodes_through_a_broken_
             ))
             .as_deref()
         );
-        set_pod(&client, &format!("{id}-{worker}"), ip, running.clone()).await;
+        set_pod(&client, &pod_of(&id, worker), ip, running.clone()).await;
     }
-    let driver = pod(&client, &format!("{id}-driver")).await;
+    let driver = pod(&client, &pod_of(&id, "driver")).await;
     let env: Vec<(String, String)> = driver.spec.unwrap().containers[0]
         .env
         .clone()
@@ -805,29 +858,23 @@ async fn a_session_runs_a_pod_per_component_on_its_pools_nodes_through_a_broken_
         )),
         "{env:?}"
     );
-    set_pod(
-        &client,
-        &format!("{id}-driver"),
-        "10.0.0.3",
-        running.clone(),
-    )
-    .await;
+    set_pod(&client, &pod_of(&id, "driver"), "10.0.0.3", running.clone()).await;
     wait_for("the session to run", Duration::from_secs(30), || async {
         (crate::sessions::get(&test, &id).await["status"] == "RUNNING").then_some(())
     })
     .await;
 
     // The watch breaks, and the driver ends while it is down: the re-list brings it.
-    emulator.control("watch-gone", json!({"count": 1})).await;
+    emulator.control("watch-gone", json!({"count": 3})).await;
     emulator
         .control(
             "logs",
-            json!({"namespace": "default", "pod": format!("{id}-driver"), "text": "qps: 12345\n"}),
+            json!({"namespace": "default", "pod": pod_of(&id, "driver"), "text": "qps: 12345\n"}),
         )
         .await;
     set_pod(
         &client,
-        &format!("{id}-driver"),
+        &pod_of(&id, "driver"),
         "10.0.0.3",
         json!({"terminated": {"exitCode": 0}}),
     )
@@ -857,10 +904,10 @@ async fn a_failing_driver_or_an_unpullable_image_ends_in_error_and_is_cleaned_up
         json!({"id": "failing", "components": [k8s_component("driver", "driver", "drivers")]}),
     )
     .await;
-    pod(&client, "failing-driver").await;
+    pod(&client, &pod_of("failing", "driver")).await;
     set_pod(
         &client,
-        "failing-driver",
+        &pod_of("failing", "driver"),
         "10.0.0.9",
         json!({"terminated": {"exitCode": 3, "reason": "Error"}}),
     )
@@ -875,10 +922,10 @@ async fn a_failing_driver_or_an_unpullable_image_ends_in_error_and_is_cleaned_up
         json!({"id": "unpullable", "components": [k8s_component("driver", "driver", "drivers")]}),
     )
     .await;
-    pod(&client, "unpullable-driver").await;
+    pod(&client, &pod_of("unpullable", "driver")).await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     pods.patch_status(
-        "unpullable-driver",
+        &pod_of("unpullable", "driver"),
         &PatchParams::default(),
         &Patch::Merge(json!({"status": {"phase": "Pending",
             "containerStatuses": [{"name": "main", "image": "i", "imageID": "", "ready": false,
@@ -951,6 +998,12 @@ async fn every_kubernetes_call_is_a_span_under_its_step() {
             json!({"method": "POST", "path": "/services$", "status": 403, "count": 100}),
         )
         .await;
+    emulator
+        .control(
+            "faults",
+            json!({"method": "POST", "path": "/namespaces$", "status": 429, "count": 2, "retry_after": 1}),
+        )
+        .await;
     let test = with_kubernetes(&emulator, &sample_curriculum()).await;
     create_session(&test, "traced", false).await;
     let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
@@ -1008,10 +1061,24 @@ async fn every_kubernetes_call_is_a_span_under_its_step() {
     assert_eq!(attribute(pod, "k8s.resource").as_deref(), Some("pods"));
     assert_eq!(attribute(pod, "k8s.method").as_deref(), Some("create"));
     assert_eq!(attribute(pod, "k8s.name").as_deref(), Some("alpha"));
-    assert_eq!(
-        attribute(pod, "http.response.status_code").as_deref(),
-        Some("200")
+    assert_eq!(attribute(pod, "attempts").as_deref(), Some("1"));
+    assert!(matches!(pod.status, Status::Unset), "{:?}", pod.status);
+    // Throttled twice: the same call, tried three times, waiting what the server asked.
+    let namespace = spans
+        .iter()
+        .find(|s| s.name == "k8s create namespaces")
+        .expect("a span for the namespace");
+    assert_eq!(attribute(namespace, "attempts").as_deref(), Some("3"));
+    assert!(
+        matches!(namespace.status, Status::Unset),
+        "{:?}",
+        namespace.status
     );
+    let waited = namespace
+        .end_time
+        .duration_since(namespace.start_time)
+        .unwrap();
+    assert!(waited >= Duration::from_secs(2), "retried after {waited:?}");
     let denied = spans
         .iter()
         .find(|s| s.name == "k8s create services")
@@ -1083,19 +1150,32 @@ async fn kill_9_right_after_a_components_pod_is_created_then_restart_adopts_it_a
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(crashing.has_exited(), "the failpoint was not reached");
-    let worker = pod(&kube, "drill-w1").await;
+    let worker = pod(&kube, &pod_of("drill", "w1")).await;
     let uid = worker.metadata.uid.clone().unwrap();
 
     let plain = [("SWITCHYARD_CONFIG", config.to_str().unwrap())];
     let _restarted = Switchyard::spawn_with(&nats.url(), &log, &plain);
     wait_serving(&client).await;
-    set_pod(&kube, "drill-w1", "10.0.0.1", json!({"running": {}})).await;
-    pod(&kube, "drill-driver").await;
-    // The worker's pod made before the crash was adopted, not made again.
-    assert_eq!(pod(&kube, "drill-w1").await.metadata.uid.unwrap(), uid);
     set_pod(
         &kube,
-        "drill-driver",
+        &pod_of("drill", "w1"),
+        "10.0.0.1",
+        json!({"running": {}}),
+    )
+    .await;
+    pod(&kube, &pod_of("drill", "driver")).await;
+    // The worker's pod made before the crash was adopted, not made again.
+    assert_eq!(
+        pod(&kube, &pod_of("drill", "w1"))
+            .await
+            .metadata
+            .uid
+            .unwrap(),
+        uid
+    );
+    set_pod(
+        &kube,
+        &pod_of("drill", "driver"),
         "10.0.0.2",
         json!({"terminated": {"exitCode": 0}}),
     )

@@ -88,6 +88,9 @@ class Emulator(kmock.KubernetesEmulator):
                 return status(fault[2], 'injected by the test', fault[4])
         log = re.fullmatch(r'/api/v1/namespaces/([^/]+)/pods/([^/]+)/log', path)
         if log and request.method == 'GET':
+            if not any(key[0].plural == 'pods' and key[1:] == (log[1], log[2]) and not obj.deleted
+                       for key, obj in self._objects.items()):
+                return status(404, f'pods "{log[2]}" not found')
             return aiohttp.web.Response(text=self.logs.get((log[1], log[2]), ''))
         if request.resource is not None and request.method == 'DELETE' and request.name is None:
             return await self._delete_collection(request)

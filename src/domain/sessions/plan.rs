@@ -112,6 +112,11 @@ pub fn next(record: &Record, observed: &BTreeMap<ComponentName, Observed>, now: 
     for spec in &order {
         let state = record.component(&spec.name);
         let (health, detail) = match observed.get(&spec.name) {
+            // It ran, and the backend has nothing of it any more (a pod deleted under it).
+            None if state.started.is_some() && !state.health.is_terminal() => (
+                Health::Failed,
+                "the backend has nothing of it any more".to_owned(),
+            ),
             Some(Observed::Exited { code: 0, .. }) => (Health::Succeeded, "exited 0".to_owned()),
             Some(Observed::Exited { code, .. }) => {
                 (Health::Failed, format!("exited with code {code}"))
@@ -123,7 +128,7 @@ pub fn next(record: &Record, observed: &BTreeMap<ComponentName, Observed>, now: 
         };
         if state.started.is_none() {
             // Record where it ran before its end.
-            if let Some(address) = observed[&spec.name].address() {
+            if let Some(address) = observed.get(&spec.name).and_then(Observed::address) {
                 return Step::Adopt {
                     component: spec.name.clone(),
                     address: address.to_owned(),
@@ -144,7 +149,12 @@ pub fn next(record: &Record, observed: &BTreeMap<ComponentName, Observed>, now: 
         let state = record.component(&spec.name);
         match (state.health, spec.kind) {
             (Health::Failed, _) => {
-                let vanished = matches!(observed.get(&spec.name), Some(Observed::Vanished { .. }));
+                // Lost by the backend (not a refusal to start it): an internal error.
+                let vanished = match observed.get(&spec.name) {
+                    Some(Observed::Vanished { .. }) => true,
+                    None => state.started.is_some(),
+                    Some(_) => false,
+                };
                 let detail = state.detail.clone().unwrap_or_else(|| "failed".to_owned());
                 return Step::Finish {
                     outcome: if vanished {
@@ -475,6 +485,29 @@ mod tests {
             next(&r, &failed, t(2)),
             Step::Finish {
                 outcome: Outcome::Error,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn a_started_component_the_backend_lost_is_an_internal_error() {
+        let mut r = record();
+        started(&mut r, "s", Health::Ready);
+        let nothing = BTreeMap::new();
+        assert_eq!(
+            next(&r, &nothing, t(2)),
+            Step::Health {
+                component: name("s"),
+                health: Health::Failed,
+                detail: Some("the backend has nothing of it any more".into()),
+            }
+        );
+        r.components.get_mut(&name("s")).unwrap().health = Health::Failed;
+        assert!(matches!(
+            next(&r, &nothing, t(2)),
+            Step::Finish {
+                outcome: Outcome::InternalError,
                 ..
             }
         ));

@@ -12,7 +12,6 @@
 pub mod objects;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
@@ -37,6 +36,7 @@ use objects::{Owner, PodState};
 /// The lesson's keys, as read from its Secret.
 struct Credentials {
     key: Arc<PrivateKey>,
+    /// Each endpoint's host key, by endpoint name.
     host_keys: BTreeMap<String, PublicKey>,
 }
 
@@ -167,7 +167,7 @@ impl KubernetesBackend {
     async fn logs(&self, pods: &Api<Pod>, ns: &str, name: &str) -> String {
         let call = crate::kubernetes::Call {
             method: "get",
-            resource: "pods/log",
+            resource: "pods/log".to_owned(),
             namespace: Some(ns),
             name: Some(name),
         };
@@ -180,7 +180,7 @@ impl KubernetesBackend {
                         tail_lines: Some(200),
                         ..LogParams::default()
                     };
-                    pods.logs(&name, &params).await
+                    lossy(pods.logs(&name, &params).await)
                 }
             })
             .await
@@ -242,16 +242,17 @@ impl KubernetesBackend {
                 "cannot create {}",
                 dir.display()
             )))?;
-        let partial = dir.join("id_ed25519.partial");
-        tokio::fs::write(&partial, private.as_bytes())
-            .await
-            .map_err(BackendError::failed("cannot write the lesson's key"))?;
-        tokio::fs::set_permissions(&partial, std::fs::Permissions::from_mode(0o600))
-            .await
-            .map_err(BackendError::failed("cannot protect the lesson's key"))?;
-        tokio::fs::rename(&partial, &path)
-            .await
-            .map_err(BackendError::failed("cannot write the lesson's key"))
+        crate::backend::write_private(&path, private.as_bytes()).await
+    }
+}
+
+/// A log as text, whatever bytes it holds.
+pub(crate) fn lossy(log: kube::Result<String>) -> kube::Result<String> {
+    match log {
+        Err(kube::Error::FromUtf8(bytes)) => {
+            Ok(String::from_utf8_lossy(bytes.as_bytes()).into_owned())
+        }
+        other => other,
     }
 }
 
@@ -343,10 +344,7 @@ impl LessonBackend for KubernetesBackend {
     ) -> BoxFuture<'a, Option<PublicKey>> {
         Box::pin(async move {
             let credentials = self.credentials(id).await.ok()?;
-            credentials
-                .host_keys
-                .get(&objects::host_key_name(endpoint))
-                .cloned()
+            credentials.host_keys.get(endpoint.as_str()).cloned()
         })
     }
 
@@ -368,14 +366,7 @@ impl LessonBackend for KubernetesBackend {
             lock(&self.prepared).remove(id);
             lock(&self.credentials).remove(id);
             let dir = self.keys.join(id.as_str());
-            match tokio::fs::remove_dir_all(&dir).await {
-                Ok(()) => Ok(()),
-                Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
-                Err(err) => Err(BackendError::Failed {
-                    what: format!("cannot delete {}", dir.display()),
-                    source: err,
-                }),
-            }
+            crate::backend::remove_dir(&dir).await
         })
     }
 

@@ -243,8 +243,9 @@ impl Owner<'_> {
                             (LIVE_LESSON.to_owned(), label_value(self.id.as_str())),
                             (ENDPOINT.to_owned(), label_value(endpoint.name.as_str())),
                         ])),
+                        // One port: it needs no name (and a presentation's name may not
+                        // be a valid port name).
                         ports: Some(vec![ServicePort {
-                            name: Some(label(p.name.as_str(), 15)),
                             port: i32::from(p.port),
                             target_port: Some(IntOrString::Int(i32::from(p.port))),
                             protocol: Some("TCP".to_owned()),
