@@ -209,7 +209,9 @@ async fn never_more_sessions_run_than_executors_and_all_finish() {
         ids.push(
             schedule(
                 &test,
-                json!({"id": format!("s{i}"), "components": [component("driver", "driver", "sleep 0.3")]}),
+                // Long enough that the next one is queued before this one ends, even on a
+                // loaded machine: two must run at once at some instant.
+                json!({"id": format!("s{i}"), "components": [component("driver", "driver", "sleep 1")]}),
             )
             .await,
         );
