@@ -3,6 +3,7 @@
 //! **Architecture invariant:** nothing in `domain` does I/O. No tokio, actix, NATS, kube or russh
 //! here (checked by `tests/it/architecture.rs`); time comes in as an argument.
 
+pub mod cloud;
 pub mod counter;
 pub mod event;
 pub mod ids;
