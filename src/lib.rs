@@ -9,6 +9,7 @@ pub mod backend;
 pub mod bench;
 pub mod cli;
 pub mod client;
+pub mod cloud;
 pub mod cluster;
 pub mod codec;
 pub mod config;

@@ -8,6 +8,7 @@ mod architecture;
 mod audit;
 mod backend;
 mod bench;
+mod cloud;
 mod cluster;
 mod crash;
 mod external;

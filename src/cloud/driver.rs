@@ -1,0 +1,335 @@
+//! The driver contract (seed 003, arvados `lib/cloud/interfaces.go`): a driver, chosen by name
+//! in configuration, makes an instance set from its configuration and an instance-set id; the
+//! set creates, lists (filtered by tags), destroys and re-tags instances, and may verify an
+//! instance's host key. Errors are typed ([`DriverError`]) so the throttles know what to hold.
+//!
+//! [`StubDriver`] is the tests' and benchmarks' driver: instances that exist only in memory,
+//! errors injected per operation, and a record of every call.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use futures::future::BoxFuture;
+
+use crate::domain::Timestamp;
+use crate::domain::cloud::throttle::{CapacityScope, DriverErrorKind};
+use crate::runtime::Clock;
+
+/// What to create.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InstanceSpec {
+    pub instance_type: String,
+    pub image: String,
+    pub tags: BTreeMap<String, String>,
+    /// Run once when it boots (it writes the instance secret); under 1 KiB.
+    pub init_command: String,
+    /// The one key that may log in (an OpenSSH public key line).
+    pub public_key: String,
+}
+
+/// An instance, as the driver lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Instance {
+    pub id: String,
+    pub instance_type: String,
+    pub tags: BTreeMap<String, String>,
+    /// `host:port` of its SSH server, once it has one.
+    pub address: Option<String>,
+    pub remote_user: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DriverError {
+    #[error("rate limited until {earliest_retry}: {message}")]
+    RateLimited {
+        earliest_retry: Timestamp,
+        message: String,
+    },
+    #[error("at quota: {message}")]
+    Quota { message: String },
+    #[error("no capacity for {scope:?}: {message}")]
+    Capacity {
+        scope: CapacityScope,
+        message: String,
+    },
+    #[error("not implemented by this driver")]
+    NotImplemented,
+    #[error("{message}")]
+    Failed { message: String },
+    #[error("unknown driver {name:?}; known: {known}")]
+    UnknownDriver { name: String, known: String },
+    #[error("invalid driver configuration: {message}")]
+    InvalidConfig { message: String },
+}
+
+impl DriverError {
+    /// What the throttles make of it.
+    pub fn kind(&self) -> DriverErrorKind {
+        match self {
+            DriverError::RateLimited { earliest_retry, .. } => DriverErrorKind::RateLimited {
+                earliest_retry: *earliest_retry,
+            },
+            DriverError::Quota { .. } => DriverErrorKind::Quota,
+            DriverError::Capacity { scope, .. } => DriverErrorKind::Capacity {
+                scope: scope.clone(),
+            },
+            DriverError::NotImplemented => DriverErrorKind::NotImplemented,
+            DriverError::Failed { .. }
+            | DriverError::UnknownDriver { .. }
+            | DriverError::InvalidConfig { .. } => DriverErrorKind::Other,
+        }
+    }
+}
+
+pub type Result<T, E = DriverError> = std::result::Result<T, E>;
+
+/// One set of instances, owned by one instance-set id.
+pub trait InstanceSet: Send + Sync + 'static {
+    fn create<'a>(&'a self, spec: &'a InstanceSpec) -> BoxFuture<'a, Result<Instance>>;
+    /// The instances carrying every one of `tags`.
+    fn instances<'a>(
+        &'a self,
+        tags: &'a BTreeMap<String, String>,
+    ) -> BoxFuture<'a, Result<Vec<Instance>>>;
+    fn destroy<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<()>>;
+    fn set_tags<'a>(
+        &'a self,
+        id: &'a str,
+        tags: &'a BTreeMap<String, String>,
+    ) -> BoxFuture<'a, Result<()>>;
+    /// Whether `host_key` (an OpenSSH public key line) is the instance's; `NotImplemented`
+    /// when the driver cannot tell (the instance secret is checked instead).
+    fn verify_host_key<'a>(&'a self, id: &'a str, host_key: &'a str) -> BoxFuture<'a, Result<()>>;
+    /// Releases what the set holds in this process (not the instances).
+    fn stop(&self);
+}
+
+/// Makes instance sets.
+pub trait Driver: Send + Sync + 'static {
+    fn name(&self) -> &'static str;
+    fn instance_set(
+        &self,
+        config: &serde_json::Value,
+        set_id: &str,
+    ) -> Result<Arc<dyn InstanceSet>>;
+}
+
+/// The drivers configuration may name.
+#[derive(Clone, Default)]
+pub struct Registry {
+    drivers: BTreeMap<&'static str, Arc<dyn Driver>>,
+}
+
+impl Registry {
+    pub fn register(&mut self, driver: Arc<dyn Driver>) {
+        self.drivers.insert(driver.name(), driver);
+    }
+
+    pub fn get(&self, name: &str) -> Result<Arc<dyn Driver>> {
+        self.drivers
+            .get(name)
+            .cloned()
+            .ok_or_else(|| DriverError::UnknownDriver {
+                name: name.to_owned(),
+                known: self.drivers.keys().copied().collect::<Vec<_>>().join(", "),
+            })
+    }
+}
+
+/// The operations a driver is called for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Operation {
+    Create,
+    Instances,
+    Destroy,
+    SetTags,
+    VerifyHostKey,
+}
+
+/// One call the stub received, and when.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StubCall {
+    pub operation: Operation,
+    pub at: Timestamp,
+    pub set_id: String,
+}
+
+#[derive(Default)]
+struct StubState {
+    instances: BTreeMap<String, (String, Instance)>,
+    next: u64,
+    calls: Vec<StubCall>,
+    errors: BTreeMap<Operation, VecDeque<DriverError>>,
+}
+
+/// Instances in memory, errors on demand, every call recorded.
+#[derive(Clone)]
+pub struct StubDriver {
+    clock: Clock,
+    state: Arc<Mutex<StubState>>,
+}
+
+impl StubDriver {
+    pub fn new(clock: Clock) -> Self {
+        Self {
+            clock,
+            state: Arc::new(Mutex::new(StubState::default())),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, StubState> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The next call of `operation` fails with `error` (queued: one per call).
+    pub fn inject(&self, operation: Operation, error: DriverError) {
+        self.state()
+            .errors
+            .entry(operation)
+            .or_default()
+            .push_back(error);
+    }
+
+    /// Every call so far.
+    pub fn calls(&self) -> Vec<StubCall> {
+        self.state().calls.clone()
+    }
+
+    /// Every instance, of every set.
+    pub fn all_instances(&self) -> Vec<Instance> {
+        self.state()
+            .instances
+            .values()
+            .map(|(_, i)| i.clone())
+            .collect()
+    }
+}
+
+struct StubSet {
+    driver: StubDriver,
+    set_id: String,
+}
+
+impl StubSet {
+    /// Records the call; the injected error, if one is queued.
+    fn call(&self, operation: Operation) -> Result<()> {
+        let at = (self.driver.clock)();
+        let mut state = self.driver.state();
+        state.calls.push(StubCall {
+            operation,
+            at,
+            set_id: self.set_id.clone(),
+        });
+        match state
+            .errors
+            .get_mut(&operation)
+            .and_then(VecDeque::pop_front)
+        {
+            Some(error) => Err(error),
+            None => Ok(()),
+        }
+    }
+}
+
+impl InstanceSet for StubSet {
+    fn create<'a>(&'a self, spec: &'a InstanceSpec) -> BoxFuture<'a, Result<Instance>> {
+        Box::pin(async move {
+            self.call(Operation::Create)?;
+            let mut state = self.driver.state();
+            state.next += 1;
+            let instance = Instance {
+                id: format!("stub-{}", state.next),
+                instance_type: spec.instance_type.clone(),
+                tags: spec.tags.clone(),
+                address: None,
+                remote_user: "root".to_owned(),
+            };
+            state
+                .instances
+                .insert(instance.id.clone(), (self.set_id.clone(), instance.clone()));
+            Ok(instance)
+        })
+    }
+
+    fn instances<'a>(
+        &'a self,
+        tags: &'a BTreeMap<String, String>,
+    ) -> BoxFuture<'a, Result<Vec<Instance>>> {
+        Box::pin(async move {
+            self.call(Operation::Instances)?;
+            Ok(self
+                .driver
+                .state()
+                .instances
+                .values()
+                .map(|(_, i)| i)
+                .filter(|i| tags.iter().all(|(k, v)| i.tags.get(k) == Some(v)))
+                .cloned()
+                .collect())
+        })
+    }
+
+    fn destroy<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            self.call(Operation::Destroy)?;
+            self.driver.state().instances.remove(id);
+            Ok(())
+        })
+    }
+
+    fn set_tags<'a>(
+        &'a self,
+        id: &'a str,
+        tags: &'a BTreeMap<String, String>,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            self.call(Operation::SetTags)?;
+            match self.driver.state().instances.get_mut(id) {
+                Some((_, instance)) => {
+                    instance.tags = tags.clone();
+                    Ok(())
+                }
+                None => Err(DriverError::Failed {
+                    message: format!("no instance {id}"),
+                }),
+            }
+        })
+    }
+
+    fn verify_host_key<'a>(
+        &'a self,
+        _id: &'a str,
+        _host_key: &'a str,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            self.call(Operation::VerifyHostKey)?;
+            Err(DriverError::NotImplemented)
+        })
+    }
+
+    fn stop(&self) {}
+}
+
+impl Driver for StubDriver {
+    fn name(&self) -> &'static str {
+        "stub"
+    }
+
+    fn instance_set(
+        &self,
+        _config: &serde_json::Value,
+        set_id: &str,
+    ) -> Result<Arc<dyn InstanceSet>> {
+        if set_id.is_empty() {
+            return Err(DriverError::InvalidConfig {
+                message: "an instance set needs an id".into(),
+            });
+        }
+        Ok(Arc::new(StubSet {
+            driver: self.clone(),
+            set_id: set_id.to_owned(),
+        }))
+    }
+}
