@@ -6,8 +6,6 @@
 //! `.tools/venv`). No kubelet runs there, so this times the control plane's side only.
 
 use std::io::Write;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -23,51 +21,8 @@ use super::{Bench, Options, Report, Row};
 use crate::config::{LessonBackendKind, SessionBackendKind};
 use crate::domain::lessons::{LiveLessonId, LiveSessionId};
 use crate::domain::sessions::SessionId;
+use crate::kubernetes::emulator::Emulator;
 use crate::lessons::kubernetes::objects::{self, Owner};
-
-/// The emulator, killed on drop.
-struct Emulator {
-    child: Child,
-    url: String,
-}
-
-impl Emulator {
-    /// None when it is not installed here.
-    fn start() -> anyhow::Result<Option<Self>> {
-        let python = crate::nats_server::tools_dir().join("venv/bin/python");
-        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/kubernetes/emulator.py");
-        if !python.exists() || !script.exists() {
-            return Ok(None);
-        }
-        let mut child = Command::new(python)
-            .arg(script)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting the Kubernetes API emulator")?;
-        let stdout = child.stdout.take().context("the emulator's output")?;
-        let mut line = String::new();
-        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)?;
-        match line.strip_prefix("READY ") {
-            Some(url) => Ok(Some(Self {
-                url: url.trim().to_owned(),
-                child,
-            })),
-            None => {
-                let _ = child.kill();
-                let _ = child.wait();
-                Ok(None)
-            }
-        }
-    }
-}
-
-impl Drop for Emulator {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 pub async fn kubernetes(
     url: &str,
@@ -78,7 +33,7 @@ pub async fn kubernetes(
     let (api, _emulator) = match &options.kubernetes_api {
         Some(api) => (api.clone(), None),
         None => match Emulator::start()? {
-            Some(emulator) => (emulator.url.clone(), Some(emulator)),
+            Some(emulator) => (emulator.url().to_owned(), Some(emulator)),
             None => {
                 writeln!(
                     out,

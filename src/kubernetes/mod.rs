@@ -9,6 +9,8 @@
 //! - 429, 5xx and broken connections are retried, waiting what the server asks
 //!   (`retryAfterSeconds`) or backing off, and then are [`KubeError::Unavailable`].
 
+pub mod emulator;
+
 use std::fmt::Debug;
 use std::future::Future;
 use std::sync::Arc;
@@ -392,11 +394,7 @@ pub fn label(raw: &str, max: usize) -> String {
     if raw.len() <= max && crate::domain::ids::dns_label(raw) {
         return raw.to_owned();
     }
-    let digest = ring::digest::digest(&ring::digest::SHA256, raw.as_bytes());
-    let hex: String = digest.as_ref()[..5]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let hex = digest(raw, 5);
     let mut kept: String = raw
         .chars()
         .map(|c| match c.to_ascii_lowercase() {
@@ -410,6 +408,90 @@ pub fn label(raw: &str, max: usize) -> String {
         hex
     } else {
         format!("{kept}-{hex}")
+    }
+}
+
+/// The first `bytes` bytes of `raw`'s SHA-256, in hex: what keeps shortened names distinct.
+pub fn digest(raw: &str, bytes: usize) -> String {
+    ring::digest::digest(&ring::digest::SHA256, raw.as_bytes()).as_ref()[..bytes.min(32)]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The labels that pick what `instance` made.
+pub fn instance_selector(instance: &str) -> String {
+    format!(
+        "{MANAGED_BY}={SWITCHYARD},{INSTANCE}={}",
+        label_value(instance)
+    )
+}
+
+/// Waiting reasons after which a container will not start by waiting longer.
+const FATAL_WAITING: [&str; 5] = [
+    "CrashLoopBackOff",
+    "ImagePullBackOff",
+    "InvalidImageName",
+    "ErrImageNeverPull",
+    "CreateContainerConfigError",
+];
+
+/// `reason: message`, of whichever of the two there is.
+pub fn reason_and_message(reason: Option<&str>, message: Option<&str>) -> String {
+    [reason, message]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join(": ")
+}
+
+/// Why `container` will not start by waiting longer (a crash loop, an image that cannot be
+/// pulled), if that is so.
+pub fn fatal_wait(container: &k8s_openapi::api::core::v1::ContainerStatus) -> Option<String> {
+    let waiting = container.state.as_ref()?.waiting.as_ref()?;
+    let reason = waiting.reason.as_deref()?;
+    FATAL_WAITING
+        .contains(&reason)
+        .then(|| reason_and_message(Some(reason), waiting.message.as_deref()))
+}
+
+/// A log as text, whatever bytes it holds.
+fn lossy(log: kube::Result<String>) -> kube::Result<String> {
+    match log {
+        Err(kube::Error::FromUtf8(bytes)) => {
+            Ok(String::from_utf8_lossy(bytes.as_bytes()).into_owned())
+        }
+        other => other,
+    }
+}
+
+impl Kube {
+    /// A pod's log (its last `tail_lines`, or all of it), read as text whatever its bytes.
+    pub async fn pod_log(
+        &self,
+        pods: &Api<k8s_openapi::api::core::v1::Pod>,
+        namespace: &str,
+        name: &str,
+        tail_lines: Option<i64>,
+    ) -> Result<String> {
+        let call = Call {
+            method: "get",
+            resource: "pods/log".to_owned(),
+            namespace: Some(namespace),
+            name: Some(name),
+        };
+        self.call(call, |_| {
+            let pods = pods.clone();
+            let name = name.to_owned();
+            async move {
+                let params = kube::api::LogParams {
+                    tail_lines,
+                    ..Default::default()
+                };
+                lossy(pods.logs(&name, &params).await)
+            }
+        })
+        .await
     }
 }
 

@@ -509,12 +509,7 @@ impl LessonBackend for LocalBackend {
     }
 
     fn ssh_command(&self, id: &LiveLessonId, address: &str) -> String {
-        let (host, port) = address.rsplit_once(':').unwrap_or((address, "22"));
-        format!(
-            "ssh -i {} -p {port} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null {}@{host}",
-            self.key_file(id).display(),
-            self.user
-        )
+        ssh_command(&self.key_file(id), &self.user, address)
     }
 
     fn delete<'a>(&'a self, id: &'a LiveLessonId) -> BoxFuture<'a, Result<()>> {
@@ -551,6 +546,15 @@ impl LessonBackend for LocalBackend {
             Ok(found.into_iter().collect())
         })
     }
+}
+
+/// The command that opens a shell as `user` on the ssh server at `address` with `key_file`.
+pub fn ssh_command(key_file: &Path, user: &str, address: &str) -> String {
+    let (host, port) = address.rsplit_once(':').unwrap_or((address, "22"));
+    format!(
+        "ssh -i {} -p {port} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null {user}@{host}",
+        key_file.display()
+    )
 }
 
 /// The user this Switchyard runs as: who logs in to local endpoints.

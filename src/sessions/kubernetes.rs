@@ -33,7 +33,6 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
     LabelSelector, LabelSelectorRequirement, ObjectMeta,
 };
 use kube::Api;
-use kube::api::LogParams;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use tokio::sync::watch;
@@ -54,24 +53,14 @@ pub const POOL: &str = "switchyard.dev/pool";
 /// The pod of a session's component: both names and a digest of the pair, so that no two
 /// pairs share a pod (`a-b` + `c` and `a` + `b-c` would).
 pub fn pod_name(session: &SessionId, component: &ComponentName) -> String {
-    let digest = ring::digest::digest(
-        &ring::digest::SHA256,
-        format!("{session}\n{component}").as_bytes(),
-    );
-    let hex: String = digest.as_ref()[..4]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let hex = crate::kubernetes::digest(&format!("{session}\n{component}"), 4);
     let name = label(&format!("{session}-{component}"), 63 - hex.len() - 1);
     format!("{name}-{hex}")
 }
 
 /// The labels that pick this instance's session pods (and one session's, with `session`).
 pub fn selector(instance: &str, session: Option<&SessionId>) -> String {
-    let mut selector = format!(
-        "{MANAGED_BY}={SWITCHYARD},{INSTANCE}={}",
-        label_value(instance)
-    );
+    let mut selector = crate::kubernetes::instance_selector(instance);
     match session {
         Some(session) => {
             selector.push_str(&format!(",{SESSION}={}", label_value(session.as_str())));
@@ -210,16 +199,6 @@ impl PodPlan<'_> {
     }
 }
 
-/// Waiting reasons after which a container will not start by waiting longer.
-const FATAL_WAITING: [&str; 6] = [
-    "CrashLoopBackOff",
-    "ImagePullBackOff",
-    "ErrImagePull",
-    "InvalidImageName",
-    "ErrImageNeverPull",
-    "CreateContainerConfigError",
-];
-
 /// What a pod says of its component (orch's `diagnose`, with the reasons kept).
 pub fn observe_pod(pod: &Pod, port: u16) -> Observed {
     let status = pod.status.clone().unwrap_or_default();
@@ -234,13 +213,6 @@ pub fn observe_pod(pod: &Pod, port: u16) -> Observed {
         .as_deref()
         .filter(|ip| !ip.is_empty())
         .map(|ip| format!("{ip}:{port}"));
-    let both = |reason: Option<&str>, message: Option<&str>| {
-        [reason, message]
-            .into_iter()
-            .flatten()
-            .collect::<Vec<_>>()
-            .join(": ")
-    };
     if let Some(container) = status.container_statuses.iter().flatten().next() {
         let terminated = container
             .state
@@ -258,18 +230,10 @@ pub fn observe_pod(pod: &Pod, port: u16) -> Observed {
                 code: terminated.exit_code,
             };
         }
-        if let Some(waiting) = container.state.as_ref().and_then(|s| s.waiting.as_ref())
-            && waiting
-                .reason
-                .as_deref()
-                .is_some_and(|r| FATAL_WAITING.contains(&r))
-        {
+        if let Some(why) = crate::kubernetes::fatal_wait(container) {
             return Observed::Failed {
                 address,
-                why: format!(
-                    "its container is waiting: {}",
-                    both(waiting.reason.as_deref(), waiting.message.as_deref())
-                ),
+                why: format!("its container is waiting: {why}"),
             };
         }
         if container
@@ -286,7 +250,10 @@ pub fn observe_pod(pod: &Pod, port: u16) -> Observed {
             address,
             why: format!(
                 "its pod failed: {}",
-                both(status.reason.as_deref(), status.message.as_deref())
+                crate::kubernetes::reason_and_message(
+                    status.reason.as_deref(),
+                    status.message.as_deref()
+                )
             ),
         },
         Some("Succeeded") => Observed::Exited {
@@ -512,25 +479,7 @@ impl SessionBackend for KubernetesSessions {
         Box::pin(async move {
             let api = self.api().await?;
             let name = pod_name(session, component);
-            let call = crate::kubernetes::Call {
-                method: "get",
-                resource: "pods/log".to_owned(),
-                namespace: Some(self.namespace()),
-                name: Some(&name),
-            };
-            let text = match self
-                .kube
-                .call(call, |_| {
-                    let api = api.clone();
-                    let name = name.clone();
-                    async move {
-                        crate::lessons::kubernetes::lossy(
-                            api.logs(&name, &LogParams::default()).await,
-                        )
-                    }
-                })
-                .await
-            {
+            let text = match self.kube.pod_log(&api, self.namespace(), &name, None).await {
                 Ok(text) => text,
                 Err(crate::kubernetes::KubeError::NotFound { .. }) => return Ok(None),
                 Err(err) => return Err(err.into()),

@@ -17,60 +17,29 @@ use serde_json::{Value, json};
 use crate::harness::{TestApp, start_app, wait_for};
 use crate::lessons::{create_session, request, sample_curriculum, wait_status, with_lessons};
 
-/// A running emulator, killed on drop.
-pub struct Emulator {
-    child: Child,
-    url: String,
-}
+/// The emulator, with panics for a test.
+pub struct Emulator(switchyard::kubernetes::emulator::Emulator);
 
 impl Emulator {
     pub fn start() -> Self {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/kubernetes/emulator.py");
-        let mut child = Command::new(crate::external::python())
-            .arg(&script)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("the emulator starts");
-        let stdout = child.stdout.take().unwrap();
-        let mut line = String::new();
-        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).unwrap();
-        let url = line
-            .strip_prefix("READY ")
-            .unwrap_or_else(|| {
-                panic!(
-                    "the emulator did not start (is kmock installed? run scripts/setup): {line:?}"
-                )
-            })
-            .trim()
-            .to_owned();
-        Self { child, url }
+        Self(
+            switchyard::kubernetes::emulator::Emulator::start()
+                .unwrap()
+                .expect("the Kubernetes API emulator (kmock): run scripts/setup"),
+        )
     }
 
     pub fn url(&self) -> &str {
-        &self.url
+        self.0.url()
     }
 
     pub fn client(&self) -> kube::Client {
-        let mut config = kube::Config::new(self.url.parse().unwrap());
-        config.default_retry = false;
-        kube::Client::try_from(config).unwrap()
+        self.0.client().unwrap()
     }
 
     /// Posts to one of the emulator's own endpoints (`faults`, `watch-gone`, `logs`).
     pub async fn control(&self, what: &str, body: Value) {
-        let request = http::Request::post(format!("/emulator/{what}"))
-            .header("content-type", "application/json")
-            .body(serde_json::to_vec(&body).unwrap())
-            .unwrap();
-        self.client().request_text(request).await.unwrap();
-    }
-}
-
-impl Drop for Emulator {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.0.control(what, &body).await.unwrap();
     }
 }
 
@@ -119,6 +88,23 @@ pub async fn namespace_of(client: &kube::Client, id: &str) -> Namespace {
         },
     )
     .await
+}
+
+/// Waits until the namespace `name` is gone.
+async fn wait_gone(namespaces: &Api<Namespace>, name: &str) {
+    wait_for(
+        &format!("{name} to be deleted"),
+        Duration::from_secs(30),
+        || async {
+            namespaces
+                .get_opt(name)
+                .await
+                .unwrap()
+                .is_none()
+                .then_some(())
+        },
+    )
+    .await;
 }
 
 /// What a kubelet would do for a lesson's pods: an sshd per endpoint with the keys the pod
@@ -507,19 +493,7 @@ async fn orphan_pruning_deletes_only_this_instances_namespaces_of_no_live_lesson
     create_session(&test, "demo", false).await;
     let id = request(&test, "demo", "ssh-basics", 1).await;
     let live_ns = namespace_of(&client, &id).await.metadata.name.unwrap();
-    wait_for(
-        "the orphan to be pruned",
-        Duration::from_secs(30),
-        || async {
-            namespaces
-                .get_opt("switchyard-gone-x-1")
-                .await
-                .unwrap()
-                .is_none()
-                .then_some(())
-        },
-    )
-    .await;
+    wait_gone(&namespaces, "switchyard-gone-x-1").await;
     // Another instance's, an unrelated one and the live lesson's stay.
     tokio::time::sleep(Duration::from_secs(1)).await;
     for kept in ["elsewhere-gone-x-1", "kube-system", live_ns.as_str()] {
@@ -646,19 +620,7 @@ ssh_user = "{}"
         );
     }
     assert_eq!(after.len(), 3, "{after:?}");
-    wait_for(
-        "the orphan to be pruned",
-        Duration::from_secs(30),
-        || async {
-            namespaces
-                .get_opt("switchyard-gone-x-1")
-                .await
-                .unwrap()
-                .is_none()
-                .then_some(())
-        },
-    )
-    .await;
+    wait_gone(&namespaces, "switchyard-gone-x-1").await;
     assert!(
         namespaces
             .get_opt("other-gone-x-1")
@@ -1123,15 +1085,26 @@ async fn kill_9_right_after_a_components_pod_is_created_then_restart_adopts_it_a
     let client = crate::lesson_crash::client(&nats.url()).await;
     wait_serving(&client).await;
     // Pools come from the nodes before a session can be scheduled.
-    wait_for("the pools", Duration::from_secs(30), || async {
+    // Said in full if it never comes: what the pools were, and the control plane's log.
+    let mut seen = Value::Null;
+    let mut pooled = false;
+    for _ in 0..600 {
         let reply =
             crate::harness::request(&client, "pool.list", json!({}).to_string(), None).await;
-        let crate::harness::Reply::Ok(view) = reply else {
-            return None;
-        };
-        (view["result"].as_array().map(Vec::len) == Some(2)).then_some(())
-    })
-    .await;
+        if let crate::harness::Reply::Ok(view) = reply {
+            if view["result"].as_array().map(Vec::len) == Some(2) {
+                pooled = true;
+                break;
+            }
+            seen = view;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        pooled,
+        "pools: {seen}\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
     crate::harness::request(
         &client,
         "session.schedule",

@@ -239,8 +239,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_plan_walks_a_lesson_to_ready_and_adopts_what_runs() {
+    /// The sample lesson, requested at 0.
+    fn requested() -> LiveLesson {
         let mut state = LiveLesson::default();
         let lesson = validate(&[sample()]).unwrap().remove(0);
         run(
@@ -253,6 +253,12 @@ mod tests {
             },
             0,
         );
+        state
+    }
+
+    #[test]
+    fn the_plan_walks_a_lesson_to_ready_and_adopts_what_runs() {
+        let mut state = requested();
         let mut seen = BTreeMap::new();
         assert_eq!(next(record(&state), &seen, at(0), LIMITS), Step::Provision);
         run(&mut state, LiveLessonCommand::Provision, 1);
@@ -377,18 +383,7 @@ mod tests {
 
     #[test]
     fn starting_endpoints_are_all_started_then_waited_for_until_the_deadline() {
-        let mut state = LiveLesson::default();
-        let lesson = validate(&[sample()]).unwrap().remove(0);
-        run(
-            &mut state,
-            LiveLessonCommand::Request {
-                session: LiveSessionId::new("abc").unwrap(),
-                lesson: Box::new(lesson),
-                catalog: "d".into(),
-                stage: 1,
-            },
-            0,
-        );
+        let mut state = requested();
         run(&mut state, LiveLessonCommand::Provision, 1);
         let mut seen = BTreeMap::new();
         seen.insert(name("alpha"), Seen::Starting);

@@ -20,7 +20,6 @@ use futures::future::BoxFuture;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::Api;
-use kube::api::LogParams;
 use russh::keys::PrivateKey;
 use russh::keys::ssh_key::{LineEnding, PublicKey};
 
@@ -29,7 +28,7 @@ use crate::backend::{BackendError, Result};
 use crate::domain::lessons::catalog::Lesson;
 use crate::domain::lessons::plan::Seen;
 use crate::domain::lessons::{EndpointName, LiveLessonId, LiveSessionId};
-use crate::kubernetes::{INSTANCE, Kube, label_value};
+use crate::kubernetes::Kube;
 use crate::subject::encode_token;
 use objects::{Owner, PodState};
 
@@ -134,7 +133,7 @@ impl KubernetesBackend {
         lesson: &Lesson,
     ) -> Result<BTreeMap<EndpointName, Seen>> {
         let ns = self.namespace(id);
-        let selector = format!("{INSTANCE}={}", label_value(&self.instance));
+        let selector = crate::kubernetes::instance_selector(&self.instance);
         let pods: Api<Pod> = self.api(&ns).await?;
         let found = self.kube.list(&pods, Some(&ns), &selector).await?;
         if found.is_empty() {
@@ -165,24 +164,8 @@ impl KubernetesBackend {
 
     /// The end of a pod's log; nothing if it cannot be read.
     async fn logs(&self, pods: &Api<Pod>, ns: &str, name: &str) -> String {
-        let call = crate::kubernetes::Call {
-            method: "get",
-            resource: "pods/log".to_owned(),
-            namespace: Some(ns),
-            name: Some(name),
-        };
         self.kube
-            .call(call, |_| {
-                let pods = pods.clone();
-                let name = name.to_owned();
-                async move {
-                    let params = LogParams {
-                        tail_lines: Some(200),
-                        ..LogParams::default()
-                    };
-                    lossy(pods.logs(&name, &params).await)
-                }
-            })
+            .pod_log(pods, ns, name, Some(200))
             .await
             .unwrap_or_default()
     }
@@ -243,16 +226,6 @@ impl KubernetesBackend {
                 dir.display()
             )))?;
         crate::backend::write_private(&path, private.as_bytes()).await
-    }
-}
-
-/// A log as text, whatever bytes it holds.
-pub(crate) fn lossy(log: kube::Result<String>) -> kube::Result<String> {
-    match log {
-        Err(kube::Error::FromUtf8(bytes)) => {
-            Ok(String::from_utf8_lossy(bytes.as_bytes()).into_owned())
-        }
-        other => other,
     }
 }
 
@@ -349,12 +322,7 @@ impl LessonBackend for KubernetesBackend {
     }
 
     fn ssh_command(&self, id: &LiveLessonId, address: &str) -> String {
-        let (host, port) = address.rsplit_once(':').unwrap_or((address, "22"));
-        format!(
-            "ssh -i {} -p {port} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null {}@{host}",
-            self.key_file(id).display(),
-            self.kube.config().ssh_user
-        )
+        super::backend::ssh_command(&self.key_file(id), &self.kube.config().ssh_user, address)
     }
 
     fn delete<'a>(&'a self, id: &'a LiveLessonId) -> BoxFuture<'a, Result<()>> {
@@ -373,7 +341,7 @@ impl LessonBackend for KubernetesBackend {
     fn lessons(&self) -> BoxFuture<'_, Result<Vec<(String, SystemTime)>>> {
         Box::pin(async move {
             let namespaces: Api<Namespace> = Api::all(self.kube.client().await?);
-            let selector = objects::instance_selector(&self.instance);
+            let selector = crate::kubernetes::instance_selector(&self.instance);
             let found = self.kube.list(&namespaces, None, &selector).await?;
             Ok(found
                 .into_iter()

@@ -36,7 +36,9 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use crate::domain::lessons::catalog::{Endpoint, Lesson, PresentationKind};
 use crate::domain::lessons::plan::Seen;
 use crate::domain::lessons::{EndpointName, LiveLessonId, LiveSessionId};
-use crate::kubernetes::{INSTANCE, MANAGED_BY, SWITCHYARD, label, label_value};
+use crate::kubernetes::{
+    INSTANCE, MANAGED_BY, SWITCHYARD, fatal_wait, label, label_value, reason_and_message,
+};
 
 pub const LIVE_LESSON: &str = "switchyard.dev/live-lesson";
 pub const LIVE_SESSION: &str = "switchyard.dev/live-session";
@@ -68,14 +70,6 @@ pub struct Owner<'a> {
 /// The namespace of a live lesson: a DNS label made of the instance and the lesson's id.
 pub fn namespace_name(instance: &str, id: &LiveLessonId) -> String {
     label(&format!("{instance}-{id}"), 63)
-}
-
-/// The labels that pick every lesson namespace of `instance`.
-pub fn instance_selector(instance: &str) -> String {
-    format!(
-        "{MANAGED_BY}={SWITCHYARD},{INSTANCE}={}",
-        label_value(instance)
-    )
 }
 
 impl Owner<'_> {
@@ -419,15 +413,6 @@ pub fn sshd_script(endpoint: &Endpoint) -> String {
     )
 }
 
-/// Why a pod will not become ready by waiting, if that is so.
-const FATAL_WAITING: [&str; 5] = [
-    "CrashLoopBackOff",
-    "ImagePullBackOff",
-    "InvalidImageName",
-    "ErrImageNeverPull",
-    "CreateContainerConfigError",
-];
-
 /// What a pod's status says.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PodState {
@@ -444,27 +429,11 @@ pub fn pod_state(pod: &Pod) -> PodState {
     let Some(status) = &pod.status else {
         return PodState::Pending;
     };
-    let detail = |reason: &Option<String>, message: &Option<String>| {
-        [reason.as_deref(), message.as_deref()]
-            .into_iter()
-            .flatten()
-            .collect::<Vec<_>>()
-            .join(": ")
-    };
     for container in status.container_statuses.iter().flatten() {
-        let Some(state) = &container.state else {
-            continue;
-        };
-        if let Some(waiting) = &state.waiting
-            && waiting
-                .reason
-                .as_deref()
-                .is_some_and(|r| FATAL_WAITING.contains(&r))
-        {
+        if let Some(why) = fatal_wait(container) {
             return PodState::Failed(format!(
-                "pod {name}: container {} is waiting: {}",
-                container.name,
-                detail(&waiting.reason, &waiting.message)
+                "pod {name}: container {} is waiting: {why}",
+                container.name
             ));
         }
     }
@@ -474,7 +443,7 @@ pub fn pod_state(pod: &Pod) -> PodState {
             _ => PodState::Pending,
         },
         Some(phase @ ("Failed" | "Succeeded")) => {
-            let why = detail(&status.reason, &status.message);
+            let why = reason_and_message(status.reason.as_deref(), status.message.as_deref());
             PodState::Failed(if why.is_empty() {
                 format!("pod {name} ended: {phase}")
             } else {
