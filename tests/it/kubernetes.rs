@@ -1136,7 +1136,19 @@ async fn kill_9_right_after_a_components_pod_is_created_then_restart_adopts_it_a
         json!({"running": {}}),
     )
     .await;
-    pod(&kube, &pod_of("drill", "driver")).await;
+    let pods: Api<Pod> = Api::namespaced(kube.clone(), "default");
+    let driver = pod_of("drill", "driver");
+    for _ in 0..1500 {
+        if pods.get_opt(&driver).await.ok().flatten().is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        pods.get_opt(&driver).await.ok().flatten().is_some(),
+        "no driver pod after 30 s; the control plane's log:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
     // The worker's pod made before the crash was adopted, not made again.
     assert_eq!(
         pod(&kube, &pod_of("drill", "w1"))

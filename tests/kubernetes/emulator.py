@@ -142,15 +142,25 @@ class Emulator(kmock.KubernetesEmulator):
 
     async def _serve_watch(self, request):
         selector = request.params.get('labelSelector', '')
+        yield b''
         if Emulator.gone > 0:
             Emulator.gone -= 1
-            yield b''
             yield GONE
             return
         broken = asyncio.Event()
         Emulator.open_watches.add(broken)
-        events = super()._serve_watch(request).__aiter__()
+        bus = self._buses[request.resource]
+        # kmock 0.8 marks its bus only after streaming the existing objects, so a change made
+        # in between is lost; a real API server never loses one. Mark and read in one step.
+        async with self._lock:
+            mark = await bus.mark()
+            current = [{'type': 'ADDED', 'object': obj.raw} for key, obj in self._objects.items()
+                       if not obj.deleted and self._in_scope(request, key)]
+        events = bus.stream(since=mark).__aiter__()
         try:
+            for event in current:
+                if matches(labels_of(event['object']), selector):
+                    yield event
             while True:
                 next_event = asyncio.ensure_future(events.__anext__())
                 breaking = asyncio.ensure_future(broken.wait())
@@ -165,11 +175,21 @@ class Emulator(kmock.KubernetesEmulator):
                     event = next_event.result()
                 except StopAsyncIteration:
                     return
-                if isinstance(event, dict) and not matches(labels_of(event['object']), selector):
-                    continue
-                yield event
+                obj = event.get('object', {}) if isinstance(event, dict) else {}
+                meta = obj.get('metadata', {})
+                key = (request.resource, meta.get('namespace'), meta.get('name'))
+                if self._in_scope(request, key) and matches(labels_of(obj), selector):
+                    yield event
         finally:
             Emulator.open_watches.discard(broken)
+            await bus.unmark(mark)
+
+    @staticmethod
+    def _in_scope(request, key) -> bool:
+        resource, namespace, name = key
+        return (resource == request.resource
+                and (request.namespace is None or namespace == request.namespace)
+                and (request.name is None or name == request.name))
 
 
 GONE = {'type': 'ERROR', 'object': {'apiVersion': 'v1', 'kind': 'Status', 'status': 'Failure',
