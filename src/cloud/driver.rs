@@ -15,6 +15,16 @@ use crate::domain::Timestamp;
 use crate::domain::cloud::throttle::{CapacityScope, DriverErrorKind};
 use crate::runtime::Clock;
 
+/// The tags Switchyard puts on every instance it creates (arvados's `InstanceSetID`,
+/// `InstanceType`, `IdleBehavior` and `InstanceSecret`). An instance set adopts what carries
+/// its id and leaves everything else alone.
+pub mod tag {
+    pub const INSTANCE_SET: &str = "switchyard-instance-set";
+    pub const INSTANCE_TYPE: &str = "switchyard-instance-type";
+    pub const IDLE_BEHAVIOR: &str = "switchyard-idle-behavior";
+    pub const INSTANCE_SECRET: &str = "switchyard-instance-secret";
+}
+
 /// What to create.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct InstanceSpec {

@@ -7,9 +7,15 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use russh::keys::PrivateKey;
+use switchyard::backend::process::ProcessBackend;
 use switchyard::cloud::driver::{
-    Driver, DriverError, InstanceSpec, Operation, Registry, StubDriver,
+    Driver, DriverError, Instance, InstanceSet, InstanceSpec, Operation, Registry, StubDriver, tag,
 };
+use switchyard::cloud::loopback::LoopbackDriver;
+use switchyard::cloud::ssh::{self, ExecError, Executor, Target};
+
+use crate::harness;
 use switchyard::cloud::throttled::{Refusal, Throttled};
 use switchyard::domain::cloud::throttle::{CapacityScope, Counts, Hold, Limits};
 use switchyard::runtime::system_clock;
@@ -173,4 +179,311 @@ async fn two_instance_sets_on_one_driver_see_only_their_own() {
     let of_b = b.instances(&mine("b")).await.unwrap();
     assert_eq!(of_b.len(), 1);
     assert_ne!(of_a[0].id, of_b[0].id);
+}
+
+/// A directory for loopback instances; whatever runs there is killed when the test ends.
+struct Lab {
+    _guard: harness::ProcessGuard,
+    dir: tempfile::TempDir,
+}
+
+impl Lab {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        Self {
+            _guard: harness::ProcessGuard(vec![dir.path().to_owned()]),
+            dir,
+        }
+    }
+
+    fn path(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+}
+
+/// A loopback instance set on its own process-backend directory.
+fn loopback(
+    dir: &std::path::Path,
+    config: serde_json::Value,
+    set_id: &str,
+) -> Arc<dyn InstanceSet> {
+    let processes = ProcessBackend::new(dir, "cloud-test", Duration::from_secs(2));
+    LoopbackDriver::new(processes)
+        .instance_set(&config, set_id)
+        .unwrap()
+}
+
+/// A spec for `set_id`, with a fresh secret its init command writes; the key that logs in.
+fn secret_spec(set_id: &str) -> (InstanceSpec, Arc<PrivateKey>) {
+    let key = Arc::new(switchyard::tunnel::keys::generate().unwrap());
+    let secret = ssh::new_secret();
+    let spec = InstanceSpec {
+        instance_type: "loop".into(),
+        image: "local".into(),
+        tags: BTreeMap::from([
+            (tag::INSTANCE_SET.to_owned(), set_id.to_owned()),
+            (tag::INSTANCE_SECRET.to_owned(), secret.clone()),
+        ]),
+        init_command: ssh::init_command(&secret),
+        public_key: key.public_key().to_openssh().unwrap(),
+    };
+    (spec, key)
+}
+
+fn executor(set: &Arc<dyn InstanceSet>, instance: &Instance, key: &Arc<PrivateKey>) -> Executor {
+    Executor::new(
+        Target {
+            instance: instance.id.clone(),
+            address: instance
+                .address
+                .clone()
+                .expect("a loopback instance has an address"),
+            user: instance.remote_user.clone(),
+            secret: instance.tags.get(tag::INSTANCE_SECRET).cloned(),
+        },
+        key.clone(),
+        set.clone(),
+        Duration::from_secs(10),
+    )
+}
+
+/// Kills the server side of every connection to a loopback instance (the children of its
+/// sshd listener); how many.
+fn drop_connections(instance: &str) -> usize {
+    let pids = || {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+    };
+    let listener = pids().find(|pid| {
+        std::fs::read(format!("/proc/{pid}/cmdline"))
+            .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&format!("{instance}/sshd/")))
+    });
+    let Some(listener) = listener else {
+        return 0;
+    };
+    let children: Vec<i32> = pids()
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+                // `pid (comm) state ppid ...`: the fields after the last parenthesis.
+                stat.rsplit(')')
+                    .next()
+                    .and_then(|rest| rest.split_whitespace().nth(1))
+                    == Some(listener.to_string().as_str())
+            })
+        })
+        .collect();
+    for child in &children {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(*child),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    children.len()
+}
+
+/// Runs `command` once the instance boots: retried while nothing answers, for up to 20 s.
+async fn once_booted(executor: &Executor, command: &str) -> Result<ssh::Output, ExecError> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match executor.execute(command, b"").await {
+            Err(ExecError::Unreachable { .. }) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            result => return result,
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_loopback_instance_boots_runs_commands_over_one_connection_and_is_destroyed() {
+    let dir = Lab::new();
+    let set = loopback(dir.path(), serde_json::json!({"boot_delay": "300ms"}), "a");
+    let (spec, key) = secret_spec("a");
+    let instance = set.create(&spec).await.unwrap();
+    assert_eq!(instance.tags, spec.tags);
+    let on = executor(&set, &instance, &key);
+    // Booting: nothing answers yet.
+    assert!(matches!(
+        on.execute("true", b"").await,
+        Err(ExecError::Unreachable { .. })
+    ));
+    let ran = once_booted(&on, "echo \"$SWITCHYARD_HOME\"; cat; exit 3")
+        .await
+        .unwrap();
+    assert_eq!(ran.status, Some(3));
+    // The secret the init command wrote is its owner's only.
+    let mode = on
+        .execute("stat -c %a \"$SWITCHYARD_HOME/instance-secret\"", b"")
+        .await
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&mode.stdout).trim(), "600");
+    let with_input = on.execute("cat", b"to stdin").await.unwrap();
+    assert_eq!(with_input.stdout, b"to stdin");
+    // Many commands at once share the connection.
+    let commands: Vec<String> = (0..8).map(|n| format!("echo {n}")).collect();
+    let many = futures::future::join_all(commands.iter().map(|c| on.execute(c, b""))).await;
+    for (n, ran) in many.into_iter().enumerate() {
+        assert_eq!(
+            String::from_utf8_lossy(&ran.unwrap().stdout).trim(),
+            n.to_string()
+        );
+    }
+    // The connection drops (its server-side process is killed): the next command reconnects.
+    assert!(drop_connections(&instance.id) > 0);
+    let again = on.execute("echo again", b"").await.unwrap();
+    assert_eq!(again.stdout, b"again\n");
+    let tags = BTreeMap::from([(tag::INSTANCE_SET.to_owned(), "a".to_owned())]);
+    let listed = set.instances(&tags).await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].id, instance.id);
+    let mut retagged = spec.tags.clone();
+    retagged.insert(tag::IDLE_BEHAVIOR.to_owned(), "hold".to_owned());
+    set.set_tags(&instance.id, &retagged).await.unwrap();
+    assert_eq!(set.instances(&tags).await.unwrap()[0].tags, retagged);
+
+    set.destroy(&instance.id).await.unwrap();
+    assert!(set.instances(&tags).await.unwrap().is_empty());
+    on.close().await;
+    assert!(matches!(
+        on.execute("true", b"").await,
+        Err(ExecError::Unreachable { .. })
+    ));
+    // Destroying what is gone succeeds.
+    set.destroy(&instance.id).await.unwrap();
+}
+
+#[tokio::test]
+async fn an_instance_presenting_another_host_key_is_refused() {
+    let dir = Lab::new();
+    let config = serde_json::json!({"boot_delay": "0s",
+        "faults": [{"kind": "wrong_host_key", "every": 2}]});
+    let set = loopback(dir.path(), config, "a");
+    let (spec, key) = secret_spec("a");
+    let honest = set.create(&spec).await.unwrap();
+    let wrong = set.create(&spec).await.unwrap();
+    once_booted(&executor(&set, &honest, &key), "true")
+        .await
+        .unwrap();
+    let marker = dir.path().join("ran");
+    let refused = once_booted(
+        &executor(&set, &wrong, &key),
+        &format!("touch {}", marker.display()),
+    )
+    .await;
+    assert!(
+        matches!(&refused, Err(err @ ExecError::HostKey { .. }) if err.refuses_instance()),
+        "{refused:?}"
+    );
+    assert!(!marker.exists());
+}
+
+#[tokio::test]
+async fn without_host_key_verification_the_instance_secret_tells_the_instance_from_an_impostor() {
+    let dir = Lab::new();
+    let config = serde_json::json!({"boot_delay": "0s", "verify_host_key": false,
+        "faults": [{"kind": "impostor", "every": 2}]});
+    let set = loopback(dir.path(), config, "a");
+    let (spec, key) = secret_spec("a");
+    let instance = set.create(&spec).await.unwrap();
+    let impostor = set.create(&spec).await.unwrap();
+    let ran = once_booted(&executor(&set, &instance, &key), "echo verified")
+        .await
+        .unwrap();
+    assert_eq!(ran.stdout, b"verified\n");
+    // No secret where the instance keeps it: refused before the command.
+    let marker = dir.path().join("impostor-ran");
+    let refused = once_booted(
+        &executor(&set, &impostor, &key),
+        &format!("touch {}", marker.display()),
+    )
+    .await;
+    assert!(
+        matches!(&refused, Err(ExecError::Impostor { .. })),
+        "{refused:?}"
+    );
+    assert!(!marker.exists());
+    // The right server with another secret than the tag says: refused too.
+    let mut mislabelled = instance.clone();
+    mislabelled
+        .tags
+        .insert(tag::INSTANCE_SECRET.into(), ssh::new_secret());
+    let refused = once_booted(&executor(&set, &mislabelled, &key), "true").await;
+    assert!(
+        matches!(&refused, Err(ExecError::Impostor { reason, .. }) if reason.contains("another secret")),
+        "{refused:?}"
+    );
+}
+
+#[tokio::test]
+async fn loopback_faults_are_real_an_instance_that_never_boots_and_one_that_disappears() {
+    let dir = Lab::new();
+    let config = serde_json::json!({"boot_delay": "0s", "faults": [
+        {"kind": "no_boot", "every": 2},
+        {"kind": "disappear", "every": 3, "after": "500ms"}]});
+    let set = loopback(dir.path(), config, "a");
+    let (spec, key) = secret_spec("a");
+    let fine = set.create(&spec).await.unwrap();
+    let never = set.create(&spec).await.unwrap();
+    let vanishing = set.create(&spec).await.unwrap();
+    once_booted(&executor(&set, &fine, &key), "true")
+        .await
+        .unwrap();
+    let tags = BTreeMap::from([(tag::INSTANCE_SET.to_owned(), "a".to_owned())]);
+    let gone = harness::wait_for(
+        "the instance to disappear",
+        Duration::from_secs(20),
+        || async {
+            let ids: Vec<String> = set
+                .instances(&tags)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|i| i.id)
+                .collect();
+            (!ids.contains(&vanishing.id)).then_some(ids)
+        },
+    )
+    .await;
+    assert!(
+        gone.contains(&fine.id) && gone.contains(&never.id),
+        "{gone:?}"
+    );
+    // Still nothing answers on the one that never booted.
+    assert!(matches!(
+        executor(&set, &never, &key).execute("true", b"").await,
+        Err(ExecError::Unreachable { .. })
+    ));
+    for instance in [&fine, &never] {
+        set.destroy(&instance.id).await.unwrap();
+    }
+    assert!(set.instances(&tags).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn two_loopback_sets_leave_each_others_instances_alone() {
+    let dir = Lab::new();
+    let a = loopback(dir.path(), serde_json::json!({"boot_delay": "0s"}), "a");
+    let b = loopback(dir.path(), serde_json::json!({"boot_delay": "0s"}), "b");
+    let (spec_a, _) = secret_spec("a");
+    let (spec_b, _) = secret_spec("b");
+    let of_a = a.create(&spec_a).await.unwrap();
+    let of_b = b.create(&spec_b).await.unwrap();
+    let only = |set: &str| BTreeMap::from([(tag::INSTANCE_SET.to_owned(), set.to_owned())]);
+    let ids = |found: Vec<Instance>| found.into_iter().map(|i| i.id).collect::<Vec<_>>();
+    assert_eq!(
+        ids(a.instances(&only("a")).await.unwrap()),
+        [of_a.id.as_str()]
+    );
+    assert_eq!(
+        ids(b.instances(&only("b")).await.unwrap()),
+        [of_b.id.as_str()]
+    );
+    a.destroy(&of_a.id).await.unwrap();
+    assert_eq!(
+        ids(b.instances(&only("b")).await.unwrap()),
+        [of_b.id.as_str()]
+    );
+    b.destroy(&of_b.id).await.unwrap();
 }
