@@ -1,7 +1,16 @@
-//! Cloud worker pools (seed 003, arvados `lib/cloud`): the pure rules. In progress (issue 14):
-//! [`throttle`] holds when an instance set may call its driver and create instances;
-//! [`worker`] is an instance's life as a worker and when it is shut down. The entities, the
-//! drivers and the sync reaction that use them come next.
+//! Cloud worker pools (seed 003, arvados `lib/cloud`): the pure rules. [`throttle`] holds when
+//! an instance set may call its driver and create instances; [`worker`] is an instance's life
+//! as a worker (an entity) and when it is shut down; [`plan`] is what one sync of an instance
+//! set does, from what the driver lists, what the log knows and what waits for machines.
 
+pub mod plan;
 pub mod throttle;
 pub mod worker;
+
+use crate::entity_id;
+
+entity_id!(
+    /// Names a worker: its instance's id, as the driver gave it.
+    WorkerId,
+    "worker id"
+);
