@@ -299,6 +299,7 @@ pub fn pools_of(nodes: &[Arc<Node>], pool_label: &str) -> Vec<PoolSpec> {
                 name,
                 machines,
                 labels: BTreeMap::new(),
+                max_machines: 0,
             }
         })
         .collect()

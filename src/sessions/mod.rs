@@ -87,6 +87,7 @@ fn pool_spec(pool: &PoolConfig) -> Result<PoolSpec, String> {
         name,
         machines,
         labels: pool.labels.clone(),
+        max_machines: 0,
     })
 }
 

@@ -34,6 +34,28 @@ pub struct PoolSpec {
     pub machines: Vec<MachineName>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// A cloud pool grows to this many machines as sessions wait for them (its machines are
+    /// the instances ready now); 0: its machines are all it ever has.
+    #[serde(default)]
+    pub max_machines: u32,
+}
+
+impl PoolSpec {
+    /// The most machines it can have: what a session may ask of it.
+    pub fn capacity(&self) -> usize {
+        self.machines.len().max(self.max_machines as usize)
+    }
+}
+
+/// `PoolSpec` as `scheduler.configured` v1 wrote it, before cloud pools.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[schemars(rename = "PoolSpec")]
+pub struct PoolSpecV1 {
+    pub name: PoolName,
+    /// Its machines, each running one component at a time.
+    pub machines: Vec<MachineName>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
 }
 
 /// Machines of one pool.
@@ -91,7 +113,7 @@ pub enum SchedulerCommand {
 
 event_set! {
     pub enum SchedulerEvent {
-        Configured(Configured) = "scheduler.configured" @ 1,
+        Configured(Configured) = "scheduler.configured" @ 2 older { 1 => ConfiguredV1 },
         Enqueued(Enqueued) = "scheduler.enqueued" @ 1,
         Admitted(AdmittedEvent) = "scheduler.admitted" @ 1,
         Released(Released) = "scheduler.released" @ 1,
@@ -104,6 +126,33 @@ pub struct Configured {
     pub pools: Vec<PoolSpec>,
     pub executor_count: u32,
     pub at: Timestamp,
+}
+
+/// `scheduler.configured` before cloud pools: every pool's machines were all it had.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ConfiguredV1 {
+    pub pools: Vec<PoolSpecV1>,
+    pub executor_count: u32,
+    pub at: Timestamp,
+}
+
+impl From<ConfiguredV1> for Configured {
+    fn from(old: ConfiguredV1) -> Self {
+        Configured {
+            pools: old
+                .pools
+                .into_iter()
+                .map(|p| PoolSpec {
+                    name: p.name,
+                    machines: p.machines,
+                    labels: p.labels,
+                    max_machines: 0,
+                })
+                .collect(),
+            executor_count: old.executor_count,
+            at: old.at,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -206,6 +255,8 @@ pub struct PoolView {
     pub name: PoolName,
     pub machines: Vec<MachineName>,
     pub capacity: usize,
+    /// A cloud pool: how many machines it grows to (0: a fixed pool).
+    pub max_machines: u32,
     /// Machines held by admitted sessions.
     pub reserved: usize,
     pub free: usize,
@@ -253,6 +304,7 @@ impl SchedulerView {
                             name: p.name.clone(),
                             machines: p.machines.clone(),
                             labels: p.labels.clone(),
+                            max_machines: p.max_machines,
                         },
                     )
                 })
@@ -309,11 +361,11 @@ impl Scheduler {
                     known: self.pool_names(),
                 });
             };
-            if *needs as usize > spec.machines.len() {
+            if *needs as usize > spec.capacity() {
                 return Err(SchedulerError::ExceedsCapacity {
                     pool: pool.to_string(),
                     needs: *needs,
-                    capacity: spec.machines.len(),
+                    capacity: spec.capacity(),
                 });
             }
         }
@@ -414,10 +466,15 @@ impl Scheduler {
         for (pool, needs) in &waiting.demand {
             let have = free.get(pool).map_or(0, Vec::len);
             if have < *needs as usize {
+                let spec = self.pools.get(pool);
+                let grows = spec
+                    .filter(|p| p.max_machines as usize > p.machines.len())
+                    .map(|p| format!("; it grows to {} as instances boot", p.max_machines))
+                    .unwrap_or_default();
                 lacking.push(format!(
-                    "{needs} machine{} of pool {pool} ({have} of {} free)",
+                    "{needs} machine{} of pool {pool} ({have} of {} free{grows})",
                     if *needs == 1 { "" } else { "s" },
-                    self.pools.get(pool).map_or(0, |p| p.machines.len())
+                    spec.map_or(0, |p| p.machines.len())
                 ));
             } else if have.saturating_sub(hold.get(pool).copied().unwrap_or(0) as usize)
                 < *needs as usize
@@ -459,6 +516,7 @@ impl Scheduler {
                     name: spec.name.clone(),
                     machines: spec.machines.clone(),
                     capacity: spec.machines.len(),
+                    max_machines: spec.max_machines,
                     reserved: self
                         .running
                         .values()
@@ -563,7 +621,7 @@ fn check_pools(pools: &[PoolSpec], executor_count: u32) -> Result<(), SchedulerE
 
 impl Aggregate for Scheduler {
     const KIND: &'static str = "scheduler";
-    const SNAPSHOT_VERSION: u16 = 1;
+    const SNAPSHOT_VERSION: u16 = 2;
 
     type Id = SchedulerId;
     type Command = SchedulerCommand;
@@ -714,6 +772,7 @@ mod tests {
                 .map(|i| MachineName::new(format!("{name}-{i}")).unwrap())
                 .collect(),
             labels: BTreeMap::new(),
+            max_machines: 0,
         }
     }
 
@@ -776,6 +835,52 @@ mod tests {
             },
             2,
         )
+    }
+
+    #[test]
+    fn a_cloud_pool_takes_sessions_up_to_what_it_grows_to_and_runs_them_as_machines_come() {
+        let mut elastic = pool("cloud", 0);
+        elastic.max_machines = 3;
+        let mut s = configured(vec![elastic.clone()], 4);
+        assert_eq!(
+            enqueue(&mut s, "one", &[("cloud", 2)]),
+            Vec::<String>::new()
+        );
+        let wait = s.explain(&session("one")).unwrap();
+        assert!(wait.reason.contains("grows to 3"), "{}", wait.reason);
+        assert!(
+            s.check_fits(&BTreeMap::from([(PoolName::new("cloud").unwrap(), 4)]))
+                .is_err()
+        );
+        // Two instances booted: the pool has them, and the session runs.
+        let mut grown = pool("cloud", 2);
+        grown.max_machines = 3;
+        let admitted = run(
+            &mut s,
+            SchedulerCommand::Configure {
+                pools: vec![grown],
+                executor_count: 4,
+            },
+            5,
+        );
+        assert_eq!(admitted, ["one"]);
+        assert_eq!(s.view().pools[0].max_machines, 3);
+    }
+
+    #[test]
+    fn configured_v1_upcasts_to_fixed_pools() {
+        let v1 = ConfiguredV1 {
+            pools: vec![PoolSpecV1 {
+                name: PoolName::new("a").unwrap(),
+                machines: vec![MachineName::new("m").unwrap()],
+                labels: BTreeMap::new(),
+            }],
+            executor_count: 1,
+            at: Timestamp::EPOCH,
+        };
+        let v2: Configured = v1.into();
+        assert_eq!(v2.pools[0].max_machines, 0);
+        assert_eq!(v2.pools[0].capacity(), 1);
     }
 
     #[test]
