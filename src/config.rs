@@ -22,6 +22,7 @@ pub struct Config {
     pub sessions: SessionsConfig,
     pub lessons: LessonsConfig,
     pub kubernetes: KubernetesConfig,
+    pub cloud: CloudConfig,
     pub cluster: ClusterConfig,
     pub api: ApiConfig,
     pub auth: AuthConfig,
@@ -393,6 +394,83 @@ pub enum LessonBackendKind {
     Local,
     /// A namespace per live lesson on the cluster `[kubernetes]` names.
     Kubernetes,
+}
+
+/// Cloud pools (arvados dispatch-cloud): each is a sessions pool whose machines are the
+/// instances of an instance set, created as sessions wait and shut down when idle.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CloudConfig {
+    /// How often each instance set lists its instances, probes them and plans.
+    #[serde(with = "humantime_serde")]
+    pub sync_interval: Duration,
+    /// Driver calls per second and instance set, at most; 0: no limit.
+    pub max_cloud_ops_per_second: u32,
+    /// A created instance that has not passed its probes this long is shut down.
+    #[serde(with = "humantime_serde")]
+    pub timeout_booting: Duration,
+    /// A worker idle this long is shut down (unless held).
+    #[serde(with = "humantime_serde")]
+    pub timeout_idle: Duration,
+    /// A worker whose probes have failed this long is shut down (unless held).
+    #[serde(with = "humantime_serde")]
+    pub timeout_probe: Duration,
+    /// How long one probe or executor connection may take.
+    #[serde(with = "humantime_serde")]
+    pub timeout_ssh: Duration,
+    /// Where this Switchyard keeps its instances' SSH key and the loopback driver's instances.
+    pub dir: PathBuf,
+    /// The pools; every replica must have the same.
+    pub pools: Vec<CloudPoolConfig>,
+}
+
+impl Default for CloudConfig {
+    fn default() -> Self {
+        Self {
+            sync_interval: Duration::from_secs(5),
+            max_cloud_ops_per_second: 0,
+            timeout_booting: Duration::from_secs(600),
+            timeout_idle: Duration::from_secs(60),
+            timeout_probe: Duration::from_secs(600),
+            timeout_ssh: Duration::from_secs(30),
+            dir: PathBuf::from(".switchyard/cloud"),
+            pools: Vec::new(),
+        }
+    }
+}
+
+/// One cloud pool: a sessions pool of this name, backed by an instance set of this id.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CloudPoolConfig {
+    pub name: String,
+    /// `loopback` or `stub`.
+    pub driver: String,
+    /// The driver's own settings (the loopback driver: `boot_delay`, `verify_host_key`,
+    /// `faults`).
+    pub driver_config: serde_json::Value,
+    pub instance_type: String,
+    pub image: String,
+    /// Instances at most, booting or not.
+    pub max_instances: u32,
+    /// Creates in flight at most.
+    pub max_concurrent_creates: u32,
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+impl Default for CloudPoolConfig {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            driver: "loopback".to_owned(),
+            driver_config: serde_json::Value::Null,
+            instance_type: "default".to_owned(),
+            image: String::new(),
+            max_instances: 64,
+            max_concurrent_creates: 1,
+            labels: std::collections::BTreeMap::new(),
+        }
+    }
 }
 
 /// The cluster the Kubernetes backends use.

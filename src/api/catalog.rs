@@ -49,6 +49,8 @@ pub fn capabilities() -> Vec<Capability> {
         crate::counter::capability(),
         crate::switchboard::capability(),
         crate::sessions::capability(),
+        // After sessions: its pools are sessions pools.
+        crate::cloud::capability(),
         crate::lessons::capability(),
     ]
 }
@@ -236,6 +238,15 @@ impl Starter<'_> {
         self.registered
             .provided
             .insert(TypeId::of::<T>(), Box::new(value));
+    }
+
+    /// What a capability started before this one provided, by type.
+    pub fn provided<T: Clone + 'static>(&self) -> Option<T> {
+        self.registered
+            .provided
+            .get(&TypeId::of::<T>())
+            .and_then(|value| value.downcast_ref::<T>())
+            .cloned()
     }
 }
 

@@ -1,11 +1,210 @@
-//! Cloud worker pools (seed 003, arvados dispatch-cloud). In progress (issue 14): the driver
-//! contract with its registry and the stub driver ([`driver`]), an instance set behind its
-//! throttles ([`throttled`]), the loopback driver whose instances are real local sshd
-//! processes ([`loopback`]), and the SSH executor that verifies an instance before it runs
-//! anything on it ([`ssh`]). The static and Kubernetes drivers, the worker entities and the
-//! sync reaction come next.
+//! Cloud worker pools (seed 003, arvados dispatch-cloud): a sessions pool whose machines are
+//! the instances of an instance set, created as sessions wait for machines and shut down when
+//! idle. The capability: `worker` and `instance_set` entities (their rules in
+//! `domain::cloud`), the driver contract and its drivers ([`driver`], [`loopback`]), an
+//! instance set behind its throttles ([`throttled`]), the SSH executor that verifies an
+//! instance before it runs anything on it ([`ssh`]), and the sync reaction ([`sync`]).
 
 pub mod driver;
 pub mod loopback;
 pub mod ssh;
+pub mod sync;
 pub mod throttled;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::api::catalog::{Capability, KindSpec, Starter};
+use crate::backend::process::ProcessBackend;
+use crate::config::CloudConfig;
+use crate::domain::Principal;
+use crate::domain::cloud::InstanceSetId;
+use crate::domain::cloud::instance_set::{InstanceSet as SetEntity, InstanceSetCommand};
+use crate::domain::cloud::throttle::Limits;
+use crate::domain::cloud::worker::Worker;
+use crate::domain::sessions::PoolName;
+use crate::domain::sessions::scheduler::PoolSpec;
+use crate::runtime::{CommandMeta, Entities, EntityTable, ProjectionHandle, error_chain};
+use driver::{Registry, StubDriver};
+use loopback::LoopbackDriver;
+use sync::{Pool, Shared, Sync};
+use throttled::Throttled;
+
+/// Handles to everything the routes use; cheap to clone.
+#[derive(Clone)]
+pub struct Cloud {
+    pub workers: Entities<Worker>,
+    pub sets: Entities<SetEntity>,
+    pub table: ProjectionHandle<EntityTable<Worker>>,
+    pub set_table: ProjectionHandle<EntityTable<SetEntity>>,
+}
+
+/// Cloud pools: `worker` and `instance_set` entities and the sync reaction.
+pub fn capability() -> Capability {
+    Capability {
+        name: "cloud",
+        kinds: || vec![KindSpec::of::<Worker>(), KindSpec::of::<SetEntity>()],
+        routes: Vec::new,
+        start,
+    }
+}
+
+/// The sessions pools the cloud pools make: no machines until instances boot, growing to
+/// `max_instances`.
+pub fn pool_specs(config: &CloudConfig) -> Result<Vec<PoolSpec>, String> {
+    config
+        .pools
+        .iter()
+        .map(|pool| {
+            let name = PoolName::new(pool.name.clone())
+                .map_err(|e| format!("cloud.pools: {:?}: {e}", pool.name))?;
+            if pool.max_instances == 0 {
+                return Err(format!(
+                    "cloud.pools: {name}: max_instances must be at least 1"
+                ));
+            }
+            Ok(PoolSpec {
+                name,
+                machines: Vec::new(),
+                labels: pool.labels.clone(),
+                max_machines: pool.max_instances,
+            })
+        })
+        .collect()
+}
+
+/// The drivers configuration may name. The stub keeps its instances in this process: for
+/// tests and benchmarks.
+pub fn registry(config: &CloudConfig, instance: &str, clock: crate::runtime::Clock) -> Registry {
+    let mut registry = Registry::default();
+    registry.register(Arc::new(LoopbackDriver::new(ProcessBackend::new(
+        config.dir.join("instances"),
+        instance,
+        Duration::from_secs(5),
+    ))));
+    registry.register(Arc::new(StubDriver::new(clock)));
+    registry
+}
+
+fn start(cx: &mut Starter<'_>) {
+    let config = cx.config.cloud.clone();
+    let workers = cx.entities::<Worker>();
+    let sets = cx.entities::<SetEntity>();
+    let table = cx.table::<Worker>();
+    let set_table = cx.table::<SetEntity>();
+    cx.provide(Cloud {
+        workers: workers.clone(),
+        sets: sets.clone(),
+        table: table.clone(),
+        set_table,
+    });
+    if config.pools.is_empty() {
+        return;
+    }
+    if let Err(err) = pool_specs(&config) {
+        cx.invalid(err);
+        return;
+    }
+    let Some(sessions) = cx.provided::<crate::sessions::Sessions>() else {
+        cx.invalid("cloud pools need the sessions capability");
+        return;
+    };
+    if let Err(err) = std::fs::create_dir_all(&config.dir) {
+        cx.invalid(format!("cloud.dir {}: {err}", config.dir.display()));
+        return;
+    }
+    let key = match crate::tunnel::keys::load_or_create(Some(&config.dir.join("id_ed25519"))) {
+        Ok(key) => Arc::new(key),
+        Err(err) => {
+            cx.invalid(format!("cloud: the instances' SSH key: {err}"));
+            return;
+        }
+    };
+    let public_key = match key.public_key().to_openssh() {
+        Ok(line) => line,
+        Err(err) => {
+            cx.invalid(format!("cloud: the instances' SSH key: {err}"));
+            return;
+        }
+    };
+    let instance = cx.store.config().stream_prefix.to_lowercase();
+    let clock = cx.clock();
+    let registry = registry(&config, &instance, clock.clone());
+    let mut pools = BTreeMap::new();
+    for pool in &config.pools {
+        let made = (|| {
+            let name = PoolName::new(pool.name.clone()).map_err(|e| e.to_string())?;
+            let id = InstanceSetId::new(pool.name.clone()).map_err(|e| e.to_string())?;
+            let set = registry
+                .get(&pool.driver)
+                .and_then(|d| d.instance_set(&pool.driver_config, id.as_str()))
+                .map_err(|e| e.to_string())?;
+            let limits = Limits {
+                max_instances: pool.max_instances,
+                max_concurrent_creates: pool.max_concurrent_creates.max(1),
+                ..Limits::default()
+            };
+            let throttled = Throttled::new(
+                set.clone(),
+                limits,
+                config.max_cloud_ops_per_second,
+                clock.clone(),
+            );
+            Ok::<_, String>(Pool::new(id, name, pool.clone(), set, throttled))
+        })();
+        match made {
+            Ok(made) => {
+                pools.insert(made.id.clone(), Arc::new(made));
+            }
+            Err(err) => {
+                cx.invalid(format!("cloud.pools: {:?}: {err}", pool.name));
+                return;
+            }
+        }
+    }
+    let configured: Vec<(InstanceSetId, InstanceSetCommand)> = pools
+        .values()
+        .map(|p| {
+            (
+                p.id.clone(),
+                InstanceSetCommand::Configure(sync::set_config(&p.config)),
+            )
+        })
+        .collect();
+    let shared = Arc::new(Shared {
+        workers,
+        table,
+        sets: sets.clone(),
+        scheduler: sessions.scheduler.clone(),
+        pools,
+        key,
+        public_key,
+        config,
+        clock,
+    });
+    cx.reaction(Sync::new(shared));
+    tokio::spawn(configure(sets, configured));
+}
+
+/// Records each instance set's configuration, retrying until it lands (its shard may not
+/// have an owner yet at start).
+async fn configure(
+    sets: Entities<SetEntity>,
+    configured: Vec<(InstanceSetId, InstanceSetCommand)>,
+) {
+    for (id, command) in configured {
+        let mut wait = Duration::from_millis(100);
+        loop {
+            let meta = CommandMeta::fresh(Principal::system());
+            match sets.execute(id.clone(), command.clone(), meta).await {
+                Ok(_) => break,
+                Err(err) => {
+                    tracing::info!(set = %id, error = %error_chain(&err), "cannot record the instance set yet; retrying");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+}

@@ -134,7 +134,7 @@ impl Reaction for Executor {
                     SchedulerEvent::Admitted(e) => &e.session,
                     SchedulerEvent::Released(e) => &e.session,
                     SchedulerEvent::Refused(e) => &e.session,
-                    SchedulerEvent::Configured(_) => continue,
+                    SchedulerEvent::Configured(_) | SchedulerEvent::MachinesSet(_) => continue,
                 };
                 // Only sessions it follows: the session's own events come first in the log.
                 let Some(tracked) = state.get_mut(session) else {
@@ -152,7 +152,7 @@ impl Reaction for Executor {
                     }
                     SchedulerEvent::Released(_) => tracked.released = true,
                     SchedulerEvent::Refused(e) => tracked.refused = Some(e.reason.clone()),
-                    SchedulerEvent::Configured(_) => {}
+                    SchedulerEvent::Configured(_) | SchedulerEvent::MachinesSet(_) => {}
                 }
                 if tracked.ended() {
                     let session = session.clone();

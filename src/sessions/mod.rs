@@ -106,6 +106,22 @@ fn start(cx: &mut Starter<'_>) {
     if config.executor_count == 0 {
         cx.invalid("sessions.executor_count must be at least 1");
     }
+    // Cloud pools are sessions pools too, their machines given by their instance sets.
+    let cloud = match crate::cloud::pool_specs(&cx.config.cloud) {
+        Ok(cloud) => cloud,
+        Err(err) => {
+            cx.invalid(err);
+            Vec::new()
+        }
+    };
+    for spec in &cloud {
+        if pools.iter().any(|p| p.name == spec.name) {
+            cx.invalid(format!(
+                "pool {} is both in sessions.pools and in cloud.pools",
+                spec.name
+            ));
+        }
+    }
     // Every resource carries the instance: the stream prefix names this Switchyard.
     let instance = cx.store.config().stream_prefix.to_lowercase();
     let (stop, stopped) = watch::channel(false);
@@ -157,6 +173,7 @@ fn start(cx: &mut Starter<'_>) {
     tokio::spawn(configure(
         scheduler.clone(),
         pools,
+        cloud,
         config.executor_count.max(1),
         stopped.clone(),
     ));
@@ -171,15 +188,20 @@ fn start(cx: &mut Starter<'_>) {
     });
 }
 
-/// Records the pools on the scheduler each time they change (from configuration: once).
+/// Records the pools on the scheduler each time they change (from configuration: once), with
+/// the cloud pools after them.
 async fn configure(
     scheduler: Entities<Scheduler>,
     mut pools: watch::Receiver<Option<Vec<PoolSpec>>>,
+    cloud: Vec<PoolSpec>,
     executor_count: u32,
     mut stopped: watch::Receiver<bool>,
 ) {
     loop {
-        let current = pools.borrow_and_update().clone();
+        let current = pools.borrow_and_update().clone().map(|mut current| {
+            current.extend(cloud.iter().cloned());
+            current
+        });
         if let Some(current) = current
             && !record_pools(&scheduler, current, executor_count, &mut stopped).await
         {

@@ -9,11 +9,14 @@ use std::time::Duration;
 
 use russh::keys::PrivateKey;
 use switchyard::backend::process::ProcessBackend;
+use switchyard::cloud::Cloud;
 use switchyard::cloud::driver::{
     Driver, DriverError, Instance, InstanceSet, InstanceSpec, Operation, Registry, StubDriver, tag,
 };
 use switchyard::cloud::loopback::LoopbackDriver;
 use switchyard::cloud::ssh::{self, ExecError, Executor, Target};
+use switchyard::config::CloudPoolConfig;
+use switchyard::domain::cloud::worker::{ShutdownReason, WorkerView};
 
 use crate::harness;
 use switchyard::cloud::throttled::{Refusal, Throttled};
@@ -486,4 +489,108 @@ async fn two_loopback_sets_leave_each_others_instances_alone() {
         [of_b.id.as_str()]
     );
     b.destroy(&of_b.id).await.unwrap();
+}
+
+/// A control plane with one cloud pool `cloud` on the loopback driver (`driver_config`),
+/// syncing every 200 ms, idle instances shut down after a second.
+async fn cloud_app(driver_config: serde_json::Value, max_instances: u32) -> harness::TestApp {
+    harness::start_app(|config| {
+        config.cloud.sync_interval = Duration::from_millis(200);
+        config.cloud.timeout_idle = Duration::from_secs(1);
+        config.cloud.timeout_ssh = Duration::from_secs(5);
+        config.cloud.pools = vec![CloudPoolConfig {
+            name: "cloud".into(),
+            driver: "loopback".into(),
+            driver_config,
+            max_instances,
+            ..CloudPoolConfig::default()
+        }];
+        config.sessions.executor_count = 4;
+        config.sessions.stop_grace = Duration::from_millis(500);
+    })
+    .await
+}
+
+/// Every worker the log has, by id.
+async fn workers(test: &harness::TestApp) -> BTreeMap<String, WorkerView> {
+    let cloud = test.app.services().get::<Cloud>().unwrap();
+    cloud
+        .table
+        .ask(|table, _| {
+            table
+                .list(None, usize::MAX)
+                .into_iter()
+                .map(|(id, view)| (id.to_string(), view))
+                .collect()
+        })
+        .await
+        .unwrap()
+}
+
+fn on_cloud(name: &str, kind: &str, script: &str) -> serde_json::Value {
+    serde_json::json!({"name": name, "kind": kind, "pool": "cloud",
+        "command": "sh", "args": ["-c", script]})
+}
+
+#[actix_rt::test]
+async fn a_waiting_session_grows_its_cloud_pool_runs_and_the_idle_instance_is_shut_down() {
+    let test = cloud_app(serde_json::json!({"boot_delay": "300ms"}), 2).await;
+    // The pool is there before any instance: a session may ask for what it grows to.
+    let pools = harness::call(&test, "pool.list", serde_json::json!({}))
+        .await
+        .ok();
+    let cloud = &pools["result"][0];
+    assert_eq!(cloud["name"], "cloud", "{pools}");
+    assert_eq!(cloud["max_machines"], 2);
+    let refused = harness::call(
+        &test,
+        "session.schedule",
+        serde_json::json!({"components": [
+            on_cloud("driver", "driver", "true"),
+            on_cloud("w1", "server", "sleep 10"),
+            on_cloud("w2", "server", "sleep 10")]}),
+    )
+    .await
+    .code_and_reason();
+    assert_eq!(refused, "capacity/exceeds_pool_capacity");
+
+    let id = crate::sessions::schedule(
+        &test,
+        serde_json::json!({"id": "grow", "components": [on_cloud("driver", "driver", "echo ran")]}),
+    )
+    .await;
+    let view = crate::sessions::ended(&test, &id, Duration::from_secs(60)).await;
+    assert_eq!(view["status"], "DONE", "{view:#}");
+    let created = workers(&test).await;
+    assert_eq!(created.len(), 1, "{created:?}");
+    let (worker, seen) = created.into_iter().next().unwrap();
+    assert!(seen.created);
+    assert!(seen.booted_at.is_some());
+    // Idle for a second after the session: shut down, destroyed, gone from the list.
+    let gone = harness::wait_for(
+        "the idle worker to be gone",
+        Duration::from_secs(30),
+        || async {
+            let view = workers(&test).await.remove(&worker)?;
+            view.gone_at.is_some().then_some(view)
+        },
+    )
+    .await;
+    assert_eq!(gone.shutdown_reason, Some(ShutdownReason::Idle));
+    assert!(!gone.disappeared);
+    assert_eq!(sshd_of(&test.config.cloud.dir), 0);
+}
+
+/// How many sshd processes run under `dir`.
+fn sshd_of(dir: &std::path::Path) -> usize {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            std::fs::read(e.path().join("cmdline")).is_ok_and(|c| {
+                let line = String::from_utf8_lossy(&c).into_owned();
+                line.contains("sshd") && line.contains(&*dir.to_string_lossy())
+            })
+        })
+        .count()
 }

@@ -97,6 +97,7 @@ impl ProcessGuard {
         Self(vec![
             config.sessions.process_dir.clone(),
             config.lessons.dir.clone(),
+            config.cloud.dir.clone(),
         ])
     }
 }
@@ -144,6 +145,11 @@ pub fn test_config(server: &NatsServer) -> switchyard::config::Config {
     // Its own place for lesson processes, keys and homes.
     config.lessons.dir = std::env::temp_dir().join(format!(
         "switchyard-lessons-{}",
+        uuid::Uuid::new_v4().simple()
+    ));
+    // Its own place for cloud instances (loopback) and their key.
+    config.cloud.dir = std::env::temp_dir().join(format!(
+        "switchyard-cloud-{}",
         uuid::Uuid::new_v4().simple()
     ));
     config.runtime.reaction_interval = Duration::from_millis(200);

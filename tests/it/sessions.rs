@@ -193,7 +193,7 @@ async fn scheduler_events(test: &TestApp) -> Vec<(String, String)> {
                 E::Released(e) => ("released", e.session),
                 E::Enqueued(e) => ("enqueued", e.session),
                 E::Refused(e) => ("refused", e.session),
-                E::Configured(_) => continue,
+                E::Configured(_) | E::MachinesSet(_) => continue,
             };
             out.push((kind.to_owned(), session.to_string()));
         }

@@ -109,6 +109,12 @@ pub enum SchedulerCommand {
     },
     /// A session is over: give back what it holds, or take it off the queue.
     Release { session: SessionId },
+    /// A cloud pool's machines now (its instance set's ready workers). Nothing when they are
+    /// what it has.
+    SetMachines {
+        pool: PoolName,
+        machines: Vec<MachineName>,
+    },
 }
 
 event_set! {
@@ -118,6 +124,7 @@ event_set! {
         Admitted(AdmittedEvent) = "scheduler.admitted" @ 1,
         Released(Released) = "scheduler.released" @ 1,
         Refused(Refused) = "scheduler.refused" @ 1,
+        MachinesSet(MachinesSet) = "scheduler.machines_set" @ 1,
     }
 }
 
@@ -186,6 +193,14 @@ pub struct Released {
     pub at: Timestamp,
 }
 
+/// A cloud pool grew or shrank.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct MachinesSet {
+    pub pool: PoolName,
+    pub machines: Vec<MachineName>,
+    pub at: Timestamp,
+}
+
 /// A waiting session can no longer fit the pools as configured now: off the queue.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Refused {
@@ -212,6 +227,14 @@ pub enum SchedulerError {
     DuplicatePool { pool: String },
     #[error("machine {machine:?} of pool {pool:?} is listed twice")]
     DuplicateMachine { pool: String, machine: String },
+    #[error("pool {pool:?} is not a cloud pool: its machines are configured")]
+    FixedPool { pool: String },
+    #[error("pool {pool:?} grows to {max} machines, not {machines}")]
+    TooManyMachines {
+        pool: String,
+        machines: usize,
+        max: u32,
+    },
 }
 
 /// The reason on `not_found` for a pool that does not exist.
@@ -226,7 +249,9 @@ impl Rejection for SchedulerError {
             SchedulerError::ExceedsCapacity { .. } => ErrorKind::Capacity,
             SchedulerError::NoExecutors
             | SchedulerError::DuplicatePool { .. }
-            | SchedulerError::DuplicateMachine { .. } => ErrorKind::Invalid,
+            | SchedulerError::DuplicateMachine { .. }
+            | SchedulerError::FixedPool { .. }
+            | SchedulerError::TooManyMachines { .. } => ErrorKind::Invalid,
         }
     }
 
@@ -643,6 +668,18 @@ impl Aggregate for Scheduler {
                 executor_count,
             } => {
                 check_pools(pools, *executor_count)?;
+                // A cloud pool's machines are what its instance set said last, not configured.
+                let pools: Vec<PoolSpec> = pools
+                    .iter()
+                    .map(|p| match self.pools.get(&p.name) {
+                        Some(now) if p.max_machines > 0 && now.max_machines > 0 => PoolSpec {
+                            machines: now.machines.clone(),
+                            ..p.clone()
+                        },
+                        _ => p.clone(),
+                    })
+                    .collect();
+                let pools = &pools;
                 let same = *executor_count == self.executor_count
                     && pools.len() == self.pools.len()
                     && pools.iter().all(|p| self.pools.get(&p.name) == Some(p));
@@ -683,6 +720,39 @@ impl Aggregate for Scheduler {
                             machines: *machines,
                         })
                         .collect(),
+                    at,
+                })]
+            }
+            SchedulerCommand::SetMachines { pool, machines } => {
+                let Some(spec) = self.pools.get(pool) else {
+                    return Err(SchedulerError::UnknownPool {
+                        pool: pool.to_string(),
+                        known: self.pool_names(),
+                    });
+                };
+                if spec.max_machines == 0 {
+                    return Err(SchedulerError::FixedPool {
+                        pool: pool.to_string(),
+                    });
+                }
+                if machines.len() > spec.max_machines as usize {
+                    return Err(SchedulerError::TooManyMachines {
+                        pool: pool.to_string(),
+                        machines: machines.len(),
+                        max: spec.max_machines,
+                    });
+                }
+                let resized = PoolSpec {
+                    machines: machines.clone(),
+                    ..spec.clone()
+                };
+                check_pools(std::slice::from_ref(&resized), 1)?;
+                if &spec.machines == machines {
+                    return Ok(vec![]);
+                }
+                vec![SchedulerEvent::MachinesSet(MachinesSet {
+                    pool: pool.clone(),
+                    machines: machines.clone(),
                     at,
                 })]
             }
@@ -742,6 +812,11 @@ impl Aggregate for Scheduler {
                 self.running.remove(&e.session);
             }
             SchedulerEvent::Refused(e) => self.queue.retain(|w| w.session != e.session),
+            SchedulerEvent::MachinesSet(e) => {
+                if let Some(spec) = self.pools.get_mut(&e.pool) {
+                    spec.machines = e.machines.clone();
+                }
+            }
         }
     }
 
@@ -853,18 +928,51 @@ mod tests {
                 .is_err()
         );
         // Two instances booted: the pool has them, and the session runs.
-        let mut grown = pool("cloud", 2);
-        grown.max_machines = 3;
+        let two = pool("cloud", 2).machines;
         let admitted = run(
             &mut s,
-            SchedulerCommand::Configure {
-                pools: vec![grown],
-                executor_count: 4,
+            SchedulerCommand::SetMachines {
+                pool: PoolName::new("cloud").unwrap(),
+                machines: two.clone(),
             },
             5,
         );
         assert_eq!(admitted, ["one"]);
         assert_eq!(s.view().pools[0].max_machines, 3);
+        // Configuration again (a restart) keeps what the instance set said.
+        run(
+            &mut s,
+            SchedulerCommand::Configure {
+                pools: vec![elastic],
+                executor_count: 4,
+            },
+            6,
+        );
+        assert_eq!(s.pools[&PoolName::new("cloud").unwrap()].machines, two);
+        let cx = Context {
+            now: Timestamp::EPOCH,
+        };
+        let refused = [
+            (pool("cloud", 4).machines, "grows to 3"),
+            (vec![two[0].clone(), two[0].clone()], "twice"),
+        ];
+        for (machines, why) in refused {
+            let set = SchedulerCommand::SetMachines {
+                pool: PoolName::new("cloud").unwrap(),
+                machines,
+            };
+            let err = s.decide(&id(), &set, &cx).unwrap_err();
+            assert!(err.to_string().contains(why), "{err}");
+        }
+        let fixed = configured(vec![pool("a", 1)], 1);
+        let set = SchedulerCommand::SetMachines {
+            pool: PoolName::new("a").unwrap(),
+            machines: vec![],
+        };
+        assert!(matches!(
+            fixed.decide(&id(), &set, &cx),
+            Err(SchedulerError::FixedPool { .. })
+        ));
     }
 
     #[test]
