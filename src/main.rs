@@ -82,6 +82,21 @@ enum Command {
         #[command(subcommand)]
         command: switchyard::sessions::cli::PoolCommand,
     },
+    /// Cloud pools' workers: list, hold, drain, run, kill.
+    Instances {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: switchyard::cloud::cli::InstancesCommand,
+    },
+    /// Cloud pools' instance sets, with the throttles in force.
+    #[command(name = "instance-set")]
+    InstanceSet {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: switchyard::cloud::cli::InstanceSetCommand,
+    },
     /// Live lessons: the catalog (list, show, validate a curriculum offline, reload), request
     /// a lesson and follow it to READY, status, kill.
     Lesson {
@@ -418,6 +433,20 @@ async fn run(cli: Cli, config: Config) -> anyhow::Result<ExitCode> {
             let (api, format) = api_client(config, &client).await?;
             let status =
                 switchyard::sessions::cli::pool(&api, command, format, &mut std::io::stdout())
+                    .await;
+            client_status(status)
+        }
+        Command::Instances { client, command } => {
+            let (api, format) = api_client(config, &client).await?;
+            let status =
+                switchyard::cloud::cli::instances(&api, command, format, &mut std::io::stdout())
+                    .await;
+            client_status(status)
+        }
+        Command::InstanceSet { client, command } => {
+            let (api, format) = api_client(config, &client).await?;
+            let status =
+                switchyard::cloud::cli::instance_set(&api, command, format, &mut std::io::stdout())
                     .await;
             client_status(status)
         }

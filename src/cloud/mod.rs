@@ -5,8 +5,11 @@
 //! instance set behind its throttles ([`throttled`]), the SSH executor that verifies an
 //! instance before it runs anything on it ([`ssh`]), and the sync reaction ([`sync`]).
 
+pub mod cli;
 pub mod driver;
 pub mod loopback;
+pub mod protocol;
+pub mod routes;
 pub mod ssh;
 pub mod sync;
 pub mod throttled;
@@ -45,7 +48,7 @@ pub fn capability() -> Capability {
     Capability {
         name: "cloud",
         kinds: || vec![KindSpec::of::<Worker>(), KindSpec::of::<SetEntity>()],
-        routes: Vec::new,
+        routes: routes::specs,
         start,
     }
 }

@@ -581,7 +581,7 @@ async fn a_waiting_session_grows_its_cloud_pool_runs_and_the_idle_instance_is_sh
     assert_eq!(sshd_of(&test.config.cloud.dir), 0);
 }
 
-/// How many sshd processes run under `dir`.
+/// How many sshd listeners (instances) run under `dir`.
 fn sshd_of(dir: &std::path::Path) -> usize {
     std::fs::read_dir("/proc")
         .unwrap()
@@ -589,8 +589,179 @@ fn sshd_of(dir: &std::path::Path) -> usize {
         .filter(|e| {
             std::fs::read(e.path().join("cmdline")).is_ok_and(|c| {
                 let line = String::from_utf8_lossy(&c).into_owned();
-                line.contains("sshd") && line.contains(&*dir.to_string_lossy())
+                line.contains("[listener]") && line.contains(&*dir.to_string_lossy())
             })
         })
         .count()
+}
+
+/// The one worker of the pool that is not gone, once there is one.
+async fn the_worker(test: &harness::TestApp) -> (String, WorkerView) {
+    harness::wait_for("a worker", Duration::from_secs(30), || async {
+        workers(test)
+            .await
+            .into_iter()
+            .find(|(_, w)| w.gone_at.is_none() && w.booted_at.is_some())
+    })
+    .await
+}
+
+#[actix_rt::test]
+async fn a_held_worker_outlives_its_idle_timeout_and_a_restart_and_kill_destroys_it() {
+    let test = cloud_app(serde_json::json!({"boot_delay": "0s"}), 1).await;
+    let id = crate::sessions::schedule(
+        &test,
+        serde_json::json!({"components": [on_cloud("driver", "driver", "sleep 1")]}),
+    )
+    .await;
+    let (worker, _) = the_worker(&test).await;
+    let held = harness::call(&test, "worker.hold", serde_json::json!({"id": worker}))
+        .await
+        .ok();
+    assert_eq!(held["result"]["idle_behavior"], "hold", "{held}");
+    let view = crate::sessions::ended(&test, &id, Duration::from_secs(30)).await;
+    assert_eq!(view["status"], "DONE", "{view:#}");
+    // Well past the idle timeout (1 s), and across a restart: still there, still held.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let test = test.restart().await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = workers(&test).await.remove(&worker).unwrap();
+    assert_eq!(after.gone_at, None, "{after:?}");
+    assert_eq!(serde_json::to_value(after.idle_behavior).unwrap(), "hold");
+    assert_eq!(sshd_of(&test.config.cloud.dir), 1);
+    // A held worker takes no new session, and the pool is at max_instances (1): it waits.
+    let waits = crate::sessions::schedule(
+        &test,
+        serde_json::json!({"components": [on_cloud("driver", "driver", "true")]}),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let waiting = crate::sessions::get(&test, &waits).await;
+    assert_eq!(waiting["status"], "QUEUED", "{waiting:#}");
+
+    // Bad requests change nothing.
+    for (body, code) in [
+        (serde_json::json!({"id": "no-such-worker"}), "not_found"),
+        (serde_json::json!({"id": ""}), "invalid"),
+        (serde_json::json!({"id": worker, "extra": 1}), "invalid"),
+        (serde_json::json!([]), "invalid"),
+    ] {
+        let reply = harness::call(&test, "worker.drain", body.clone()).await;
+        assert_eq!(reply.code(), code, "{body}");
+    }
+    assert_eq!(
+        serde_json::to_value(workers(&test).await[&worker].idle_behavior).unwrap(),
+        "hold"
+    );
+
+    // Killed: shut down and destroyed; with the held one gone, the waiting session gets a
+    // new instance and runs.
+    harness::call(&test, "worker.kill", serde_json::json!({"id": worker}))
+        .await
+        .ok();
+    let gone = harness::wait_for(
+        "the killed worker to be gone",
+        Duration::from_secs(30),
+        || async {
+            let view = workers(&test).await.remove(&worker)?;
+            view.gone_at.is_some().then_some(view)
+        },
+    )
+    .await;
+    assert_eq!(gone.shutdown_reason, Some(ShutdownReason::Killed));
+    let refused = harness::call(&test, "worker.run", serde_json::json!({"id": worker})).await;
+    assert_eq!(refused.code(), "not_found");
+    let view = crate::sessions::ended(&test, &waits, Duration::from_secs(30)).await;
+    assert_eq!(view["status"], "DONE", "{view:#}");
+}
+
+#[actix_rt::test]
+async fn kill_9_right_after_a_create_then_restart_adopts_the_instance_and_creates_nothing_twice() {
+    use crate::crash::{Switchyard, wait_serving};
+    use crate::harness::{Reply, request};
+
+    let nats = harness::start_nats();
+    let dir = Lab::new();
+    let config = dir.path().join("switchyard.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[runtime]\nreaction_interval = \"200ms\"\n\n\
+             [sessions]\nprocess_dir = \"{0}/processes\"\npoll_interval = \"50ms\"\n\n\
+             [cloud]\nsync_interval = \"200ms\"\ndir = \"{0}/cloud\"\n\n\
+             [[cloud.pools]]\nname = \"cloud\"\nmax_instances = 2\n\
+             driver_config = {{ boot_delay = \"0s\" }}\n",
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("switchyard.log");
+    let armed = [
+        ("SWITCHYARD_CONFIG", config.to_str().unwrap()),
+        ("SWITCHYARD_FAILPOINTS", "cloud.after_create"),
+    ];
+    let mut crashing = Switchyard::spawn_with(&nats.url(), &log, &armed);
+    let client = crate::lesson_crash::client(&nats.url()).await;
+    wait_serving(&client).await;
+    let body = serde_json::json!({"id": "adopt", "components": [on_cloud("driver", "driver", "echo ran")]});
+    harness::wait_for(
+        "the session to be scheduled",
+        Duration::from_secs(20),
+        || async {
+            match request(&client, "session.schedule", body.to_string(), None).await {
+                Reply::Ok(_) => Some(()),
+                _ => None,
+            }
+        },
+    )
+    .await;
+    for _ in 0..300 {
+        if crashing.has_exited() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        crashing.has_exited(),
+        "the failpoint was not reached: {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    // The instance outlived the control plane that created it, and the log never heard of it.
+    assert_eq!(sshd_of(dir.path()), 1);
+
+    let plain = [("SWITCHYARD_CONFIG", config.to_str().unwrap())];
+    let _restarted = Switchyard::spawn_with(&nats.url(), &log, &plain);
+    wait_serving(&client).await;
+    let view = harness::wait_for("the session to end", Duration::from_secs(60), || async {
+        let Reply::Ok(view) = request(
+            &client,
+            "session.get",
+            r#"{"id": "adopt"}"#.to_owned(),
+            None,
+        )
+        .await
+        else {
+            return None;
+        };
+        view["result"]["cleaned_up_at"]
+            .is_string()
+            .then(|| view["result"].clone())
+    })
+    .await;
+    assert_eq!(view["status"], "DONE", "{view:#}");
+    let Reply::Ok(listed) = request(&client, "worker.list", "{}".to_owned(), None).await else {
+        panic!("worker.list failed");
+    };
+    let workers = listed["result"].as_array().unwrap();
+    assert_eq!(workers.len(), 1, "{listed:#}");
+    assert_eq!(
+        workers[0]["created"], false,
+        "adopted, not created: {listed:#}"
+    );
+    assert_eq!(
+        sshd_of(dir.path()),
+        1,
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
 }
