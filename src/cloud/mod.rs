@@ -9,6 +9,7 @@ pub mod cli;
 pub mod driver;
 pub mod loopback;
 pub mod protocol;
+pub mod remote;
 pub mod routes;
 pub mod ssh;
 pub mod sync;
@@ -186,6 +187,16 @@ fn start(cx: &mut Starter<'_>) {
         config,
         clock,
     });
+    // Sessions' components on the pools' machines run over SSH.
+    if let Some(slot) = cx.provided::<remote::RemoteSlot>() {
+        let backend = remote::RemoteSessions::new(
+            Arc::new(sync::CloudMachines(shared.clone())),
+            sessions.table.clone(),
+            sessions.config.stop_grace,
+            shared.clock.clone(),
+        );
+        let _ = slot.0.set(Arc::new(backend));
+    }
     cx.reaction(Sync::new(shared));
     tokio::spawn(configure(sets, configured));
 }

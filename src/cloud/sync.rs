@@ -42,6 +42,8 @@ pub struct Pool {
     pub set: Arc<dyn InstanceSet>,
     pub throttled: Throttled,
     executors: Mutex<BTreeMap<WorkerId, Arc<Executor>>>,
+    /// What the last sync listed: where sessions' components reach each worker.
+    listed: Mutex<BTreeMap<WorkerId, Instance>>,
 }
 
 impl Pool {
@@ -59,7 +61,14 @@ impl Pool {
             set,
             throttled,
             executors: Mutex::new(BTreeMap::new()),
+            listed: Mutex::new(BTreeMap::new()),
         }
+    }
+
+    fn listed(&self) -> std::sync::MutexGuard<'_, BTreeMap<WorkerId, Instance>> {
+        self.listed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Only this set's instances carry this tag.
@@ -251,6 +260,10 @@ pub async fn sync_once(shared: &Shared, pool: &Pool) -> Result<(), String> {
         .filter_map(|i| Some((WorkerId::new(i.id.clone()).ok()?, i)))
         .collect();
     pool.keep_executors(&by_id.keys().cloned().collect());
+    *pool.listed() = by_id
+        .iter()
+        .map(|(id, i)| (id.clone(), (*i).clone()))
+        .collect();
     let mut workers = shared.workers_of(&pool.id).await?;
     let probes = probe(shared, pool, &by_id, &mut workers).await;
     let (in_use, wanted) = demand(shared, &pool.name).await?;
@@ -563,5 +576,32 @@ pub fn set_config(config: &CloudPoolConfig) -> SetConfig {
         driver: config.driver.clone(),
         instance_type: config.instance_type.clone(),
         max_instances: config.max_instances,
+    }
+}
+
+/// The cloud pools' workers as machines sessions' components run on.
+pub struct CloudMachines(pub Arc<Shared>);
+
+impl super::remote::Machines for CloudMachines {
+    fn reach(&self, machine: &MachineName) -> Option<(Arc<Executor>, String)> {
+        let id = WorkerId::new(machine.as_str()).ok()?;
+        self.0.pools.values().find_map(|pool| {
+            let instance = pool.listed().get(&id).cloned()?;
+            let address = instance.address.clone()?;
+            let host = address
+                .rsplit_once(':')
+                .map_or(address.as_str(), |(host, _)| host)
+                .to_owned();
+            Some((pool.executor(&self.0, &id, &instance)?, host))
+        })
+    }
+
+    fn all(&self) -> Vec<MachineName> {
+        self.0
+            .pools
+            .values()
+            .flat_map(|pool| pool.listed().keys().cloned().collect::<Vec<_>>())
+            .filter_map(|id| MachineName::new(id.as_str()).ok())
+            .collect()
     }
 }

@@ -67,6 +67,13 @@ impl Throttled {
         }
     }
 
+    fn finished(&self) {
+        self.pacer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .finished((self.clock)());
+    }
+
     fn noted<T>(&self, result: Result<T, DriverError>, counts: Counts) -> Result<T, Refusal> {
         result.map_err(|err| {
             let now = (self.clock)();
@@ -98,6 +105,7 @@ impl Throttled {
             .map_err(Refusal::Held)?;
         self.slot().await?;
         let result = self.inner.create(spec).await;
+        self.finished();
         self.noted(result, counts)
     }
 
@@ -108,6 +116,7 @@ impl Throttled {
     ) -> Result<Vec<Instance>, Refusal> {
         self.slot().await?;
         let result = self.inner.instances(tags).await;
+        self.finished();
         let found = self.noted(result, Counts::default())?;
         let count = u32::try_from(found.len()).unwrap_or(u32::MAX);
         self.throttles().on_sync(count, (self.clock)());
@@ -117,12 +126,14 @@ impl Throttled {
     pub async fn destroy(&self, id: &str) -> Result<(), Refusal> {
         self.slot().await?;
         let result = self.inner.destroy(id).await;
+        self.finished();
         self.noted(result, Counts::default())
     }
 
     pub async fn set_tags(&self, id: &str, tags: &BTreeMap<String, String>) -> Result<(), Refusal> {
         self.slot().await?;
         let result = self.inner.set_tags(id, tags).await;
+        self.finished();
         self.noted(result, Counts::default())
     }
 

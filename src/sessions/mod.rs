@@ -160,6 +160,20 @@ fn start(cx: &mut Starter<'_>) {
             }
         },
     };
+    // With cloud pools, their components run on the pools' instances over SSH (the cloud
+    // capability, started next, puts that backend in the slot).
+    let backend: Arc<dyn SessionBackend> = if cloud.is_empty() {
+        backend
+    } else {
+        let slot = crate::cloud::remote::RemoteSlot::default();
+        cx.provide(slot.clone());
+        Arc::new(crate::cloud::remote::Routed {
+            local: backend,
+            remote: slot,
+            cloud_pools: cloud.iter().map(|p| p.name.clone()).collect(),
+            sessions: table.clone(),
+        })
+    };
     let logs = LogStore::new(cx.store.clone());
     let shared = Arc::new(Shared {
         sessions: sessions.clone(),

@@ -554,30 +554,47 @@ async fn a_waiting_session_grows_its_cloud_pool_runs_and_the_idle_instance_is_sh
     .code_and_reason();
     assert_eq!(refused, "capacity/exceeds_pool_capacity");
 
+    // A server and a driver that reaches it, each on an instance of its own, over SSH.
+    let mut server = crate::sessions::http_server("w1");
+    server["pool"] = "cloud".into();
+    let mut driver = crate::sessions::reaching_driver();
+    driver["pool"] = "cloud".into();
+    driver["args"][1] = serde_json::Value::from(format!(
+        "import os\nprint('home', os.environ['SWITCHYARD_HOME'], flush=True)\n{}",
+        driver["args"][1].as_str().unwrap()
+    ));
     let id = crate::sessions::schedule(
         &test,
-        serde_json::json!({"id": "grow", "components": [on_cloud("driver", "driver", "echo ran")]}),
+        serde_json::json!({"id": "grow", "components": [driver, server]}),
     )
     .await;
     let view = crate::sessions::ended(&test, &id, Duration::from_secs(60)).await;
     assert_eq!(view["status"], "DONE", "{view:#}");
+    let log = crate::sessions::driver_log(&test, &id).await;
+    assert!(log.contains("reached 127.0.0.1:"), "{log}");
+    // It ran in its instance's home, not in the sessions' process directory.
+    let cloud_dir = test.config.cloud.dir.to_string_lossy().into_owned();
+    assert!(log.contains(&format!("home {cloud_dir}")), "{log}");
     let created = workers(&test).await;
-    assert_eq!(created.len(), 1, "{created:?}");
-    let (worker, seen) = created.into_iter().next().unwrap();
-    assert!(seen.created);
-    assert!(seen.booted_at.is_some());
+    assert_eq!(created.len(), 2, "{created:?}");
+    for seen in created.values() {
+        assert!(seen.created);
+        assert!(seen.booted_at.is_some());
+    }
     // Idle for a second after the session: shut down, destroyed, gone from the list.
-    let gone = harness::wait_for(
-        "the idle worker to be gone",
-        Duration::from_secs(30),
-        || async {
-            let view = workers(&test).await.remove(&worker)?;
-            view.gone_at.is_some().then_some(view)
-        },
-    )
-    .await;
-    assert_eq!(gone.shutdown_reason, Some(ShutdownReason::Idle));
-    assert!(!gone.disappeared);
+    for worker in created.keys() {
+        let gone = harness::wait_for(
+            "the idle worker to be gone",
+            Duration::from_secs(30),
+            || async {
+                let view = workers(&test).await.remove(worker)?;
+                view.gone_at.is_some().then_some(view)
+            },
+        )
+        .await;
+        assert_eq!(gone.shutdown_reason, Some(ShutdownReason::Idle));
+        assert!(!gone.disappeared);
+    }
     assert_eq!(sshd_of(&test.config.cloud.dir), 0);
 }
 
@@ -727,7 +744,10 @@ async fn kill_9_right_after_a_create_then_restart_adopts_the_instance_and_create
         std::fs::read_to_string(&log).unwrap_or_default()
     );
     // The instance outlived the control plane that created it, and the log never heard of it.
-    assert_eq!(sshd_of(dir.path()), 1);
+    harness::wait_for("the instance's sshd", Duration::from_secs(10), || async {
+        (sshd_of(dir.path()) == 1).then_some(())
+    })
+    .await;
 
     let plain = [("SWITCHYARD_CONFIG", config.to_str().unwrap())];
     let _restarted = Switchyard::spawn_with(&nats.url(), &log, &plain);

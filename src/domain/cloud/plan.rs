@@ -8,8 +8,9 @@
 //!   not missing, just not listed yet);
 //! - a booting or unknown worker whose probe passed has booted;
 //! - a worker that work holds is busy, one that nothing holds any more is idle;
-//! - a worker the shutdown rules name is shut down, and one being shut down that is still
-//!   listed is destroyed (again, every sync, until the list no longer has it);
+//! - a worker the shutdown rules name is shut down, but for idle ones that sessions waiting
+//!   for the pool are about to take; one being shut down that is still listed is destroyed
+//!   (again, every sync, until the list no longer has it);
 //! - the machines wanted beyond those in hand are created.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -91,6 +92,9 @@ pub fn plan(input: &Input<'_>) -> Vec<Action> {
         }
     }
     let mut in_hand = 0u32;
+    // Idle workers that waiting sessions are about to take are not idle for long: as many as
+    // wait are kept from the idle timeout (arvados shuts down only the excess).
+    let mut needed_idle = (input.wanted as usize).saturating_sub(input.in_use.len());
     for (id, worker) in input.workers {
         let Some(instance) = listed.get(id) else {
             if worker.appeared_at < input.listed_at {
@@ -131,7 +135,13 @@ pub fn plan(input: &Input<'_>) -> Vec<Action> {
                 facts.busy_at = input.now;
             }
         }
-        if let Some(reason) = shutdown_reason(&facts, input.timeouts, input.now) {
+        let reason = shutdown_reason(&facts, input.timeouts, input.now);
+        if reason == Some(ShutdownReason::Idle) && needed_idle > 0 {
+            needed_idle -= 1;
+            in_hand += 1;
+            continue;
+        }
+        if let Some(reason) = reason {
             actions.push(Action::Shutdown {
                 id: id.clone(),
                 reason,
@@ -350,6 +360,21 @@ mod tests {
                 },
             ]
         );
+        // An idle worker that a waiting session is about to take stays.
+        case.wanted = 1;
+        assert!(
+            !case
+                .plan()
+                .iter()
+                .any(|a| matches!(a, Action::Shutdown { id: i, .. } if i == &id("idle")))
+        );
+        assert!(
+            !case
+                .plan()
+                .iter()
+                .any(|a| matches!(a, Action::Create { .. }))
+        );
+        case.wanted = 0;
         // A held worker stays, however long idle.
         case.workers.get_mut(&id("idle")).unwrap().idle_behavior = IdleBehavior::Hold;
         assert!(

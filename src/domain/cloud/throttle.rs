@@ -299,6 +299,16 @@ impl OpsPacer {
             }
         }
     }
+
+    /// A call that took its slot ended at `now`: the next starts no sooner than an interval
+    /// after, so however late a call reached the driver after its slot, two calls are never
+    /// closer there than the interval.
+    pub fn finished(&mut self, now: Timestamp) {
+        let after = now.saturating_add(self.interval);
+        if self.next.is_none_or(|next| next < after) {
+            self.next = Some(after);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -466,6 +476,14 @@ mod tests {
         let next = start.saturating_add(Duration::from_millis(100));
         assert_eq!(pacer.take(start), Err(next));
         assert_eq!(pacer.take(next), Ok(()));
+        // That call ended late: the next waits an interval from its end.
+        let ended = next.saturating_add(Duration::from_millis(30));
+        pacer.finished(ended);
+        let after = ended.saturating_add(Duration::from_millis(100));
+        assert_eq!(
+            pacer.take(next.saturating_add(Duration::from_millis(100))),
+            Err(after)
+        );
         let mut free = OpsPacer::new(0);
         assert_eq!(free.take(start), Ok(()));
         assert_eq!(free.take(start), Ok(()));
