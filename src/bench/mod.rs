@@ -4,6 +4,7 @@
 
 mod kubernetes;
 mod lessons;
+mod pools;
 pub mod raw;
 mod sessions;
 
@@ -54,10 +55,14 @@ pub enum Scenario {
     /// The Kubernetes backends: a lesson's objects and a session's pod made, against making
     /// them with kube-rs directly (on `--kubernetes-api`, or the tests' emulator).
     Kubernetes,
+    /// Cloud pools: a waiting session to its driver on a new loopback instance, against the
+    /// boot delay; one sync of a stub holding many instances, against raw publishes and the
+    /// driver's listing.
+    Pools,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 10] = [
+    pub const ALL: [Scenario; 11] = [
         Scenario::Throughput,
         Scenario::Latency,
         Scenario::Replay,
@@ -68,6 +73,7 @@ impl Scenario {
         Scenario::Sessions,
         Scenario::Lessons,
         Scenario::Kubernetes,
+        Scenario::Pools,
     ];
 }
 
@@ -96,6 +102,12 @@ pub struct Options {
     pub lesson_samples: usize,
     /// The Kubernetes API for the kubernetes scenario; none: the tests' emulator.
     pub kubernetes_api: Option<String>,
+    /// Sessions timed one at a time, each on a new loopback instance, in the pools scenario.
+    pub pool_samples: usize,
+    /// The loopback driver's boot delay in the pools scenario.
+    pub pool_boot_delay: Duration,
+    /// Instances the stub holds when a sync is timed.
+    pub pool_instances: usize,
 }
 
 impl Options {
@@ -114,6 +126,9 @@ impl Options {
             lessons: 50,
             lesson_samples: 10,
             kubernetes_api: None,
+            pool_samples: 5,
+            pool_boot_delay: Duration::from_secs(1),
+            pool_instances: 1_000,
         }
     }
 
@@ -133,6 +148,9 @@ impl Options {
             lessons: 2,
             lesson_samples: 1,
             kubernetes_api: None,
+            pool_samples: 1,
+            pool_boot_delay: Duration::from_millis(100),
+            pool_instances: 20,
         }
     }
 }
@@ -261,6 +279,11 @@ impl Latencies {
 
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
+    }
+
+    /// All of them together.
+    pub fn total(&self) -> Duration {
+        self.0.iter().sum()
     }
 
     /// The `q` quantile (0..=1) in milliseconds; nearest rank.
@@ -682,6 +705,9 @@ pub async fn run(options: &Options, out: &mut dyn Write) -> anyhow::Result<Repor
     }
     if wants(Scenario::Kubernetes) {
         Box::pin(kubernetes::kubernetes(&url, options, &mut report, out)).await?;
+    }
+    if wants(Scenario::Pools) {
+        Box::pin(pools::pools(&url, options, &mut report, out)).await?;
     }
     if wants(Scenario::Durable) {
         if options.nats_url.is_some() {
