@@ -191,6 +191,7 @@ async fn sync_cost(
             0,
             clock.clone(),
         ),
+        clock(),
     ));
     let key = Arc::new(crate::tunnel::keys::generate()?);
     let shared = Shared {

@@ -155,7 +155,7 @@ fn start(cx: &mut Starter<'_>) {
                 config.max_cloud_ops_per_second,
                 clock.clone(),
             );
-            Ok::<_, String>(Pool::new(id, name, pool.clone(), set, throttled))
+            Ok::<_, String>(Pool::new(id, name, pool.clone(), set, throttled, clock()))
         })();
         match made {
             Ok(made) => {

@@ -44,6 +44,9 @@ pub struct Pool {
     executors: Mutex<BTreeMap<WorkerId, Arc<Executor>>>,
     /// What the last sync listed: where sessions' components reach each worker.
     listed: Mutex<BTreeMap<WorkerId, Instance>>,
+    /// The last passing probe of each listed worker, and since when this process probes.
+    probed: Mutex<BTreeMap<WorkerId, Timestamp>>,
+    probing_since: Timestamp,
 }
 
 impl Pool {
@@ -53,8 +56,11 @@ impl Pool {
         config: CloudPoolConfig,
         set: Arc<dyn InstanceSet>,
         throttled: Throttled,
+        now: Timestamp,
     ) -> Self {
         Self {
+            probed: Mutex::new(BTreeMap::new()),
+            probing_since: now,
             id,
             name,
             config,
@@ -111,9 +117,16 @@ impl Pool {
         Some(executor)
     }
 
-    /// Forgets the executors of instances that are no longer listed.
-    fn keep_executors(&self, listed: &BTreeSet<WorkerId>) {
+    /// Forgets what it knew of instances that are no longer listed.
+    fn keep_only(&self, listed: &BTreeSet<WorkerId>) {
         self.executors().retain(|id, _| listed.contains(id));
+        self.probed().retain(|id, _| listed.contains(id));
+    }
+
+    fn probed(&self) -> std::sync::MutexGuard<'_, BTreeMap<WorkerId, Timestamp>> {
+        self.probed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -259,13 +272,18 @@ pub async fn sync_once(shared: &Shared, pool: &Pool) -> Result<(), String> {
         .iter()
         .filter_map(|i| Some((WorkerId::new(i.id.clone()).ok()?, i)))
         .collect();
-    pool.keep_executors(&by_id.keys().cloned().collect());
+    pool.keep_only(&by_id.keys().cloned().collect());
     *pool.listed() = by_id
         .iter()
         .map(|(id, i)| (id.clone(), (*i).clone()))
         .collect();
     let mut workers = shared.workers_of(&pool.id).await?;
-    let probes = probe(shared, pool, &by_id, &mut workers).await;
+    let passed = probe(shared, pool, &by_id, &mut workers).await;
+    let probes = {
+        let mut probed = pool.probed();
+        probed.extend(passed);
+        probed.clone()
+    };
     let (in_use, wanted) = demand(shared, &pool.name).await?;
     let listed: Vec<Listed> = by_id
         .iter()
@@ -280,6 +298,7 @@ pub async fn sync_once(shared: &Shared, pool: &Pool) -> Result<(), String> {
         listed_at,
         workers: &workers,
         probes: &probes,
+        probing_since: pool.probing_since,
         in_use: &in_use,
         wanted,
         timeouts: &shared.timeouts(),

@@ -37,8 +37,11 @@ pub struct Input<'a> {
     pub listed_at: Timestamp,
     /// The set's workers the log has, not yet gone.
     pub workers: &'a BTreeMap<WorkerId, WorkerRecord>,
-    /// The last passing probe of each worker.
+    /// The last passing probe of each worker, as far as this process knows.
     pub probes: &'a BTreeMap<WorkerId, Timestamp>,
+    /// Since when this process has probed: a booted worker it has not yet seen pass is
+    /// counted as passing then (a restart does not make every worker look broken).
+    pub probing_since: Timestamp,
     /// Workers that sessions hold now.
     pub in_use: &'a BTreeSet<WorkerId>,
     /// Machines of the pool that sessions hold or wait for.
@@ -110,7 +113,11 @@ pub fn plan(input: &Input<'_>) -> Vec<Action> {
             continue;
         }
         let probed = input.probes.get(id).copied();
-        let mut facts = worker.facts(probed);
+        let mut facts = worker.facts(probed.or_else(|| {
+            worker
+                .booted_at
+                .map(|booted| booted.max(input.probing_since))
+        }));
         if matches!(worker.state, WorkerState::Booting | WorkerState::Unknown) && probed.is_some() {
             actions.push(Action::Boot {
                 id: id.clone(),
@@ -225,11 +232,13 @@ mod tests {
         in_use: BTreeSet<WorkerId>,
         wanted: u32,
         now: u64,
+        since: u64,
     }
 
     impl Case {
         fn new(now: u64) -> Self {
             Self {
+                since: 0,
                 listed: Vec::new(),
                 workers: BTreeMap::new(),
                 probes: BTreeMap::new(),
@@ -245,6 +254,7 @@ mod tests {
                 listed_at: at(self.now),
                 workers: &self.workers,
                 probes: &self.probes,
+                probing_since: at(self.since),
                 in_use: &self.in_use,
                 wanted: self.wanted,
                 timeouts: &Timeouts::default(),
@@ -383,6 +393,35 @@ mod tests {
                 .iter()
                 .any(|a| matches!(a, Action::Shutdown { id: i, .. } if i == &id("idle")))
         );
+    }
+
+    #[test]
+    fn a_worker_is_broken_after_its_probes_fail_for_the_probe_timeout_not_since_it_booted() {
+        let mut case = Case::new(1000);
+        case.wanted = 1;
+        case.workers
+            .insert(id("a"), worker(WorkerState::Running, 1));
+        case.in_use.insert(id("a"));
+        case.listed = vec![listed("a")];
+        // Booted long ago, passed a probe a minute ago: not broken.
+        case.probes.insert(id("a"), at(940));
+        assert!(case.plan().is_empty(), "{:?}", case.plan());
+        // Passed last 600 s ago: broken, and another is made for the session that holds it.
+        case.probes.insert(id("a"), at(400));
+        assert_eq!(
+            case.plan(),
+            [
+                Action::Shutdown {
+                    id: id("a"),
+                    reason: ShutdownReason::Broken
+                },
+                Action::Create { count: 1 }
+            ]
+        );
+        // Never seen to pass by a process that started probing recently: not yet.
+        case.probes.clear();
+        case.since = 900;
+        assert!(case.plan().is_empty());
     }
 
     #[test]
