@@ -63,6 +63,32 @@ pub struct OutcomeLabels {
     pub outcome: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WorkerStateLabels {
+    pub set: String,
+    pub instance_type: String,
+    pub state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DriverCallLabels {
+    pub set: String,
+    pub operation: String,
+    /// `ok`, `rate_limited`, `quota`, `capacity`, `not_implemented` or `error`.
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SetLabels {
+    pub set: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SetOutcomeLabels {
+    pub set: String,
+    pub outcome: String,
+}
+
 /// Every metric Switchyard exports.
 #[derive(Clone, Debug)]
 pub struct Metrics {
@@ -99,6 +125,17 @@ pub struct Metrics {
     pub reaction_running: Family<ReactionLabels, Gauge>,
     /// Jobs each reaction ran, by outcome.
     pub reaction_jobs: Family<ReactionJobLabels, Counter>,
+    /// Cloud workers not yet gone, by instance set, instance type and state.
+    pub cloud_workers: Family<WorkerStateLabels, Gauge>,
+    /// Driver calls by instance set, operation and outcome.
+    pub cloud_driver_calls: Family<DriverCallLabels, Counter>,
+    /// How created instances' boots ended: `booted`, `never_booted`, `refused`.
+    pub cloud_boots: Family<SetOutcomeLabels, Counter>,
+    /// From an instance's creation to its first passing probe (reachable over SSH, its host
+    /// verified, running a command): time to SSH and to ready in one.
+    pub cloud_boot_seconds: Family<SetLabels, Histogram>,
+    /// The oldest last passing probe among a set's booted workers, in seconds.
+    pub cloud_probe_age_seconds: Family<SetLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -231,8 +268,45 @@ impl Metrics {
             "Jobs each reaction ran, by outcome",
             reaction_jobs.clone(),
         );
+        let cloud_workers = Family::<WorkerStateLabels, Gauge>::default();
+        registry.register(
+            "cloud_workers",
+            "Cloud workers not yet gone, by instance set, type and state",
+            cloud_workers.clone(),
+        );
+        let cloud_driver_calls = Family::<DriverCallLabels, Counter>::default();
+        registry.register(
+            "cloud_driver_calls",
+            "Cloud driver calls by instance set, operation and outcome",
+            cloud_driver_calls.clone(),
+        );
+        let cloud_boots = Family::<SetOutcomeLabels, Counter>::default();
+        registry.register(
+            "cloud_boots",
+            "How created instances' boots ended (booted, never_booted, refused)",
+            cloud_boots.clone(),
+        );
+        let cloud_boot_seconds = Family::<SetLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.5, 2.0, 12))
+        });
+        registry.register(
+            "cloud_boot_seconds",
+            "From an instance's creation to its first passing probe",
+            cloud_boot_seconds.clone(),
+        );
+        let cloud_probe_age_seconds = Family::<SetLabels, Gauge>::default();
+        registry.register(
+            "cloud_probe_age_seconds",
+            "The oldest last passing probe among a set's booted workers",
+            cloud_probe_age_seconds.clone(),
+        );
         Self {
             registry: Arc::new(registry),
+            cloud_workers,
+            cloud_driver_calls,
+            cloud_boots,
+            cloud_boot_seconds,
+            cloud_probe_age_seconds,
             reaction_position,
             reaction_lag,
             reaction_running,

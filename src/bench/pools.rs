@@ -204,6 +204,7 @@ async fn sync_cost(
         key,
         config,
         clock,
+        metrics: crate::metrics::Metrics::new(),
     };
     let started = Instant::now();
     sync_once(&shared, &pool)

@@ -134,6 +134,7 @@ fn start(cx: &mut Starter<'_>) {
     };
     let instance = cx.store.config().stream_prefix.to_lowercase();
     let clock = cx.clock();
+    let metrics = cx.metrics.clone();
     let registry = registry(&config, &instance, clock.clone());
     let mut pools = BTreeMap::new();
     for pool in &config.pools {
@@ -154,7 +155,8 @@ fn start(cx: &mut Starter<'_>) {
                 limits,
                 config.max_cloud_ops_per_second,
                 clock.clone(),
-            );
+            )
+            .with_metrics(metrics.clone(), id.as_str());
             Ok::<_, String>(Pool::new(id, name, pool.clone(), set, throttled, clock()))
         })();
         match made {
@@ -186,6 +188,7 @@ fn start(cx: &mut Starter<'_>) {
         public_key,
         config,
         clock,
+        metrics,
     });
     // Sessions' components on the pools' machines run over SSH.
     if let Some(slot) = cx.provided::<remote::RemoteSlot>() {

@@ -30,6 +30,7 @@ use crate::domain::cloud::{InstanceSetId, WorkerId};
 use crate::domain::sessions::scheduler::{Scheduler, SchedulerCommand};
 use crate::domain::sessions::{MachineName, PoolName, SchedulerId};
 use crate::domain::{Aggregate, Principal, Timestamp};
+use crate::metrics::{Metrics, SetLabels, SetOutcomeLabels, WorkerStateLabels};
 use crate::runtime::reaction::{Due, Observed, Reaction};
 use crate::runtime::{Clock, CommandMeta, Entities, EntityTable, ProjectionHandle, error_chain};
 use crate::store::StoreError;
@@ -142,6 +143,7 @@ pub struct Shared {
     pub public_key: String,
     pub config: CloudConfig,
     pub clock: Clock,
+    pub metrics: Metrics,
 }
 
 impl Shared {
@@ -166,6 +168,69 @@ impl Shared {
         {
             tracing::warn!(worker = %id, ?command, error = %error_chain(&err), "cannot record on the worker");
         }
+    }
+
+    fn boot_ended(&self, pool: &Pool, outcome: &str) {
+        self.metrics
+            .cloud_boots
+            .get_or_create(&SetOutcomeLabels {
+                set: pool.id.to_string(),
+                outcome: outcome.to_owned(),
+            })
+            .inc();
+    }
+
+    /// The set's workers by type and state, and its oldest passing probe.
+    fn gauge(
+        &self,
+        pool: &Pool,
+        workers: &BTreeMap<WorkerId, WorkerRecord>,
+        probes: &BTreeMap<WorkerId, Timestamp>,
+    ) {
+        let now = (self.clock)();
+        let set = pool.id.to_string();
+        let mut types: BTreeSet<&str> =
+            workers.values().map(|w| w.instance_type.as_str()).collect();
+        types.insert(pool.config.instance_type.as_str());
+        for instance_type in types {
+            for state in [
+                WorkerState::Unknown,
+                WorkerState::Booting,
+                WorkerState::Idle,
+                WorkerState::Running,
+                WorkerState::Shutdown,
+            ] {
+                let count = workers
+                    .values()
+                    .filter(|w| w.instance_type == instance_type && w.state == state)
+                    .count();
+                let state = serde_json::to_value(state)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default();
+                self.metrics
+                    .cloud_workers
+                    .get_or_create(&WorkerStateLabels {
+                        set: set.clone(),
+                        instance_type: instance_type.to_owned(),
+                        state,
+                    })
+                    .set(i64::try_from(count).unwrap_or(i64::MAX));
+            }
+        }
+        let oldest = workers
+            .iter()
+            .filter(|(_, w)| matches!(w.state, WorkerState::Idle | WorkerState::Running))
+            .map(|(id, _)| {
+                let passed = probes.get(id).copied().unwrap_or(pool.probing_since);
+                now.since(passed).as_secs()
+            })
+            .max()
+            .unwrap_or(0);
+        self.metrics
+            .cloud_probe_age_seconds
+            .get_or_create(&SetLabels { set })
+            .set(i64::try_from(oldest).unwrap_or(i64::MAX));
     }
 
     /// The set's workers the log has, not yet gone.
@@ -338,6 +403,16 @@ pub async fn sync_once(shared: &Shared, pool: &Pool) -> Result<(), String> {
                 shared.worker(&id, WorkerCommand::Boot { address }).await;
                 if let Some(worker) = workers.get_mut(&id) {
                     worker.state = WorkerState::Idle;
+                    if worker.created {
+                        shared.boot_ended(pool, "booted");
+                        shared
+                            .metrics
+                            .cloud_boot_seconds
+                            .get_or_create(&SetLabels {
+                                set: pool.id.to_string(),
+                            })
+                            .observe((shared.clock)().since(worker.appeared_at).as_secs_f64());
+                    }
                 }
             }
             Action::Busy { id, busy } => {
@@ -352,6 +427,11 @@ pub async fn sync_once(shared: &Shared, pool: &Pool) -> Result<(), String> {
             }
             Action::Shutdown { id, reason } => {
                 tracing::info!(set = %pool.id, worker = %id, %reason, "shutting a worker down");
+                if reason == ShutdownReason::NeverBooted
+                    && workers.get(&id).is_some_and(|w| w.created)
+                {
+                    shared.boot_ended(pool, "never_booted");
+                }
                 shared.worker(&id, WorkerCommand::Shutdown { reason }).await;
                 if let Some(worker) = workers.get_mut(&id) {
                     worker.state = WorkerState::Shutdown;
@@ -373,6 +453,7 @@ pub async fn sync_once(shared: &Shared, pool: &Pool) -> Result<(), String> {
         },
     )
     .await;
+    shared.gauge(pool, &workers, &probes);
     offer_machines(shared, pool, &workers).await
 }
 
@@ -406,6 +487,9 @@ async fn probe(
             Err(err) if err.refuses_instance() => {
                 tracing::warn!(set = %pool.id, worker = %id, error = %err, "refusing an instance");
                 if let Some(worker) = workers.get_mut(&id) {
+                    if worker.created && worker.booted_at.is_none() {
+                        shared.boot_ended(pool, "refused");
+                    }
                     worker.state = WorkerState::Shutdown;
                     shared
                         .worker(

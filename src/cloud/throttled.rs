@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use super::driver::{DriverError, Instance, InstanceSet, InstanceSpec};
-use crate::domain::cloud::throttle::{Counts, Hold, Limits, OpsPacer, Throttles};
+use crate::domain::cloud::throttle::{Counts, DriverErrorKind, Hold, Limits, OpsPacer, Throttles};
+use crate::metrics::{DriverCallLabels, Metrics};
 use crate::runtime::Clock;
 
 /// Why a call was not made, or failed.
@@ -22,6 +23,8 @@ pub enum Refusal {
 
 pub struct Throttled {
     inner: Arc<dyn InstanceSet>,
+    /// Where calls are counted, and the set's id they are counted under.
+    metrics: Option<(Metrics, String)>,
     limits: Limits,
     clock: Clock,
     throttles: Mutex<Throttles>,
@@ -37,11 +40,42 @@ impl Throttled {
     ) -> Self {
         Self {
             inner,
+            metrics: None,
             limits,
             clock,
             throttles: Mutex::new(Throttles::default()),
             pacer: Mutex::new(OpsPacer::new(ops_per_second)),
         }
+    }
+
+    /// Counts every driver call by operation and outcome (`switchyard_cloud_driver_calls`).
+    pub fn with_metrics(mut self, metrics: Metrics, set: &str) -> Self {
+        self.metrics = Some((metrics, set.to_owned()));
+        self
+    }
+
+    fn count<T>(&self, operation: &str, result: &Result<T, DriverError>) {
+        let Some((metrics, set)) = &self.metrics else {
+            return;
+        };
+        let outcome = match result {
+            Ok(_) => "ok",
+            Err(err) => match err.kind() {
+                DriverErrorKind::RateLimited { .. } => "rate_limited",
+                DriverErrorKind::Quota => "quota",
+                DriverErrorKind::Capacity { .. } => "capacity",
+                DriverErrorKind::NotImplemented => "not_implemented",
+                DriverErrorKind::Other => "error",
+            },
+        };
+        metrics
+            .cloud_driver_calls
+            .get_or_create(&DriverCallLabels {
+                set: set.clone(),
+                operation: operation.to_owned(),
+                outcome: outcome.to_owned(),
+            })
+            .inc();
     }
 
     fn throttles(&self) -> std::sync::MutexGuard<'_, Throttles> {
@@ -106,6 +140,7 @@ impl Throttled {
         self.slot().await?;
         let result = self.inner.create(spec).await;
         self.finished();
+        self.count("create", &result);
         self.noted(result, counts)
     }
 
@@ -117,6 +152,7 @@ impl Throttled {
         self.slot().await?;
         let result = self.inner.instances(tags).await;
         self.finished();
+        self.count("instances", &result);
         let found = self.noted(result, Counts::default())?;
         let count = u32::try_from(found.len()).unwrap_or(u32::MAX);
         self.throttles().on_sync(count, (self.clock)());
@@ -127,6 +163,7 @@ impl Throttled {
         self.slot().await?;
         let result = self.inner.destroy(id).await;
         self.finished();
+        self.count("destroy", &result);
         self.noted(result, Counts::default())
     }
 
@@ -134,6 +171,7 @@ impl Throttled {
         self.slot().await?;
         let result = self.inner.set_tags(id, tags).await;
         self.finished();
+        self.count("set_tags", &result);
         self.noted(result, Counts::default())
     }
 

@@ -595,6 +595,16 @@ async fn a_waiting_session_grows_its_cloud_pool_runs_and_the_idle_instance_is_sh
         assert_eq!(gone.shutdown_reason, Some(ShutdownReason::Idle));
         assert!(!gone.disappeared);
     }
+    let (_, metrics) = harness::http_get(test.app.http_addr(), "/metrics").await;
+    for line in [
+        r#"switchyard_cloud_boots_total{set="cloud",outcome="booted"} 2"#,
+        r#"switchyard_cloud_driver_calls_total{set="cloud",operation="create",outcome="ok"} 2"#,
+        r#"switchyard_cloud_driver_calls_total{set="cloud",operation="destroy",outcome="ok"}"#,
+        r#"switchyard_cloud_boot_seconds_count{set="cloud"} 2"#,
+        r#"switchyard_cloud_workers{set="cloud",instance_type="default",state="idle"} 0"#,
+    ] {
+        assert!(metrics.contains(line), "{line} not in\n{metrics}");
+    }
     assert_eq!(sshd_of(&test.config.cloud.dir), 0);
 }
 
