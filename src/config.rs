@@ -418,6 +418,12 @@ pub struct CloudConfig {
     /// How long one probe or executor connection may take.
     #[serde(with = "humantime_serde")]
     pub timeout_ssh: Duration,
+    /// After a quota error with no instance to wait for, creates wait this long.
+    #[serde(with = "humantime_serde")]
+    pub quota_hold: Duration,
+    /// After a capacity error, creates of its type, quota group or all wait this long.
+    #[serde(with = "humantime_serde")]
+    pub capacity_hold: Duration,
     /// Where this Switchyard keeps its instances' SSH key and the loopback driver's instances.
     pub dir: PathBuf,
     /// The pools; every replica must have the same.
@@ -433,6 +439,8 @@ impl Default for CloudConfig {
             timeout_idle: Duration::from_secs(60),
             timeout_probe: Duration::from_secs(600),
             timeout_ssh: Duration::from_secs(30),
+            quota_hold: Duration::from_secs(60),
+            capacity_hold: Duration::from_secs(60),
             dir: PathBuf::from(".switchyard/cloud"),
             pools: Vec::new(),
         }

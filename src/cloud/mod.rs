@@ -7,6 +7,7 @@
 
 pub mod cli;
 pub mod driver;
+pub mod faults;
 pub mod loopback;
 pub mod protocol;
 pub mod remote;
@@ -141,14 +142,21 @@ fn start(cx: &mut Starter<'_>) {
         let made = (|| {
             let name = PoolName::new(pool.name.clone()).map_err(|e| e.to_string())?;
             let id = InstanceSetId::new(pool.name.clone()).map_err(|e| e.to_string())?;
-            let set = registry
+            let errors = faults::parse(&pool.driver_config).map_err(|e| e.to_string())?;
+            let mut set = registry
                 .get(&pool.driver)
-                .and_then(|d| d.instance_set(&pool.driver_config, id.as_str()))
+                .and_then(|d| {
+                    d.instance_set(&faults::without_errors(&pool.driver_config), id.as_str())
+                })
                 .map_err(|e| e.to_string())?;
+            if !errors.is_empty() {
+                set = Arc::new(faults::Faulty::new(set, errors, clock.clone()));
+            }
             let limits = Limits {
                 max_instances: pool.max_instances,
                 max_concurrent_creates: pool.max_concurrent_creates.max(1),
-                ..Limits::default()
+                quota_ttl: config.quota_hold,
+                capacity_ttl: config.capacity_hold,
             };
             let throttled = Throttled::new(
                 set.clone(),

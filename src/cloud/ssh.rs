@@ -113,9 +113,14 @@ pub struct Target {
     pub secret: Option<String>,
 }
 
+/// Channels open at once on one connection, at most: OpenSSH refuses more than its
+/// `MaxSessions` (10 by default).
+pub const MAX_CHANNELS: usize = 8;
+
 /// Runs commands on one instance over one connection.
 pub struct Executor {
     target: Target,
+    channels: tokio::sync::Semaphore,
     key: Arc<PrivateKey>,
     set: Arc<dyn InstanceSet>,
     timeout: Duration,
@@ -132,6 +137,7 @@ impl Executor {
     ) -> Self {
         Self {
             target,
+            channels: tokio::sync::Semaphore::new(MAX_CHANNELS),
             key,
             set,
             timeout,
@@ -156,6 +162,11 @@ impl Executor {
         let address = self.target.address.clone();
         let timeout = self.timeout;
         tokio::time::timeout(timeout, async {
+            let _channel = self
+                .channels
+                .acquire()
+                .await
+                .map_err(|e| self.session_error(e.to_string()))?;
             let connection = self.connection().await?;
             match run(&connection, command, stdin).await {
                 Ok(output) => Ok(output),

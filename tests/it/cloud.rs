@@ -324,8 +324,8 @@ async fn a_loopback_instance_boots_runs_commands_over_one_connection_and_is_dest
     assert_eq!(String::from_utf8_lossy(&mode.stdout).trim(), "600");
     let with_input = on.execute("cat", b"to stdin").await.unwrap();
     assert_eq!(with_input.stdout, b"to stdin");
-    // Many commands at once share the connection.
-    let commands: Vec<String> = (0..8).map(|n| format!("echo {n}")).collect();
+    // Many commands at once share the connection, more than OpenSSH's MaxSessions (10).
+    let commands: Vec<String> = (0..24).map(|n| format!("echo {n}")).collect();
     let many = futures::future::join_all(commands.iter().map(|c| on.execute(c, b""))).await;
     for (n, ran) in many.into_iter().enumerate() {
         assert_eq!(
