@@ -124,6 +124,16 @@ pub trait Driver: Send + Sync + 'static {
     ) -> Result<Arc<dyn InstanceSet>>;
 }
 
+/// What every driver requires of an instance-set id: that there is one.
+pub fn check_set_id(set_id: &str) -> Result<()> {
+    if set_id.is_empty() {
+        return Err(DriverError::InvalidConfig {
+            message: "an instance set needs an id".into(),
+        });
+    }
+    Ok(())
+}
+
 /// The drivers configuration may name.
 #[derive(Clone, Default)]
 pub struct Registry {
@@ -332,11 +342,7 @@ impl Driver for StubDriver {
         _config: &serde_json::Value,
         set_id: &str,
     ) -> Result<Arc<dyn InstanceSet>> {
-        if set_id.is_empty() {
-            return Err(DriverError::InvalidConfig {
-                message: "an instance set needs an id".into(),
-            });
-        }
+        check_set_id(set_id)?;
         Ok(Arc::new(StubSet {
             driver: self.clone(),
             set_id: set_id.to_owned(),

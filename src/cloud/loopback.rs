@@ -187,11 +187,7 @@ impl Driver for LoopbackDriver {
         config: &serde_json::Value,
         set_id: &str,
     ) -> Result<Arc<dyn InstanceSet>> {
-        if set_id.is_empty() {
-            return Err(DriverError::InvalidConfig {
-                message: "an instance set needs an id".into(),
-            });
-        }
+        super::driver::check_set_id(set_id)?;
         Ok(Arc::new(LoopbackSet {
             processes: self.processes.clone(),
             config: LoopbackConfig::parse(config)?,

@@ -41,6 +41,15 @@ fn session_dir(session: &SessionId) -> String {
     )
 }
 
+/// The directory of a session's component on an instance, as a shell expression.
+fn component_dir(session: &SessionId, component: &ComponentName) -> String {
+    format!(
+        "{}/{}",
+        session_dir(session),
+        quote(&encode_token(component.as_str()))
+    )
+}
+
 /// `text` as one shell word.
 pub fn quote(text: &str) -> String {
     format!("'{}'", text.replace('\'', r"'\''"))
@@ -264,16 +273,18 @@ impl SessionBackend for RemoteSessions {
                 });
             };
             let (_, host) = self.reach(machine)?;
-            let mut variables = vec![
+            let variables = [
                 ("base", session_dir(session)),
                 ("component", quote(&encode_token(component.name.as_str()))),
             ];
-            let exports: Vec<(String, String)> =
-                env.into_iter().map(|(k, v)| (k, quote(&v))).collect();
-            for (name, value) in &exports {
-                variables.push((name.as_str(), format!("{value}; export {name}")));
-            }
-            let mut args = vec![component.command.clone()];
+            // Its variables reach the component alone, through env(1), never the script
+            // (a variable named `base` or `component` cannot move where it runs).
+            let mut args = vec!["env".to_owned()];
+            args.extend(
+                env.into_iter()
+                    .map(|(name, value)| format!("{name}={value}")),
+            );
+            args.push(component.command.clone());
             args.extend(component.args.iter().cloned());
             let (status, out) = self.run(machine, &variables, START, &args).await?;
             if status != Some(0) {
@@ -301,11 +312,7 @@ impl SessionBackend for RemoteSessions {
             let Some(machine) = placement.get(component) else {
                 return Err(format!("component {component} has no machine"));
             };
-            let dir = format!(
-                "{}/{}",
-                session_dir(session),
-                quote(&encode_token(component.as_str()))
-            );
+            let dir = component_dir(session, component);
             let mut script = format!("cd {dir} && PORT=$(cat port) && export PORT && ");
             for (name, value) in env {
                 script.push_str(&format!("{name}={}; export {name}; ", quote(value)));
@@ -334,11 +341,7 @@ impl SessionBackend for RemoteSessions {
             let Some(machine) = placement.get(component) else {
                 return Ok(None);
             };
-            let dir = format!(
-                "{}/{}",
-                session_dir(session),
-                quote(&encode_token(component.as_str()))
-            );
+            let dir = component_dir(session, component);
             let (status, out) = self
                 .run(
                     machine,

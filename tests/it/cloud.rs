@@ -557,6 +557,8 @@ async fn a_waiting_session_grows_its_cloud_pool_runs_and_the_idle_instance_is_sh
     // A server and a driver that reaches it, each on an instance of its own, over SSH.
     let mut server = crate::sessions::http_server("w1");
     server["pool"] = "cloud".into();
+    // Its variables are its own: the remote start script's do not move.
+    server["env"] = serde_json::json!({"base": "/nowhere", "component": "x"});
     let mut driver = crate::sessions::reaching_driver();
     driver["pool"] = "cloud".into();
     driver["args"][1] = serde_json::Value::from(format!(
@@ -742,17 +744,7 @@ async fn kill_9_right_after_a_create_then_restart_adopts_the_instance_and_create
         },
     )
     .await;
-    for _ in 0..300 {
-        if crashing.has_exited() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(
-        crashing.has_exited(),
-        "the failpoint was not reached: {}",
-        std::fs::read_to_string(&log).unwrap_or_default()
-    );
+    crashing.wait_crashed(&log).await;
     // The instance outlived the control plane that created it, and the log never heard of it.
     harness::wait_for("the instance's sshd", Duration::from_secs(10), || async {
         (sshd_of(dir.path()) == 1).then_some(())

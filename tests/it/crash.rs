@@ -51,6 +51,21 @@ impl Switchyard {
         matches!(self.child.try_wait(), Ok(Some(_)))
     }
 
+    /// Waits up to 30 s for an armed failpoint to end the process; panics with its `log`
+    /// if it does not.
+    pub async fn wait_crashed(&mut self, log: &std::path::Path) {
+        for _ in 0..300 {
+            if self.has_exited() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!(
+            "the failpoint was not reached: {}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+    }
+
     pub fn kill_9(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();

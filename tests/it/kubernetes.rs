@@ -551,13 +551,7 @@ ssh_user = "{}"
     let nats_client = client(&nats.url()).await;
     wait_serving(&nats_client).await;
     let id = request_lesson(&nats_client, "crashed", "ssh-basics").await;
-    for _ in 0..300 {
-        if crashing.has_exited() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(crashing.has_exited(), "the failpoint was not reached");
+    crashing.wait_crashed(&log).await;
     let ns = namespace_of(&kube, &id).await.metadata.name.unwrap();
     let uids = |kube: kube::Client, ns: String| async move {
         let pods: Api<Pod> = Api::namespaced(kube.clone(), &ns);
@@ -1116,13 +1110,7 @@ async fn kill_9_right_after_a_components_pod_is_created_then_restart_adopts_it_a
     )
     .await
     .ok();
-    for _ in 0..300 {
-        if crashing.has_exited() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(crashing.has_exited(), "the failpoint was not reached");
+    crashing.wait_crashed(&log).await;
     let worker = pod(&kube, &pod_of("drill", "w1")).await;
     let uid = worker.metadata.uid.clone().unwrap();
 
