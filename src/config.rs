@@ -739,7 +739,11 @@ mod tests {
         let readme =
             std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
                 .unwrap();
+        // The block of the Configuration section (other sections show snippets).
         let block = readme
+            .split("## Configuration")
+            .nth(1)
+            .unwrap()
             .split("```toml\n")
             .nth(1)
             .unwrap()
