@@ -14,8 +14,10 @@ use serde_json::json;
 
 use super::sessions::median;
 use super::{Bench, Options, Report, Row, commit_like, raw, raw_target};
+use crate::backend::process::ProcessBackend;
 use crate::cloud::Cloud;
 use crate::cloud::driver::{Driver, InstanceSpec, StubDriver, tag};
+use crate::cloud::loopback::LoopbackDriver;
 use crate::cloud::sync::{Pool, Shared, sync_once};
 use crate::cloud::throttled::Throttled;
 use crate::config::CloudPoolConfig;
@@ -130,7 +132,23 @@ async fn grow(
             None,
         ),
     )?;
+    // Instances outlive the control plane that made them (as a cloud's would): the last one
+    // is shut down for idleness first, and whatever is left is destroyed here.
+    let started = Instant::now();
+    while live_workers(&cloud).await > 0 && started.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     bench.app.shutdown().await;
+    let instance = bench.config.store.stream_prefix.to_lowercase();
+    let leftover = LoopbackDriver::new(ProcessBackend::new(
+        dir.path().join("cloud").join("instances"),
+        instance,
+        Duration::from_secs(1),
+    ))
+    .instance_set(&serde_json::Value::Null, "cloud")?;
+    for instance in leftover.instances(&BTreeMap::new()).await? {
+        leftover.destroy(&instance.id).await?;
+    }
     Ok(())
 }
 
