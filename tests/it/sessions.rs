@@ -592,3 +592,49 @@ async fn a_bad_session_file_lists_every_problem_and_schedules_nothing() {
     let (_, listed) = cli(&test, &["session", "list", "--format", "json"]).await;
     assert!(listed.is_empty(), "nothing scheduled: {listed}");
 }
+
+/// `scheduler.configured` v1's data, `{pools: [{name: "a", machines: ["m"], labels: {}}],
+/// executor_count: 2, at: 1_700_000_000_000_000_000ns}`, as bincode 2 (standard config) stored
+/// it before cloud pools: a golden fixture, decoded by every future release.
+const GOLDEN_CONFIGURED_V1: &[u8] = &[
+    0x01, // one pool
+    0x01, b'a', // its name
+    0x01, 0x01, b'm', // one machine
+    0x00, // no labels
+    0x02, // executor_count
+    0xfd, 0x00, 0x00, 0x54, 0x6c, 0xfc, 0x39, 0x2f, 0x2f, // at: zigzag, u64 little-endian
+];
+
+#[test]
+fn scheduler_configured_v1_from_its_golden_fixture_upcasts_to_fixed_pools() {
+    use switchyard::codec::Bincode;
+    use switchyard::domain::DomainEvent;
+    use switchyard::domain::sessions::SchedulerEvent;
+    use switchyard::domain::sessions::scheduler::{ConfiguredV1, PoolSpecV1};
+
+    let event =
+        SchedulerEvent::decode::<Bincode>("scheduler.configured", 1, GOLDEN_CONFIGURED_V1).unwrap();
+    let SchedulerEvent::Configured(configured) = event else {
+        panic!("decoded as {event:?}");
+    };
+    assert_eq!(configured.executor_count, 2);
+    assert_eq!(configured.pools.len(), 1);
+    assert_eq!(configured.pools[0].name.as_str(), "a");
+    assert_eq!(configured.pools[0].machines.len(), 1);
+    assert_eq!(
+        configured.pools[0].max_machines, 0,
+        "a v1 pool is a fixed pool"
+    );
+    // The fixture is what the v1 struct encodes to.
+    let v1 = ConfiguredV1 {
+        pools: vec![PoolSpecV1 {
+            name: "a".parse().unwrap(),
+            machines: vec!["m".parse().unwrap()],
+            labels: Default::default(),
+        }],
+        executor_count: 2,
+        at: switchyard::domain::Timestamp::from_unix_nanos(1_700_000_000_000_000_000),
+    };
+    let data = bincode::serde::encode_to_vec(&v1, bincode::config::standard()).unwrap();
+    assert_eq!(data, GOLDEN_CONFIGURED_V1);
+}
