@@ -441,11 +441,17 @@ impl Routed {
         })
     }
 
-    /// Whether `component` of `session` was placed on a cloud pool.
-    async fn on_cloud(&self, session: &SessionId, component: &ComponentName) -> bool {
+    /// The backend of `component` of `session`: the remote one if it was placed on a cloud
+    /// pool.
+    async fn of(
+        &self,
+        session: &SessionId,
+        component: &ComponentName,
+    ) -> Result<&Arc<dyn SessionBackend>> {
         let (id, component) = (session.clone(), component.clone());
         let pools = self.cloud_pools.clone();
-        self.sessions
+        let on_cloud = self
+            .sessions
             .ask(move |table, _| match table.get(&id).map(|row| &row.state) {
                 Some(Session::Present(record)) => record
                     .placement
@@ -454,7 +460,12 @@ impl Routed {
                 _ => false,
             })
             .await
-            .unwrap_or(false)
+            .unwrap_or(false);
+        if on_cloud {
+            self.remote()
+        } else {
+            Ok(&self.local)
+        }
     }
 }
 
@@ -500,16 +511,13 @@ impl SessionBackend for Routed {
         timeout: Duration,
     ) -> BoxFuture<'a, std::result::Result<(), String>> {
         Box::pin(async move {
-            if self.on_cloud(session, component).await {
-                let remote = self.remote().map_err(|e| e.to_string())?;
-                remote
-                    .check(session, component, command, args, env, timeout)
-                    .await
-            } else {
-                self.local
-                    .check(session, component, command, args, env, timeout)
-                    .await
-            }
+            let backend = self
+                .of(session, component)
+                .await
+                .map_err(|e| e.to_string())?;
+            backend
+                .check(session, component, command, args, env, timeout)
+                .await
         })
     }
 
@@ -521,11 +529,8 @@ impl SessionBackend for Routed {
         max: usize,
     ) -> BoxFuture<'a, Result<Option<Chunk>>> {
         Box::pin(async move {
-            if self.on_cloud(session, component).await {
-                self.remote()?.output(session, component, offset, max).await
-            } else {
-                self.local.output(session, component, offset, max).await
-            }
+            let backend = self.of(session, component).await?;
+            backend.output(session, component, offset, max).await
         })
     }
 
