@@ -3,17 +3,15 @@
 //! set creates, lists (filtered by tags), destroys and re-tags instances, and may verify an
 //! instance's host key. Errors are typed ([`DriverError`]) so the throttles know what to hold.
 //!
-//! [`StubDriver`] is the tests' and benchmarks' driver: instances that exist only in memory,
-//! errors injected per operation, and a record of every call.
+//! [`super::stub::StubDriver`] is the tests' and benchmarks' driver.
 
-use std::collections::{BTreeMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use futures::future::BoxFuture;
 
 use crate::domain::Timestamp;
 use crate::domain::cloud::throttle::{CapacityScope, DriverErrorKind};
-use crate::runtime::Clock;
 
 /// The tags Switchyard puts on every instance it creates (arvados's `InstanceSetID`,
 /// `InstanceType`, `IdleBehavior` and `InstanceSecret`). An instance set adopts what carries
@@ -166,186 +164,17 @@ pub enum Operation {
     VerifyHostKey,
 }
 
-/// One call the stub received, and when.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct StubCall {
-    pub operation: Operation,
-    pub at: Timestamp,
-    pub set_id: String,
-}
-
-#[derive(Default)]
-struct StubState {
-    instances: BTreeMap<String, (String, Instance)>,
-    next: u64,
-    calls: Vec<StubCall>,
-    errors: BTreeMap<Operation, VecDeque<DriverError>>,
-}
-
-/// Instances in memory, errors on demand, every call recorded.
-#[derive(Clone)]
-pub struct StubDriver {
-    clock: Clock,
-    state: Arc<Mutex<StubState>>,
-}
-
-impl StubDriver {
-    pub fn new(clock: Clock) -> Self {
-        Self {
-            clock,
-            state: Arc::new(Mutex::new(StubState::default())),
-        }
-    }
-
-    fn state(&self) -> std::sync::MutexGuard<'_, StubState> {
-        self.state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// The next call of `operation` fails with `error` (queued: one per call).
-    pub fn inject(&self, operation: Operation, error: DriverError) {
-        self.state()
-            .errors
-            .entry(operation)
-            .or_default()
-            .push_back(error);
-    }
-
-    /// Every call so far.
-    pub fn calls(&self) -> Vec<StubCall> {
-        self.state().calls.clone()
-    }
-
-    /// Every instance, of every set.
-    pub fn all_instances(&self) -> Vec<Instance> {
-        self.state()
-            .instances
-            .values()
-            .map(|(_, i)| i.clone())
-            .collect()
-    }
-}
-
-struct StubSet {
-    driver: StubDriver,
-    set_id: String,
-}
-
-impl StubSet {
-    /// Records the call; the injected error, if one is queued.
-    fn call(&self, operation: Operation) -> Result<()> {
-        let at = (self.driver.clock)();
-        let mut state = self.driver.state();
-        state.calls.push(StubCall {
-            operation,
-            at,
-            set_id: self.set_id.clone(),
-        });
-        match state
-            .errors
-            .get_mut(&operation)
-            .and_then(VecDeque::pop_front)
-        {
-            Some(error) => Err(error),
-            None => Ok(()),
-        }
-    }
-}
-
-impl InstanceSet for StubSet {
-    fn create<'a>(&'a self, spec: &'a InstanceSpec) -> BoxFuture<'a, Result<Instance>> {
-        Box::pin(async move {
-            self.call(Operation::Create)?;
-            let mut state = self.driver.state();
-            state.next += 1;
-            let instance = Instance {
-                id: format!("stub-{}", state.next),
-                instance_type: spec.instance_type.clone(),
-                tags: spec.tags.clone(),
-                address: None,
-                remote_user: "root".to_owned(),
-            };
-            state
-                .instances
-                .insert(instance.id.clone(), (self.set_id.clone(), instance.clone()));
-            Ok(instance)
-        })
-    }
-
-    fn instances<'a>(
-        &'a self,
-        tags: &'a BTreeMap<String, String>,
-    ) -> BoxFuture<'a, Result<Vec<Instance>>> {
-        Box::pin(async move {
-            self.call(Operation::Instances)?;
-            Ok(self
-                .driver
-                .state()
-                .instances
-                .values()
-                .map(|(_, i)| i)
-                .filter(|i| tags.iter().all(|(k, v)| i.tags.get(k) == Some(v)))
-                .cloned()
-                .collect())
-        })
-    }
-
-    fn destroy<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<()>> {
-        Box::pin(async move {
-            self.call(Operation::Destroy)?;
-            self.driver.state().instances.remove(id);
-            Ok(())
-        })
-    }
-
-    fn set_tags<'a>(
-        &'a self,
-        id: &'a str,
-        tags: &'a BTreeMap<String, String>,
-    ) -> BoxFuture<'a, Result<()>> {
-        Box::pin(async move {
-            self.call(Operation::SetTags)?;
-            match self.driver.state().instances.get_mut(id) {
-                Some((_, instance)) => {
-                    instance.tags = tags.clone();
-                    Ok(())
-                }
-                None => Err(DriverError::Failed {
-                    message: format!("no instance {id}"),
-                }),
-            }
-        })
-    }
-
-    fn verify_host_key<'a>(
-        &'a self,
-        _id: &'a str,
-        _host_key: &'a str,
-    ) -> BoxFuture<'a, Result<()>> {
-        Box::pin(async move {
-            self.call(Operation::VerifyHostKey)?;
-            Err(DriverError::NotImplemented)
-        })
-    }
-
-    fn stop(&self) {}
-}
-
-impl Driver for StubDriver {
-    fn name(&self) -> &'static str {
-        "stub"
-    }
-
-    fn instance_set(
-        &self,
-        _config: &serde_json::Value,
-        set_id: &str,
-    ) -> Result<Arc<dyn InstanceSet>> {
-        check_set_id(set_id)?;
-        Ok(Arc::new(StubSet {
-            driver: self.clone(),
-            set_id: set_id.to_owned(),
-        }))
-    }
+/// A driver's `driver_config`, parsed: `null` is `{}`; unknown fields are refused.
+pub fn parse_config<T: serde::de::DeserializeOwned>(
+    driver: &str,
+    config: &serde_json::Value,
+) -> Result<T> {
+    let config = if config.is_null() {
+        serde_json::json!({})
+    } else {
+        config.clone()
+    };
+    serde_json::from_value(config).map_err(|err| DriverError::InvalidConfig {
+        message: format!("{driver}: {err}"),
+    })
 }

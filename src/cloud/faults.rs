@@ -3,6 +3,11 @@
 //! (arvados's test drivers do the same). For drills and benchmarks; a pool without `errors`
 //! is not wrapped.
 //!
+//! Instance faults (`faults`, for drivers whose instances are made here: loopback and stub)
+//! fall on every n-th instance a set creates: a slow boot, no boot at all, an instance that
+//! disappears, one that presents another host key than it was made with, and an impostor that
+//! never ran the init command (so it does not have the instance secret).
+//!
 //! `{"errors": [{"operation": "create", "kind": "quota", "every": 5},
 //!              {"operation": "instances", "kind": "rate_limited", "every": 7, "retry_after": "1s"},
 //!              {"operation": "create", "kind": "capacity", "scope": "type", "every": 6}]}`;
@@ -102,6 +107,62 @@ pub fn without_errors(config: &serde_json::Value) -> serde_json::Value {
         map.remove("errors");
     }
     config
+}
+
+/// An instance fault, on every `every`-th instance the set creates (1: every instance).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceFault {
+    pub kind: InstanceFaultKind,
+    pub every: u64,
+    /// `slow_boot`: the boot delay instead of the configured one.
+    #[serde(default, with = "humantime_serde")]
+    pub delay: Option<Duration>,
+    /// `disappear`: how long after booting it vanishes.
+    #[serde(default, with = "humantime_serde")]
+    pub after: Option<Duration>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InstanceFaultKind {
+    SlowBoot,
+    NoBoot,
+    Disappear,
+    WrongHostKey,
+    Impostor,
+}
+
+/// Checks what each kind of instance fault needs (`driver` names the driver in errors).
+pub fn check_instance_faults(driver: &str, faults: &[InstanceFault]) -> Result<()> {
+    for fault in faults {
+        let missing = match fault.kind {
+            InstanceFaultKind::SlowBoot if fault.delay.is_none() => Some("delay"),
+            InstanceFaultKind::Disappear if fault.after.is_none() => Some("after"),
+            _ => None,
+        };
+        if let Some(field) = missing {
+            return Err(DriverError::InvalidConfig {
+                message: format!("{driver}: a {:?} fault needs {field:?}", fault.kind),
+            });
+        }
+        if fault.every == 0 {
+            return Err(DriverError::InvalidConfig {
+                message: format!("{driver}: a fault's \"every\" is at least 1"),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The faults of the `ordinal`-th instance (from 1).
+pub fn instance_faults_of(
+    faults: &[InstanceFault],
+    ordinal: u64,
+) -> impl Iterator<Item = &InstanceFault> {
+    faults
+        .iter()
+        .filter(move |f| ordinal.is_multiple_of(f.every))
 }
 
 /// A set whose calls fail as its faults say.

@@ -27,6 +27,9 @@ use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
 use super::driver::{Driver, DriverError, Instance, InstanceSet, InstanceSpec, Result};
+use super::faults::{
+    InstanceFault, InstanceFaultKind as FaultKind, check_instance_faults, instance_faults_of,
+};
 use crate::backend::StepKey;
 use crate::backend::process::{ProcessBackend, ProcessSpec, ProcessState};
 
@@ -85,7 +88,7 @@ pub struct LoopbackConfig {
     #[serde(default = "yes")]
     pub verify_host_key: bool,
     #[serde(default)]
-    pub faults: Vec<Fault>,
+    pub faults: Vec<InstanceFault>,
 }
 
 fn default_boot_delay() -> Duration {
@@ -96,65 +99,11 @@ fn yes() -> bool {
     true
 }
 
-/// A fault, on every `every`-th instance the set creates (1: every instance).
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Fault {
-    pub kind: FaultKind,
-    pub every: u64,
-    /// `slow_boot`: the boot delay instead of the configured one.
-    #[serde(default, with = "humantime_serde")]
-    pub delay: Option<Duration>,
-    /// `disappear`: how long after booting it vanishes.
-    #[serde(default, with = "humantime_serde")]
-    pub after: Option<Duration>,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FaultKind {
-    SlowBoot,
-    NoBoot,
-    Disappear,
-    WrongHostKey,
-    Impostor,
-}
-
 impl LoopbackConfig {
     pub fn parse(config: &serde_json::Value) -> Result<Self> {
-        let parsed: Self = if config.is_null() {
-            serde_json::from_value(serde_json::json!({}))
-        } else {
-            serde_json::from_value(config.clone())
-        }
-        .map_err(|err| DriverError::InvalidConfig {
-            message: format!("loopback: {err}"),
-        })?;
-        for fault in &parsed.faults {
-            let missing = match fault.kind {
-                FaultKind::SlowBoot if fault.delay.is_none() => Some("delay"),
-                FaultKind::Disappear if fault.after.is_none() => Some("after"),
-                _ => None,
-            };
-            if let Some(field) = missing {
-                return Err(DriverError::InvalidConfig {
-                    message: format!("loopback: a {:?} fault needs {field:?}", fault.kind),
-                });
-            }
-            if fault.every == 0 {
-                return Err(DriverError::InvalidConfig {
-                    message: "loopback: a fault's \"every\" is at least 1".into(),
-                });
-            }
-        }
+        let parsed: Self = super::driver::parse_config("loopback", config)?;
+        check_instance_faults("loopback", &parsed.faults)?;
         Ok(parsed)
-    }
-
-    /// The faults of the `ordinal`-th instance (from 1).
-    fn faults_of(&self, ordinal: u64) -> impl Iterator<Item = &Fault> {
-        self.faults
-            .iter()
-            .filter(move |f| ordinal.is_multiple_of(f.every))
     }
 }
 
@@ -316,7 +265,7 @@ impl InstanceSet for LoopbackSet {
                     seconds(self.config.boot_delay),
                 ),
             ]);
-            for fault in self.config.faults_of(ordinal) {
+            for fault in instance_faults_of(&self.config.faults, ordinal) {
                 match fault.kind {
                     FaultKind::SlowBoot => {
                         let delay = fault.delay.unwrap_or(self.config.boot_delay);
@@ -469,8 +418,7 @@ mod tests {
             {"kind": "wrong_host_key", "every": 2}]}))
         .unwrap();
         let kinds = |n| {
-            parsed
-                .faults_of(n)
+            instance_faults_of(&parsed.faults, n)
                 .map(|f| f.kind)
                 .collect::<Vec<FaultKind>>()
         };

@@ -8,11 +8,13 @@
 pub mod cli;
 pub mod driver;
 pub mod faults;
+pub mod local_ssh;
 pub mod loopback;
 pub mod protocol;
 pub mod remote;
 pub mod routes;
 pub mod ssh;
+pub mod stub;
 pub mod sync;
 pub mod throttled;
 
@@ -31,8 +33,9 @@ use crate::domain::cloud::worker::Worker;
 use crate::domain::sessions::PoolName;
 use crate::domain::sessions::scheduler::PoolSpec;
 use crate::runtime::{CommandMeta, Entities, EntityTable, ProjectionHandle, error_chain};
-use driver::{Registry, StubDriver};
+use driver::Registry;
 use loopback::LoopbackDriver;
+use stub::StubDriver;
 use sync::{Pool, Shared, Sync};
 use throttled::Throttled;
 
@@ -80,7 +83,7 @@ pub fn pool_specs(config: &CloudConfig) -> Result<Vec<PoolSpec>, String> {
 }
 
 /// The drivers configuration may name. The stub keeps its instances in this process: for
-/// tests and benchmarks.
+/// tests, drills and benchmarks.
 pub fn registry(config: &CloudConfig, instance: &str, clock: crate::runtime::Clock) -> Registry {
     let mut registry = Registry::default();
     registry.register(Arc::new(LoopbackDriver::new(ProcessBackend::new(
@@ -88,7 +91,9 @@ pub fn registry(config: &CloudConfig, instance: &str, clock: crate::runtime::Clo
         instance,
         Duration::from_secs(5),
     ))));
-    registry.register(Arc::new(StubDriver::new(clock)));
+    registry.register(Arc::new(
+        StubDriver::new(clock).serving_from(config.dir.join("stub")),
+    ));
     registry
 }
 

@@ -11,10 +11,11 @@ use russh::keys::PrivateKey;
 use switchyard::backend::process::ProcessBackend;
 use switchyard::cloud::Cloud;
 use switchyard::cloud::driver::{
-    Driver, DriverError, Instance, InstanceSet, InstanceSpec, Operation, Registry, StubDriver, tag,
+    Driver, DriverError, Instance, InstanceSet, InstanceSpec, Operation, Registry, tag,
 };
 use switchyard::cloud::loopback::LoopbackDriver;
 use switchyard::cloud::ssh::{self, ExecError, Executor, Target};
+use switchyard::cloud::stub::StubDriver;
 use switchyard::config::CloudPoolConfig;
 use switchyard::domain::cloud::worker::{ShutdownReason, WorkerView};
 
@@ -785,5 +786,94 @@ async fn kill_9_right_after_a_create_then_restart_adopts_the_instance_and_create
         1,
         "{}",
         std::fs::read_to_string(&log).unwrap_or_default()
+    );
+}
+
+/// The stub instance `id` as its set lists it, once it has an address.
+async fn served(set: &Arc<dyn InstanceSet>, id: &str) -> Instance {
+    harness::wait_for("the instance to boot", Duration::from_secs(20), || async {
+        set.instances(&BTreeMap::new())
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|i| i.id == id && i.address.is_some())
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_stub_instance_serves_ssh_from_this_process_tells_an_impostor_and_ends_like_a_machine() {
+    let dir = Lab::new();
+    let stub = StubDriver::new(system_clock()).serving_from(dir.path().join("stub"));
+    let config = serde_json::json!({"ssh": true, "boot_delay": "200ms",
+        "faults": [{"kind": "impostor", "every": 2}]});
+    let set = stub.instance_set(&config, "a").unwrap();
+    let (spec, key) = secret_spec("a");
+    let created = set.create(&spec).await.unwrap();
+    assert_eq!(created.address, None, "booting");
+    let instance = served(&set, &created.id).await;
+    let on = executor(&set, &instance, &key);
+    let ran = on
+        .execute("cat; echo \" in $SWITCHYARD_HOME\" >&2; exit 4", b"input")
+        .await
+        .unwrap();
+    assert_eq!(ran.stdout, b"input");
+    let home = dir.path().join("stub").join(&instance.id);
+    assert_eq!(
+        String::from_utf8_lossy(&ran.stderr).trim(),
+        format!("in {}", home.display())
+    );
+    assert_eq!(ran.status, Some(4));
+    // Another key does not log in.
+    let stranger = Arc::new(switchyard::tunnel::keys::generate().unwrap());
+    let refused = executor(&set, &instance, &stranger)
+        .execute("true", b"")
+        .await;
+    assert!(
+        matches!(refused, Err(ExecError::LoginRefused { .. })),
+        "{refused:?}"
+    );
+    // The second instance never ran its init command: no secret, refused.
+    let impostor = set.create(&spec).await.unwrap();
+    let impostor = served(&set, &impostor.id).await;
+    let refused = executor(&set, &impostor, &key).execute("true", b"").await;
+    assert!(
+        matches!(refused, Err(ExecError::Impostor { .. })),
+        "{refused:?}"
+    );
+
+    // A component it runs (its own process group, as the remote backend starts them) dies
+    // with it, and its disk goes.
+    on.execute(
+        "mkdir -p sessions/s/c && cd sessions/s/c && \
+         setsid sh -c 'echo $$ > pid; exec sleep 300' > /dev/null 2>&1 < /dev/null & \
+         while [ ! -s sessions/s/c/pid ]; do sleep 0.05; done",
+        b"",
+    )
+    .await
+    .unwrap();
+    let group: i32 = std::fs::read_to_string(home.join("sessions/s/c/pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let alive = |pid: i32| std::path::Path::new(&format!("/proc/{pid}")).exists();
+    assert!(alive(group));
+    set.destroy(&instance.id).await.unwrap();
+    harness::wait_for("the component to die", Duration::from_secs(10), || async {
+        (!alive(group)).then_some(())
+    })
+    .await;
+    assert!(!home.exists());
+    assert!(matches!(
+        on.execute("true", b"").await,
+        Err(ExecError::Unreachable { .. } | ExecError::Session { .. })
+    ));
+    set.destroy(&impostor.id).await.unwrap();
+    assert!(stub.all_instances().is_empty());
+    let operations: Vec<Operation> = stub.calls().into_iter().map(|c| c.operation).collect();
+    assert!(
+        operations.contains(&Operation::VerifyHostKey),
+        "{operations:?}"
     );
 }
