@@ -418,7 +418,7 @@ pub struct CloudConfig {
     /// How long one probe or executor connection may take.
     #[serde(with = "humantime_serde")]
     pub timeout_ssh: Duration,
-    /// After a quota error with no instance to wait for, creates wait this long.
+    /// After a quota error, creates wait this long, or until fewer instances exist.
     #[serde(with = "humantime_serde")]
     pub quota_hold: Duration,
     /// After a capacity error, creates of its type, quota group or all wait this long.

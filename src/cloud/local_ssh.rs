@@ -54,6 +54,7 @@ impl LocalServer {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 };
+                let _ = socket.set_nodelay(true);
                 let handler = Connection {
                     authorized: authorized.clone(),
                     home: home.clone(),

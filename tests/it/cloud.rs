@@ -124,10 +124,10 @@ async fn quota_and_capacity_errors_hold_creates_until_they_may_pass() {
         instances: 2,
         creating: 1,
     };
-    assert_eq!(
+    assert!(matches!(
         instances.create(&spec("a"), "m", two).await,
-        Err(Refusal::Held(Hold::AtQuotaUntilFewer { instances: 2 }))
-    );
+        Err(Refusal::Held(Hold::AtQuotaUntilFewer { instances: 2, .. }))
+    ));
     // One goes away: the next list ends the hold.
     let id = stub.all_instances()[0].id.clone();
     instances.destroy(&id).await.unwrap();
@@ -875,5 +875,136 @@ async fn a_stub_instance_serves_ssh_from_this_process_tells_an_impostor_and_ends
     assert!(
         operations.contains(&Operation::VerifyHostKey),
         "{operations:?}"
+    );
+}
+
+/// arvados's own drill (`lib/dispatchcloud`'s stub-driver test): 200 sessions queued at once
+/// on a pool whose driver fails calls of every kind and whose instances sometimes boot
+/// slowly, never boot, or disappear while they work. Every session ends, none runs twice, and
+/// in the end every instance that was created is destroyed, its processes and disk with it.
+#[actix_rt::test]
+async fn the_stub_drill_200_sessions_against_every_error_kind_all_end_none_twice_nothing_left() {
+    const SESSIONS: usize = 200;
+    let lab = Lab::new();
+    let ran = lab.path().join("ran");
+    let driver_config = serde_json::json!({
+        "ssh": true, "boot_delay": "100ms",
+        "faults": [
+            {"kind": "slow_boot", "every": 3, "delay": "700ms"},
+            {"kind": "no_boot", "every": 7},
+            {"kind": "disappear", "every": 5, "after": "1500ms"}],
+        "errors": [
+            {"operation": "create", "kind": "quota", "every": 4},
+            {"operation": "create", "kind": "capacity", "scope": "type", "every": 6},
+            {"operation": "create", "kind": "failed", "every": 9},
+            {"operation": "instances", "kind": "rate_limited", "every": 8, "retry_after": "300ms"},
+            {"operation": "instances", "kind": "failed", "every": 13},
+            {"operation": "destroy", "kind": "failed", "every": 3}]});
+    let test = harness::start_app(|config| {
+        config.cloud.sync_interval = Duration::from_millis(100);
+        config.cloud.timeout_booting = Duration::from_secs(3);
+        config.cloud.timeout_idle = Duration::from_millis(500);
+        config.cloud.timeout_probe = Duration::from_secs(3);
+        config.cloud.timeout_ssh = Duration::from_secs(3);
+        config.cloud.quota_hold = Duration::from_millis(500);
+        config.cloud.capacity_hold = Duration::from_millis(500);
+        config.cloud.pools = vec![CloudPoolConfig {
+            name: "cloud".into(),
+            driver: "stub".into(),
+            driver_config,
+            max_instances: 8,
+            max_concurrent_creates: 2,
+            ..CloudPoolConfig::default()
+        }];
+        config.sessions.executor_count = 8;
+        config.sessions.stop_grace = Duration::from_millis(200);
+        // Each poll of a remote component is a command on its instance: at the default
+        // interval, eight of them keep two cores busy enough.
+        config.sessions.poll_interval = Duration::from_millis(250);
+    })
+    .await;
+    let script = format!(
+        "echo \"$SWITCHYARD_SESSION\" >> {}; sleep 0.2",
+        ran.display()
+    );
+    let mut ids = Vec::new();
+    for _ in 0..SESSIONS {
+        let body = serde_json::json!({"components": [on_cloud("driver", "driver", &script)]});
+        ids.push(crate::sessions::schedule(&test, body).await);
+    }
+
+    let mut done = Vec::new();
+    let mut failed = Vec::new();
+    for id in &ids {
+        let view = crate::sessions::ended(&test, id, Duration::from_secs(300)).await;
+        match view["status"].as_str() {
+            Some("DONE") => done.push(id.clone()),
+            _ => failed.push(view),
+        }
+    }
+    // None ran twice; every one that is DONE ran once.
+    let lines = std::fs::read_to_string(&ran).unwrap_or_default();
+    let mut runs: BTreeMap<&str, usize> = BTreeMap::new();
+    for line in lines.lines() {
+        *runs.entry(line).or_default() += 1;
+    }
+    let twice: Vec<_> = runs.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "ran more than once: {twice:?}");
+    for id in &done {
+        assert_eq!(runs.get(id.as_str()), Some(&1), "{id} is DONE");
+    }
+
+    // Every instance created is destroyed in the end (none is held), and took what ran on it
+    // and its disk along.
+    let all = harness::wait_for(
+        "every worker to be gone",
+        Duration::from_secs(60),
+        || async {
+            let all = workers(&test).await;
+            all.values().all(|w| w.gone_at.is_some()).then_some(all)
+        },
+    )
+    .await;
+    let disappeared = all.values().filter(|w| w.disappeared).count();
+    let never_booted = all.values().filter(|w| w.booted_at.is_none()).count();
+    assert!(disappeared > 0 && never_booted > 0, "{all:#?}");
+    // Only a disappearing instance loses a session, and at most the ones it ran.
+    assert!(
+        failed.len() <= disappeared * 8,
+        "{} of {SESSIONS} failed, {disappeared} instances disappeared: {failed:#?}",
+        failed.len()
+    );
+    let stub = test.config.cloud.dir.join("stub");
+    let left: Vec<_> = std::fs::read_dir(&stub)
+        .map(|dir| dir.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "instances left on disk: {left:?}");
+
+    // Every kind of error was met, and counted.
+    let (_, metrics) = harness::http_get(test.app.http_addr(), "/metrics").await;
+    for line in [
+        r#"operation="create",outcome="quota""#,
+        r#"operation="create",outcome="capacity""#,
+        r#"operation="create",outcome="error""#,
+        r#"operation="instances",outcome="rate_limited""#,
+        r#"operation="instances",outcome="error""#,
+        r#"operation="destroy",outcome="error""#,
+        r#"outcome="never_booted""#,
+    ] {
+        assert!(metrics.contains(line), "{line} not in\n{metrics}");
+    }
+    let created = metrics
+        .lines()
+        .find(|l| l.contains(r#"operation="create",outcome="ok""#))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|n| n.parse::<usize>().ok());
+    assert_eq!(created, Some(all.len()), "{metrics}");
+    println!(
+        "{} sessions: {} DONE, {} ERROR; {} instances created, {disappeared} disappeared, \
+         {never_booted} never booted",
+        SESSIONS,
+        done.len(),
+        failed.len(),
+        all.len()
     );
 }

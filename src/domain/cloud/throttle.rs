@@ -2,8 +2,9 @@
 //! throttles (`lib/dispatchcloud/worker/{pool,throttle}.go`), as pure state.
 //!
 //! - A rate-limit error suspends every call until its earliest retry.
-//! - A quota error holds creation until fewer instances exist than when it was raised, or, with
-//!   none, for `quota_ttl` (1 min).
+//! - A quota error holds creation until fewer instances exist than when it was raised, or for
+//!   `quota_ttl` (1 min), whichever comes first: a busy pool may never shrink, and a quota
+//!   raised meanwhile lets it grow again.
 //! - A capacity error holds one instance type, one quota group, or every type for
 //!   `capacity_ttl` (1 min).
 //! - `max_instances` counts instances and creates in flight; `max_concurrent_creates` counts
@@ -80,8 +81,8 @@ pub enum Hold {
     RateLimited { until: Timestamp },
     /// At quota, with no instance to wait for: until then.
     AtQuota { until: Timestamp },
-    /// At quota until fewer than this many instances exist.
-    AtQuotaUntilFewer { instances: u32 },
+    /// At quota until fewer than this many instances exist, or until then.
+    AtQuotaUntilFewer { instances: u32, until: Timestamp },
     /// `max_instances` instances and creates exist.
     MaxInstances { max: u32 },
     /// `max_concurrent_creates` creates are in flight.
@@ -98,9 +99,10 @@ impl std::fmt::Display for Hold {
         match self {
             Hold::RateLimited { until } => write!(f, "rate limited until {until}"),
             Hold::AtQuota { until } => write!(f, "at quota until {until}"),
-            Hold::AtQuotaUntilFewer { instances } => {
-                write!(f, "at quota until fewer than {instances} instances exist")
-            }
+            Hold::AtQuotaUntilFewer { instances, until } => write!(
+                f,
+                "at quota until fewer than {instances} instances exist, or until {until}"
+            ),
             Hold::MaxInstances { max } => write!(f, "at max_instances ({max})"),
             Hold::ConcurrentCreates { max } => {
                 write!(f, "{max} creates in flight (max_concurrent_creates)")
@@ -145,13 +147,8 @@ impl Throttles {
         now: Timestamp,
     ) -> Result<(), Hold> {
         self.may_call(now)?;
-        if let Some(until) = self.at_quota_until
-            && now < until
-        {
-            return Err(Hold::AtQuota { until });
-        }
-        if let Some(instances) = self.at_quota_until_fewer {
-            return Err(Hold::AtQuotaUntilFewer { instances });
+        if let Some(hold) = self.quota_hold(now) {
+            return Err(hold);
         }
         if counts.instances + counts.creating >= limits.max_instances {
             return Err(Hold::MaxInstances {
@@ -201,11 +198,8 @@ impl Throttles {
             DriverErrorKind::Quota => {
                 // The others: every instance and create but the one that failed.
                 let others = (counts.instances + counts.creating).saturating_sub(1);
-                if others == 0 {
-                    self.at_quota_until = Some(now.saturating_add(limits.quota_ttl));
-                } else {
-                    self.at_quota_until_fewer = Some(others);
-                }
+                self.at_quota_until = Some(now.saturating_add(limits.quota_ttl));
+                self.at_quota_until_fewer = (others > 0).then_some(others);
             }
             DriverErrorKind::Capacity { scope } => {
                 self.at_capacity
@@ -220,9 +214,11 @@ impl Throttles {
     pub fn on_sync(&mut self, instances: u32, now: Timestamp) {
         if self.at_quota_until_fewer.is_some_and(|n| instances < n) {
             self.at_quota_until_fewer = None;
+            self.at_quota_until = None;
         }
         if self.at_quota_until.is_some_and(|u| u <= now) {
             self.at_quota_until = None;
+            self.at_quota_until_fewer = None;
         }
         if self.suspended_until.is_some_and(|u| u <= now) {
             self.suspended_until = None;
@@ -236,12 +232,7 @@ impl Throttles {
         if let Err(hold) = self.may_call(now) {
             holds.push(hold);
         }
-        if let Some(until) = self.at_quota_until.filter(|u| now < *u) {
-            holds.push(Hold::AtQuota { until });
-        }
-        if let Some(instances) = self.at_quota_until_fewer {
-            holds.push(Hold::AtQuotaUntilFewer { instances });
-        }
+        holds.extend(self.quota_hold(now));
         if counts.instances + counts.creating >= limits.max_instances {
             holds.push(Hold::MaxInstances {
                 max: limits.max_instances,
@@ -256,6 +247,15 @@ impl Throttles {
             }
         }
         holds
+    }
+
+    /// The quota hold in force now, if any.
+    fn quota_hold(&self, now: Timestamp) -> Option<Hold> {
+        let until = self.at_quota_until.filter(|u| now < *u)?;
+        Some(match self.at_quota_until_fewer {
+            Some(instances) => Hold::AtQuotaUntilFewer { instances, until },
+            None => Hold::AtQuota { until },
+        })
     }
 
     /// The next moment a hold ends by itself, if any: when to look again.
@@ -361,7 +361,7 @@ mod tests {
     }
 
     #[test]
-    fn quota_holds_until_fewer_instances_or_for_a_minute_when_there_are_none() {
+    fn quota_holds_until_fewer_instances_or_for_a_minute_whichever_comes_first() {
         let limits = Limits::default();
         let mut t = Throttles::default();
         // Three instances and the failed create.
@@ -371,13 +371,24 @@ mod tests {
         };
         t.on_error(&DriverErrorKind::Quota, counts, &limits, at(0));
         assert_eq!(
-            t.may_create("a1", "a", counts, &limits, at(500)),
-            Err(Hold::AtQuotaUntilFewer { instances: 3 })
+            t.may_create("a1", "a", counts, &limits, at(30)),
+            Err(Hold::AtQuotaUntilFewer {
+                instances: 3,
+                until: at(60)
+            })
         );
-        t.on_sync(3, at(500));
-        assert!(t.may_create("a1", "a", NONE, &limits, at(500)).is_err());
-        t.on_sync(2, at(501));
-        assert_eq!(t.may_create("a1", "a", NONE, &limits, at(501)), Ok(()));
+        t.on_sync(3, at(50));
+        assert!(t.may_create("a1", "a", NONE, &limits, at(50)).is_err());
+        t.on_sync(2, at(51));
+        assert_eq!(t.may_create("a1", "a", NONE, &limits, at(51)), Ok(()));
+        // A pool that stays busy: the hold ends after the minute all the same.
+        let mut t = Throttles::default();
+        t.on_error(&DriverErrorKind::Quota, counts, &limits, at(0));
+        t.on_sync(3, at(59));
+        assert!(t.may_create("a1", "a", NONE, &limits, at(59)).is_err());
+        assert_eq!(t.may_create("a1", "a", NONE, &limits, at(60)), Ok(()));
+        t.on_sync(3, at(60));
+        assert_eq!(t.in_force(NONE, &limits, at(60)), []);
 
         let mut t = Throttles::default();
         let alone = Counts {
