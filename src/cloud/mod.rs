@@ -14,6 +14,7 @@ pub mod protocol;
 pub mod remote;
 pub mod routes;
 pub mod ssh;
+pub mod static_hosts;
 pub mod stub;
 pub mod sync;
 pub mod throttled;
@@ -35,6 +36,7 @@ use crate::domain::sessions::scheduler::PoolSpec;
 use crate::runtime::{CommandMeta, Entities, EntityTable, ProjectionHandle, error_chain};
 use driver::Registry;
 use loopback::LoopbackDriver;
+use static_hosts::StaticDriver;
 use stub::StubDriver;
 use sync::{Pool, Shared, Sync};
 use throttled::Throttled;
@@ -83,8 +85,13 @@ pub fn pool_specs(config: &CloudConfig) -> Result<Vec<PoolSpec>, String> {
 }
 
 /// The drivers configuration may name. The stub keeps its instances in this process: for
-/// tests, drills and benchmarks.
-pub fn registry(config: &CloudConfig, instance: &str, clock: crate::runtime::Clock) -> Registry {
+/// tests, drills and benchmarks. The static driver logs in to its hosts with `key`.
+pub fn registry(
+    config: &CloudConfig,
+    instance: &str,
+    clock: crate::runtime::Clock,
+    key: Option<Arc<russh::keys::PrivateKey>>,
+) -> Registry {
     let mut registry = Registry::default();
     registry.register(Arc::new(LoopbackDriver::new(ProcessBackend::new(
         config.dir.join("instances"),
@@ -94,6 +101,7 @@ pub fn registry(config: &CloudConfig, instance: &str, clock: crate::runtime::Clo
     registry.register(Arc::new(
         StubDriver::new(clock).serving_from(config.dir.join("stub")),
     ));
+    registry.register(Arc::new(StaticDriver::new(key, config.timeout_ssh)));
     registry
 }
 
@@ -141,7 +149,7 @@ fn start(cx: &mut Starter<'_>) {
     let instance = cx.store.config().stream_prefix.to_lowercase();
     let clock = cx.clock();
     let metrics = cx.metrics.clone();
-    let registry = registry(&config, &instance, clock.clone());
+    let registry = registry(&config, &instance, clock.clone(), Some(key.clone()));
     let mut pools = BTreeMap::new();
     for pool in &config.pools {
         let made = (|| {

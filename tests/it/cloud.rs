@@ -15,6 +15,7 @@ use switchyard::cloud::driver::{
 };
 use switchyard::cloud::loopback::LoopbackDriver;
 use switchyard::cloud::ssh::{self, ExecError, Executor, Target};
+use switchyard::cloud::static_hosts::StaticDriver;
 use switchyard::cloud::stub::StubDriver;
 use switchyard::config::CloudPoolConfig;
 use switchyard::domain::cloud::worker::{ShutdownReason, WorkerView};
@@ -1007,4 +1008,218 @@ async fn the_stub_drill_200_sessions_against_every_error_kind_all_end_none_twice
         failed.len(),
         all.len()
     );
+}
+
+/// The host key an instance's sshd presents (its `host_key.pub`, under `dir`).
+fn host_key_of(dir: &std::path::Path, instance: &str) -> String {
+    fn find(dir: &std::path::Path, instance: &str) -> Option<std::path::PathBuf> {
+        for entry in std::fs::read_dir(dir).ok()?.flatten() {
+            let path = entry.path();
+            if path.ends_with("host_key.pub") && path.to_string_lossy().contains(instance) {
+                return Some(path);
+            }
+            if path.is_dir()
+                && let Some(found) = find(&path, instance)
+            {
+                return Some(found);
+            }
+        }
+        None
+    }
+    let path = find(dir, instance).expect("the instance's host key");
+    std::fs::read_to_string(path).unwrap().trim().to_owned()
+}
+
+/// Two running loopback sshd hosts that let `key` in: their static-driver entries.
+async fn static_hosts(dir: &std::path::Path, key: &Arc<PrivateKey>) -> Vec<serde_json::Value> {
+    let set = loopback(dir, serde_json::json!({"boot_delay": "0s"}), "hosts");
+    let (mut spec, _) = secret_spec("hosts");
+    spec.public_key = key.public_key().to_openssh().unwrap();
+    let mut hosts = Vec::new();
+    for name in ["h1", "h2"] {
+        let instance = set.create(&spec).await.unwrap();
+        once_booted(&executor(&set, &instance, key), "true")
+            .await
+            .unwrap();
+        hosts.push(serde_json::json!({
+            "name": name,
+            "address": instance.address.unwrap(),
+            "user": instance.remote_user,
+            "host_key": host_key_of(dir, &instance.id),
+        }));
+    }
+    hosts
+}
+
+/// Whether the static host at `address` (one of `hosts`) holds a claim.
+fn claimed(dir: &std::path::Path, hosts: &[serde_json::Value], name: &str) -> bool {
+    let host = hosts.iter().find(|h| h["name"] == name).unwrap();
+    let pub_key = host["host_key"].as_str().unwrap().to_owned();
+    fn walk(dir: &std::path::Path, key: &str) -> Option<bool> {
+        for entry in std::fs::read_dir(dir).ok()?.flatten() {
+            let path = entry.path();
+            if path.ends_with("host_key.pub")
+                && std::fs::read_to_string(&path).is_ok_and(|k| k.trim() == key)
+            {
+                return Some(path.parent()?.join("claim").exists());
+            }
+            if path.is_dir()
+                && let Some(found) = walk(&path, key)
+            {
+                return Some(found);
+            }
+        }
+        None
+    }
+    walk(dir, &pub_key).expect("the host's directory")
+}
+
+#[tokio::test]
+async fn static_hosts_are_claimed_once_released_whole_and_verified_by_their_configured_keys() {
+    let dir = Lab::new();
+    let key = Arc::new(switchyard::tunnel::keys::generate().unwrap());
+    let hosts = static_hosts(dir.path(), &key).await;
+    let driver = StaticDriver::new(Some(key.clone()), Duration::from_secs(5));
+    let config = serde_json::json!({ "hosts": hosts });
+    let a = driver.instance_set(&config, "a").unwrap();
+    let b = driver.instance_set(&config, "b").unwrap();
+    let (spec_a, _) = secret_spec("a");
+    let (spec_b, _) = secret_spec("b");
+    let only = |set: &str| BTreeMap::from([(tag::INSTANCE_SET.to_owned(), set.to_owned())]);
+    let ids = |found: Vec<Instance>| found.into_iter().map(|i| i.id).collect::<Vec<_>>();
+
+    let first = a.create(&spec_a).await.unwrap();
+    assert_eq!(first.id, "h1");
+    assert_eq!(first.tags, spec_a.tags);
+    // The other set cannot claim what is claimed: it gets the other host, then a quota error.
+    assert_eq!(b.create(&spec_b).await.unwrap().id, "h2");
+    assert!(matches!(
+        a.create(&spec_a).await,
+        Err(DriverError::Quota { .. })
+    ));
+    assert_eq!(ids(a.instances(&only("a")).await.unwrap()), ["h1"]);
+    assert_eq!(ids(b.instances(&only("b")).await.unwrap()), ["h2"]);
+    // A claim lives on the host: a fresh set (another replica, a restart) sees it.
+    let again = driver.instance_set(&config, "a").unwrap();
+    assert_eq!(ids(again.instances(&only("a")).await.unwrap()), ["h1"]);
+    let mut retagged = spec_a.tags.clone();
+    retagged.insert(tag::IDLE_BEHAVIOR.into(), "hold".into());
+    a.set_tags("h1", &retagged).await.unwrap();
+    assert_eq!(again.instances(&only("a")).await.unwrap()[0].tags, retagged);
+
+    // The executor verifies h1 by its configured key (no secret), runs a component there;
+    // releasing the host kills it and deletes its directory, and the host stays.
+    let on = Executor::new(
+        Target {
+            instance: "h1".into(),
+            address: first.address.clone().unwrap(),
+            user: first.remote_user.clone(),
+            secret: None,
+        },
+        key.clone(),
+        a.clone(),
+        Duration::from_secs(5),
+    );
+    let started = on
+        .execute(
+            "mkdir -p \"$SWITCHYARD_HOME/sessions/s/c\"; cd \"$SWITCHYARD_HOME/sessions/s/c\"; \
+             setsid sh -c 'echo $$ > pid; exec sleep 300' > /dev/null 2>&1 < /dev/null & \
+             while [ ! -s \"$SWITCHYARD_HOME/sessions/s/c/pid\" ]; do sleep 0.05; done; \
+             cat \"$SWITCHYARD_HOME/sessions/s/c/pid\"",
+            b"",
+        )
+        .await
+        .unwrap();
+    let group: i32 = String::from_utf8_lossy(&started.stdout)
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(claimed(dir.path(), &hosts, "h1"));
+    a.destroy("h1").await.unwrap();
+    assert!(!claimed(dir.path(), &hosts, "h1"));
+    harness::wait_for("the component to die", Duration::from_secs(10), || async {
+        (!std::path::Path::new(&format!("/proc/{group}")).exists()).then_some(())
+    })
+    .await;
+    assert!(a.instances(&only("a")).await.unwrap().is_empty());
+    assert_eq!(on.execute("echo up", b"").await.unwrap().stdout, b"up\n");
+
+    // A host whose configured key is another's is never logged in to, so never claimed.
+    let mut liar = hosts[0].clone();
+    liar["name"] = "liar".into();
+    liar["host_key"] = hosts[1]["host_key"].clone();
+    let lying = driver
+        .instance_set(&serde_json::json!({ "hosts": [liar] }), "c")
+        .unwrap();
+    assert!(matches!(
+        lying.create(&secret_spec("c").0).await,
+        Err(DriverError::Quota { .. })
+    ));
+    assert!(!claimed(dir.path(), &hosts, "h1"));
+    b.destroy("h2").await.unwrap();
+}
+
+#[actix_rt::test]
+async fn a_static_pool_claims_hosts_for_waiting_sessions_and_releases_them_when_idle() {
+    let lab = Lab::new();
+    let cloud_dir = lab.path().join("cloud");
+    std::fs::create_dir_all(&cloud_dir).unwrap();
+    // The hosts let in the key this control plane will use.
+    let key = Arc::new(
+        switchyard::tunnel::keys::load_or_create(Some(&cloud_dir.join("id_ed25519"))).unwrap(),
+    );
+    let hosts_dir = lab.path().join("hosts");
+    let hosts = static_hosts(&hosts_dir, &key).await;
+    let test = harness::start_app(|config| {
+        config.cloud.dir = cloud_dir.clone();
+        config.cloud.sync_interval = Duration::from_millis(200);
+        config.cloud.timeout_idle = Duration::from_secs(1);
+        config.cloud.pools = vec![CloudPoolConfig {
+            name: "cloud".into(),
+            driver: "static".into(),
+            driver_config: serde_json::json!({ "hosts": hosts }),
+            max_instances: 3,
+            ..CloudPoolConfig::default()
+        }];
+        config.sessions.executor_count = 3;
+        config.sessions.stop_grace = Duration::from_millis(300);
+    })
+    .await;
+    // Three sessions, two hosts: the third runs once a host is free again.
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        let body = serde_json::json!({"components": [
+            on_cloud("driver", "driver", &format!("echo run {n} in \"$PWD\"; sleep 1"))]});
+        ids.push(crate::sessions::schedule(&test, body).await);
+    }
+    for id in &ids {
+        let view = crate::sessions::ended(&test, id, Duration::from_secs(60)).await;
+        assert_eq!(view["status"], "DONE", "{view:#}");
+        let log = crate::sessions::driver_log(&test, id).await;
+        assert!(
+            log.contains(&*hosts_dir.to_string_lossy()),
+            "it ran on a host: {log}"
+        );
+    }
+    let all = harness::wait_for(
+        "the idle hosts to be released",
+        Duration::from_secs(30),
+        || async {
+            let all = workers(&test).await;
+            (!all.is_empty() && all.values().all(|w| w.gone_at.is_some())).then_some(all)
+        },
+    )
+    .await;
+    let names: std::collections::BTreeSet<&str> = all.keys().map(String::as_str).collect();
+    assert!(names.iter().all(|n| ["h1", "h2"].contains(n)), "{names:?}");
+    for worker in all.values() {
+        assert_eq!(
+            worker.shutdown_reason,
+            Some(ShutdownReason::Idle),
+            "{worker:?}"
+        );
+    }
+    // Released, not destroyed: no claim left, and both hosts still serve.
+    assert!(!claimed(&hosts_dir, &hosts, "h1") && !claimed(&hosts_dir, &hosts, "h2"));
+    assert_eq!(sshd_of(&hosts_dir), 2);
 }
