@@ -36,7 +36,17 @@ impl LocalServer {
         authorized: PublicKey,
         home: PathBuf,
     ) -> std::io::Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        Self::start_at("127.0.0.1:0", host_key, authorized, home).await
+    }
+
+    /// The same, listening on `bind` (`host:port`).
+    pub async fn start_at(
+        bind: &str,
+        host_key: PrivateKey,
+        authorized: PublicKey,
+        home: PathBuf,
+    ) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(bind).await?;
         let address = listener.local_addr()?.to_string();
         let config = Arc::new(russh::server::Config {
             methods: MethodSet::from(&[MethodKind::PublicKey][..]),

@@ -8,6 +8,7 @@
 pub mod cli;
 pub mod driver;
 pub mod faults;
+pub mod kubernetes;
 pub mod local_ssh;
 pub mod loopback;
 pub mod protocol;
@@ -85,9 +86,11 @@ pub fn pool_specs(config: &CloudConfig) -> Result<Vec<PoolSpec>, String> {
 }
 
 /// The drivers configuration may name. The stub keeps its instances in this process: for
-/// tests, drills and benchmarks. The static driver logs in to its hosts with `key`.
+/// tests, drills and benchmarks. The static driver logs in to its hosts with `key`; the
+/// Kubernetes driver uses the cluster `kubernetes` names.
 pub fn registry(
     config: &CloudConfig,
+    kubernetes: &crate::config::KubernetesConfig,
     instance: &str,
     clock: crate::runtime::Clock,
     key: Option<Arc<russh::keys::PrivateKey>>,
@@ -102,6 +105,9 @@ pub fn registry(
         StubDriver::new(clock).serving_from(config.dir.join("stub")),
     ));
     registry.register(Arc::new(StaticDriver::new(key, config.timeout_ssh)));
+    registry.register(Arc::new(kubernetes::KubernetesDriver::new(
+        kubernetes, instance,
+    )));
     registry
 }
 
@@ -149,7 +155,13 @@ fn start(cx: &mut Starter<'_>) {
     let instance = cx.store.config().stream_prefix.to_lowercase();
     let clock = cx.clock();
     let metrics = cx.metrics.clone();
-    let registry = registry(&config, &instance, clock.clone(), Some(key.clone()));
+    let registry = registry(
+        &config,
+        &cx.config.kubernetes,
+        &instance,
+        clock.clone(),
+        Some(key.clone()),
+    );
     let mut pools = BTreeMap::new();
     for pool in &config.pools {
         let made = (|| {

@@ -13,6 +13,8 @@ use switchyard::cloud::Cloud;
 use switchyard::cloud::driver::{
     Driver, DriverError, Instance, InstanceSet, InstanceSpec, Operation, Registry, tag,
 };
+use switchyard::cloud::kubernetes::KubernetesDriver;
+use switchyard::cloud::local_ssh::LocalServer;
 use switchyard::cloud::loopback::LoopbackDriver;
 use switchyard::cloud::ssh::{self, ExecError, Executor, Target};
 use switchyard::cloud::static_hosts::StaticDriver;
@@ -1222,4 +1224,163 @@ async fn a_static_pool_claims_hosts_for_waiting_sessions_and_releases_them_when_
     // Released, not destroyed: no claim left, and both hosts still serve.
     assert!(!claimed(&hosts_dir, &hosts, "h1") && !claimed(&hosts_dir, &hosts, "h2"));
     assert_eq!(sshd_of(&hosts_dir), 2);
+}
+
+/// Plays the kubelet for an instance's pod: running, at `ip`.
+async fn pod_running(client: &kube::Client, name: &str, ip: &str) {
+    use kube::api::{Patch, PatchParams};
+    let pods: kube::Api<k8s_openapi::api::core::v1::Pod> =
+        kube::Api::namespaced(client.clone(), "default");
+    pods.patch_status(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({"status": {"phase": "Running", "podIP": ip}})),
+    )
+    .await
+    .unwrap();
+}
+
+/// Plays the pod's command: the init command (unless an impostor), then SSH at `bind`.
+async fn pod_serves(
+    home: &std::path::Path,
+    bind: &str,
+    spec: &InstanceSpec,
+    impostor: bool,
+) -> LocalServer {
+    std::fs::create_dir_all(home).unwrap();
+    if !impostor {
+        let status = std::process::Command::new("/bin/sh")
+            .args(["-c", &spec.init_command])
+            .env("SWITCHYARD_HOME", home)
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+    let authorized = switchyard::tunnel::keys::parse_public(&spec.public_key).unwrap();
+    let host_key = switchyard::tunnel::keys::generate().unwrap();
+    LocalServer::start_at(bind, host_key, authorized, home.to_owned())
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn kubernetes_instances_are_a_secret_and_a_pod_and_the_instance_secret_tells_an_impostor() {
+    use k8s_openapi::api::core::v1::{Pod, Secret};
+    let emulator = crate::kubernetes::Emulator::start();
+    let client = emulator.client();
+    let lab = Lab::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = switchyard::config::KubernetesConfig {
+        api: Some(emulator.url().to_owned()),
+        ..Default::default()
+    };
+    let driver = KubernetesDriver::new(&config, "Drill");
+    let set = driver
+        .instance_set(
+            &serde_json::json!({"ssh_port": port, "node_selector": {"pool": "cloud"}}),
+            "cloud",
+        )
+        .unwrap();
+    let (mut spec, key) = secret_spec("cloud");
+    spec.image = "switchyard/sshd:test".into();
+    let secret_value = spec.tags[tag::INSTANCE_SECRET].clone();
+    let created = set.create(&spec).await.unwrap();
+
+    // What the API received: a pod that names its Secret and holds no secret itself.
+    let pods: kube::Api<Pod> = kube::Api::namespaced(client.clone(), "default");
+    let secrets: kube::Api<Secret> = kube::Api::namespaced(client.clone(), "default");
+    let pod = pods.get(&created.id).await.unwrap();
+    let labels = pod.metadata.labels.clone().unwrap();
+    assert_eq!(labels["switchyard.dev/instance-set"], "cloud");
+    assert_eq!(labels["app.kubernetes.io/managed-by"], "switchyard");
+    let pod_spec = pod.spec.clone().unwrap();
+    assert_eq!(pod_spec.restart_policy.as_deref(), Some("Never"));
+    assert_eq!(pod_spec.automount_service_account_token, Some(false));
+    assert_eq!(pod_spec.node_selector.unwrap()["pool"], "cloud");
+    let container = &pod_spec.containers[0];
+    assert_eq!(container.image.as_deref(), Some("switchyard/sshd:test"));
+    let init = container
+        .env
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|e| e.name == "SWITCHYARD_INIT")
+        .unwrap();
+    let from = init
+        .value_from
+        .as_ref()
+        .unwrap()
+        .secret_key_ref
+        .as_ref()
+        .unwrap();
+    assert_eq!(from.name, created.id);
+    assert!(!serde_json::to_string(&pod).unwrap().contains(&secret_value));
+    let secret = secrets.get(&created.id).await.unwrap();
+    let tags: BTreeMap<String, String> =
+        serde_json::from_slice(&secret.data.unwrap()["tags"].0).unwrap();
+    assert_eq!(tags, spec.tags);
+
+    // Not running yet: listed, without an address.
+    let only = |set: &str| BTreeMap::from([(tag::INSTANCE_SET.to_owned(), set.to_owned())]);
+    let listed = set.instances(&only("cloud")).await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].address, None);
+    let _server = pod_serves(
+        &lab.path().join("pod1"),
+        &format!("127.0.0.2:{port}"),
+        &spec,
+        false,
+    )
+    .await;
+    pod_running(&client, &created.id, "127.0.0.2").await;
+    let listed = set.instances(&only("cloud")).await.unwrap();
+    assert_eq!(listed[0].address, Some(format!("127.0.0.2:{port}")));
+    let ran = executor(&set, &listed[0], &key)
+        .execute("echo verified", b"")
+        .await
+        .unwrap();
+    assert_eq!(ran.stdout, b"verified\n");
+
+    // A second pod whose server never ran the init command: refused.
+    let second = set.create(&spec).await.unwrap();
+    let _impostor = pod_serves(
+        &lab.path().join("pod2"),
+        &format!("127.0.0.3:{port}"),
+        &spec,
+        true,
+    )
+    .await;
+    pod_running(&client, &second.id, "127.0.0.3").await;
+    let listed = set.instances(&only("cloud")).await.unwrap();
+    let impostor = listed.iter().find(|i| i.id == second.id).unwrap();
+    let refused = executor(&set, impostor, &key).execute("true", b"").await;
+    assert!(
+        matches!(refused, Err(ExecError::Impostor { .. })),
+        "{refused:?}"
+    );
+
+    // Re-tagged in its Secret; another set on the same driver sees none of them.
+    let mut retagged = spec.tags.clone();
+    retagged.insert(tag::IDLE_BEHAVIOR.into(), "hold".into());
+    set.set_tags(&created.id, &retagged).await.unwrap();
+    let listed = set.instances(&only("cloud")).await.unwrap();
+    let first = listed.iter().find(|i| i.id == created.id).unwrap();
+    assert_eq!(first.tags, retagged);
+    let other = driver
+        .instance_set(&serde_json::json!({"ssh_port": port}), "other")
+        .unwrap();
+    assert!(other.instances(&BTreeMap::new()).await.unwrap().is_empty());
+
+    for id in [&created.id, &second.id] {
+        set.destroy(id).await.unwrap();
+        assert!(pods.get_opt(id).await.unwrap().is_none());
+        assert!(secrets.get_opt(id).await.unwrap().is_none());
+    }
+    assert!(set.instances(&BTreeMap::new()).await.unwrap().is_empty());
+    // Destroying what is gone succeeds.
+    set.destroy(&created.id).await.unwrap();
 }
