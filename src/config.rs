@@ -452,10 +452,11 @@ impl Default for CloudConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct CloudPoolConfig {
     pub name: String,
-    /// `loopback`, `static` or `stub`.
+    /// `loopback`, `static`, `kubernetes` or `stub`.
     pub driver: String,
     /// The driver's own settings (loopback: `boot_delay`, `verify_host_key`, `faults`;
-    /// static: `hosts`; stub: `ssh`, `boot_delay`, `faults`).
+    /// static: `hosts`; kubernetes: `namespace`, `ssh_port`, `node_selector`; stub: `ssh`,
+    /// `boot_delay`, `faults`).
     pub driver_config: serde_json::Value,
     pub instance_type: String,
     pub image: String,

@@ -1384,3 +1384,83 @@ async fn kubernetes_instances_are_a_secret_and_a_pod_and_the_instance_secret_tel
     // Destroying what is gone succeeds.
     set.destroy(&created.id).await.unwrap();
 }
+
+#[actix_rt::test]
+async fn a_cloud_pool_on_the_kubernetes_driver_runs_a_session_on_the_pod_it_made() {
+    use k8s_openapi::api::core::v1::{Pod, Secret};
+    let emulator = crate::kubernetes::Emulator::start();
+    let client = emulator.client();
+    let lab = Lab::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = emulator.url().to_owned();
+    let test = harness::start_app(|config| {
+        config.kubernetes.api = Some(url);
+        config.cloud.sync_interval = Duration::from_millis(200);
+        config.cloud.timeout_idle = Duration::from_secs(1);
+        config.cloud.pools = vec![CloudPoolConfig {
+            name: "cloud".into(),
+            driver: "kubernetes".into(),
+            driver_config: serde_json::json!({ "ssh_port": port }),
+            image: "switchyard/sshd:test".into(),
+            max_instances: 1,
+            ..CloudPoolConfig::default()
+        }];
+        config.sessions.stop_grace = Duration::from_millis(300);
+    })
+    .await;
+    let id = crate::sessions::schedule(
+        &test,
+        serde_json::json!({"components": [
+            on_cloud("driver", "driver", "echo on the pod in \"$SWITCHYARD_HOME\"")]}),
+    )
+    .await;
+
+    // The kubelet's part: the pod the pool made runs its command and serves.
+    let pods: kube::Api<Pod> = kube::Api::namespaced(client.clone(), "default");
+    let secrets: kube::Api<Secret> = kube::Api::namespaced(client.clone(), "default");
+    let name = harness::wait_for("the instance's pod", Duration::from_secs(30), || async {
+        let listed = pods
+            .list(&kube::api::ListParams::default().labels("switchyard.dev/instance-set=cloud"))
+            .await
+            .ok()?;
+        listed.items.into_iter().next()?.metadata.name
+    })
+    .await;
+    let data = secrets.get(&name).await.unwrap().data.unwrap();
+    let text = |key: &str| String::from_utf8(data[key].0.clone()).unwrap();
+    let spec = InstanceSpec {
+        instance_type: text("instance_type"),
+        image: String::new(),
+        tags: BTreeMap::new(),
+        init_command: text("init"),
+        public_key: text("public_key"),
+    };
+    let home = lab.path().join("pod");
+    let _served = pod_serves(&home, &format!("127.0.0.2:{port}"), &spec, false).await;
+    pod_running(&client, &name, "127.0.0.2").await;
+
+    let view = crate::sessions::ended(&test, &id, Duration::from_secs(60)).await;
+    assert_eq!(view["status"], "DONE", "{view:#}");
+    let log = crate::sessions::driver_log(&test, &id).await;
+    assert!(
+        log.contains(&format!("on the pod in {}", home.display())),
+        "{log}"
+    );
+    // Idle for a second: the pod and its Secret are deleted.
+    harness::wait_for(
+        "the idle instance's objects to be deleted",
+        Duration::from_secs(30),
+        || async {
+            let pod = pods.get_opt(&name).await.ok()?;
+            let secret = secrets.get_opt(&name).await.ok()?;
+            (pod.is_none() && secret.is_none()).then_some(())
+        },
+    )
+    .await;
+    let gone = workers(&test).await.remove(&name).unwrap();
+    assert_eq!(gone.shutdown_reason, Some(ShutdownReason::Idle), "{gone:?}");
+}
