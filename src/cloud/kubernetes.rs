@@ -14,7 +14,8 @@
 //!   the key come from the Secret (`secretKeyRef`).
 //!
 //! Both carry `app.kubernetes.io/managed-by`, `switchyard.dev/instance` and
-//! `switchyard.dev/instance-set`; listing reads both by those labels. A pod's address is its
+//! `switchyard.dev/instance-set`; listing reads both by those labels (a set's own, or all this
+//! Switchyard made when no set is asked for). A pod's address is its
 //! IP and `ssh_port` once it runs. Destroying deletes the pod, then the Secret. The driver
 //! cannot verify host keys: the instance secret is checked. A 403 "exceeded quota" (a
 //! ResourceQuota) is a quota error; other API errors are failures.
@@ -117,11 +118,7 @@ impl Driver for KubernetesDriver {
         Ok(Arc::new(PodSet {
             kube,
             set_id: set_id.to_owned(),
-            selector: format!(
-                "{MANAGED_BY}={SWITCHYARD},{INSTANCE}={},{SET}={}",
-                self.instance,
-                label_value(set_id)
-            ),
+            selector: format!("{MANAGED_BY}={SWITCHYARD},{INSTANCE}={}", self.instance),
             instance: self.instance.clone(),
             namespace,
             config: parsed,
@@ -132,6 +129,7 @@ impl Driver for KubernetesDriver {
 struct PodSet {
     kube: Kube,
     set_id: String,
+    /// What this Switchyard made, of every set.
     selector: String,
     instance: String,
     namespace: String,
@@ -282,14 +280,19 @@ impl InstanceSet for PodSet {
             let ns = Some(self.namespace.as_str());
             let secrets: Api<Secret> = Api::namespaced(client.clone(), &self.namespace);
             let pods: Api<Pod> = Api::namespaced(client, &self.namespace);
+            // Asked for one set's (the usual case): the API picks them by its label.
+            let selector = match tags.get(super::driver::tag::INSTANCE_SET) {
+                Some(set) => format!("{},{SET}={}", self.selector, label_value(set)),
+                None => self.selector.clone(),
+            };
             let secrets = self
                 .kube
-                .list(&secrets, ns, &self.selector)
+                .list(&secrets, ns, &selector)
                 .await
                 .map_err(failed)?;
             let pods: BTreeMap<String, Pod> = self
                 .kube
-                .list(&pods, ns, &self.selector)
+                .list(&pods, ns, &selector)
                 .await
                 .map_err(failed)?
                 .into_iter()

@@ -313,6 +313,7 @@ impl Reaction for Sync {
     fn run(&self, pool: Arc<Pool>) -> BoxFuture<'static, Result<(), String>> {
         let shared = self.shared.clone();
         Box::pin(async move {
+            survey(&pool).await;
             loop {
                 if let Err(err) = sync_once(&shared, &pool).await {
                     tracing::info!(set = %pool.id, error = %err, "instance set sync did not complete");
@@ -321,6 +322,38 @@ impl Reaction for Sync {
             }
         })
     }
+}
+
+/// Once, as this replica starts syncing a set: what the driver has that is not the set's,
+/// which it leaves alone, in one line (arvados logs the same at start).
+async fn survey(pool: &Pool) {
+    let Ok(all) = pool.throttled.instances(&BTreeMap::new()).await else {
+        return;
+    };
+    let (others, untagged) = strangers(&all, pool.id.as_str());
+    if !others.is_empty() || untagged > 0 {
+        tracing::info!(
+            set = %pool.id,
+            untagged,
+            other_sets = ?others,
+            "leaving alone the instances that are not this set's"
+        );
+    }
+}
+
+/// The instances that are not `set`'s: by the instance set they carry, and how many carry
+/// none.
+pub fn strangers(all: &[Instance], set: &str) -> (BTreeMap<String, usize>, usize) {
+    let mut others: BTreeMap<String, usize> = BTreeMap::new();
+    let mut untagged = 0;
+    for instance in all {
+        match instance.tags.get(tag::INSTANCE_SET) {
+            Some(id) if id == set => {}
+            Some(id) => *others.entry(id.clone()).or_default() += 1,
+            None => untagged += 1,
+        }
+    }
+    (others, untagged)
 }
 
 /// One sync; see the module documentation.

@@ -754,8 +754,20 @@ async fn kill_9_right_after_a_create_then_restart_adopts_the_instance_and_create
         (sshd_of(dir.path()) == 1).then_some(())
     })
     .await;
+    // Another set's instance on the same driver: left alone, and said so once.
+    let elsewhere = LoopbackDriver::new(ProcessBackend::new(
+        dir.path().join("cloud/instances"),
+        "switchyard",
+        Duration::from_secs(2),
+    ))
+    .instance_set(&serde_json::json!({"boot_delay": "0s"}), "elsewhere")
+    .unwrap();
+    let foreign = elsewhere.create(&secret_spec("elsewhere").0).await.unwrap();
 
-    let plain = [("SWITCHYARD_CONFIG", config.to_str().unwrap())];
+    let plain = [
+        ("SWITCHYARD_CONFIG", config.to_str().unwrap()),
+        ("RUST_LOG", "warn,switchyard::cloud=info"),
+    ];
     let _restarted = Switchyard::spawn_with(&nats.url(), &log, &plain);
     wait_serving(&client).await;
     let view = harness::wait_for("the session to end", Duration::from_secs(60), || async {
@@ -784,12 +796,18 @@ async fn kill_9_right_after_a_create_then_restart_adopts_the_instance_and_create
         workers[0]["created"], false,
         "adopted, not created: {listed:#}"
     );
-    assert_eq!(
-        sshd_of(dir.path()),
-        1,
-        "{}",
-        std::fs::read_to_string(&log).unwrap_or_default()
+    let log = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(sshd_of(dir.path()), 2, "{log}");
+    let tags = BTreeMap::from([(tag::INSTANCE_SET.to_owned(), "elsewhere".to_owned())]);
+    let still = elsewhere.instances(&tags).await.unwrap();
+    assert_eq!(still.len(), 1);
+    assert_eq!(still[0].id, foreign.id);
+    assert!(
+        log.lines()
+            .any(|l| l.contains("not this set's") && l.contains("elsewhere")),
+        "{log}"
     );
+    elsewhere.destroy(&foreign.id).await.unwrap();
 }
 
 /// The stub instance `id` as its set lists it, once it has an address.
@@ -1373,7 +1391,9 @@ async fn kubernetes_instances_are_a_secret_and_a_pod_and_the_instance_secret_tel
     let other = driver
         .instance_set(&serde_json::json!({"ssh_port": port}), "other")
         .unwrap();
-    assert!(other.instances(&BTreeMap::new()).await.unwrap().is_empty());
+    assert!(other.instances(&only("other")).await.unwrap().is_empty());
+    // Asked for everything, it sees what this Switchyard made, of any set.
+    assert_eq!(other.instances(&BTreeMap::new()).await.unwrap().len(), 2);
 
     for id in [&created.id, &second.id] {
         set.destroy(id).await.unwrap();
