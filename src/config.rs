@@ -415,6 +415,9 @@ pub struct CloudConfig {
     /// A worker whose probes have failed this long is shut down (unless held).
     #[serde(with = "humantime_serde")]
     pub timeout_probe: Duration,
+    /// An instance destroyed but still listed is destroyed again after this long.
+    #[serde(with = "humantime_serde")]
+    pub timeout_shutdown: Duration,
     /// How long one probe or executor connection may take.
     #[serde(with = "humantime_serde")]
     pub timeout_ssh: Duration,
@@ -438,6 +441,7 @@ impl Default for CloudConfig {
             timeout_booting: Duration::from_secs(600),
             timeout_idle: Duration::from_secs(60),
             timeout_probe: Duration::from_secs(600),
+            timeout_shutdown: Duration::from_secs(10),
             timeout_ssh: Duration::from_secs(30),
             quota_hold: Duration::from_secs(60),
             capacity_hold: Duration::from_secs(60),

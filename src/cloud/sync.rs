@@ -47,6 +47,8 @@ pub struct Pool {
     listed: Mutex<BTreeMap<WorkerId, Instance>>,
     /// The last passing probe of each listed worker, and since when this process probes.
     probed: Mutex<BTreeMap<WorkerId, Timestamp>>,
+    /// When each listed worker's instance was last destroyed, as the driver acknowledged.
+    destroyed: Mutex<BTreeMap<WorkerId, Timestamp>>,
     probing_since: Timestamp,
 }
 
@@ -61,6 +63,7 @@ impl Pool {
     ) -> Self {
         Self {
             probed: Mutex::new(BTreeMap::new()),
+            destroyed: Mutex::new(BTreeMap::new()),
             probing_since: now,
             id,
             name,
@@ -122,6 +125,13 @@ impl Pool {
     fn keep_only(&self, listed: &BTreeSet<WorkerId>) {
         self.executors().retain(|id, _| listed.contains(id));
         self.probed().retain(|id, _| listed.contains(id));
+        self.destroyed().retain(|id, _| listed.contains(id));
+    }
+
+    fn destroyed(&self) -> std::sync::MutexGuard<'_, BTreeMap<WorkerId, Timestamp>> {
+        self.destroyed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn probed(&self) -> std::sync::MutexGuard<'_, BTreeMap<WorkerId, Timestamp>> {
@@ -152,7 +162,7 @@ impl Shared {
             booting: self.config.timeout_booting,
             idle: self.config.timeout_idle,
             probe: self.config.timeout_probe,
-            ..Timeouts::default()
+            shutdown: self.config.timeout_shutdown,
         }
     }
 
@@ -396,6 +406,7 @@ pub async fn sync_once(shared: &Shared, pool: &Pool) -> Result<(), String> {
         listed_at,
         workers: &workers,
         probes: &probes,
+        destroyed: &pool.destroyed().clone(),
         probing_since: pool.probing_since,
         in_use: &in_use,
         wanted,
@@ -469,9 +480,9 @@ pub async fn sync_once(shared: &Shared, pool: &Pool) -> Result<(), String> {
                 if let Some(worker) = workers.get_mut(&id) {
                     worker.state = WorkerState::Shutdown;
                 }
-                destroy(pool, &id).await;
+                destroy(shared, pool, &id).await;
             }
-            Action::Destroy { id } => destroy(pool, &id).await,
+            Action::Destroy { id } => destroy(shared, pool, &id).await,
             Action::Create { count } => {
                 instances_now = create(shared, pool, count, instances_now).await;
             }
@@ -533,7 +544,7 @@ async fn probe(
                         )
                         .await;
                 }
-                destroy(pool, &id).await;
+                destroy(shared, pool, &id).await;
             }
             Err(ExecError::Unreachable { .. }) => {}
             Err(err) => {
@@ -573,9 +584,14 @@ async fn demand(shared: &Shared, pool: &PoolName) -> Result<(BTreeSet<WorkerId>,
     Ok((in_use, wanted))
 }
 
-async fn destroy(pool: &Pool, id: &WorkerId) {
-    if let Err(err) = pool.throttled.destroy(id.as_str()).await {
-        tracing::info!(set = %pool.id, worker = %id, error = %err, "cannot destroy the instance yet");
+async fn destroy(shared: &Shared, pool: &Pool, id: &WorkerId) {
+    match pool.throttled.destroy(id.as_str()).await {
+        Ok(()) => {
+            pool.destroyed().insert(id.clone(), (shared.clock)());
+        }
+        Err(err) => {
+            tracing::info!(set = %pool.id, worker = %id, error = %err, "cannot destroy the instance yet");
+        }
     }
 }
 

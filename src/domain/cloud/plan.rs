@@ -9,8 +9,8 @@
 //! - a booting or unknown worker whose probe passed has booted;
 //! - a worker that work holds is busy, one that nothing holds any more is idle;
 //! - a worker the shutdown rules name is shut down, but for idle ones that sessions waiting
-//!   for the pool are about to take; one being shut down that is still listed is destroyed
-//!   (again, every sync, until the list no longer has it);
+//!   for the pool are about to take; one being shut down that is still listed is destroyed,
+//!   and destroyed again each `timeout_shutdown` (10 s) while the list still has it;
 //! - the machines wanted beyond those in hand are created.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -39,6 +39,8 @@ pub struct Input<'a> {
     pub workers: &'a BTreeMap<WorkerId, WorkerRecord>,
     /// The last passing probe of each worker, as far as this process knows.
     pub probes: &'a BTreeMap<WorkerId, Timestamp>,
+    /// When this process last destroyed each worker's instance (the driver said yes).
+    pub destroyed: &'a BTreeMap<WorkerId, Timestamp>,
     /// Since when this process has probed: a booted worker it has not yet seen pass is
     /// counted as passing then (a restart does not make every worker look broken).
     pub probing_since: Timestamp,
@@ -109,7 +111,13 @@ pub fn plan(input: &Input<'_>) -> Vec<Action> {
             continue;
         };
         if worker.state == WorkerState::Shutdown {
-            actions.push(Action::Destroy { id: id.clone() });
+            let again_at = input
+                .destroyed
+                .get(id)
+                .map(|at| at.saturating_add(input.timeouts.shutdown));
+            if again_at.is_none_or(|again| input.now >= again) {
+                actions.push(Action::Destroy { id: id.clone() });
+            }
             continue;
         }
         let probed = input.probes.get(id).copied();
@@ -229,6 +237,7 @@ mod tests {
         listed: Vec<Listed>,
         workers: BTreeMap<WorkerId, WorkerRecord>,
         probes: BTreeMap<WorkerId, Timestamp>,
+        destroyed: BTreeMap<WorkerId, Timestamp>,
         in_use: BTreeSet<WorkerId>,
         wanted: u32,
         now: u64,
@@ -242,6 +251,7 @@ mod tests {
                 listed: Vec::new(),
                 workers: BTreeMap::new(),
                 probes: BTreeMap::new(),
+                destroyed: BTreeMap::new(),
                 in_use: BTreeSet::new(),
                 wanted: 0,
                 now,
@@ -254,6 +264,7 @@ mod tests {
                 listed_at: at(self.now),
                 workers: &self.workers,
                 probes: &self.probes,
+                destroyed: &self.destroyed,
                 probing_since: at(self.since),
                 in_use: &self.in_use,
                 wanted: self.wanted,
@@ -370,6 +381,14 @@ mod tests {
                 },
             ]
         );
+        // Destroyed 5 s ago and still listed: destroyed again once timeout_shutdown (10 s)
+        // has passed since, not at every sync.
+        case.destroyed.insert(id("going"), at(695));
+        assert!(!case.plan().contains(&Action::Destroy { id: id("going") }));
+        case.now = 705;
+        assert!(case.plan().contains(&Action::Destroy { id: id("going") }));
+        case.now = 700;
+        case.destroyed.clear();
         // An idle worker that a waiting session is about to take stays.
         case.wanted = 1;
         assert!(
