@@ -468,6 +468,9 @@ pub struct CloudPoolConfig {
     pub max_instances: u32,
     /// Creates in flight at most.
     pub max_concurrent_creates: u32,
+    /// Run on a booting instance until it exits 0: then it is ready (arvados's
+    /// `BootProbeCommand`, e.g. `systemctl is-system-running`).
+    pub boot_probe_command: String,
     pub labels: std::collections::BTreeMap<String, String>,
 }
 
@@ -481,6 +484,7 @@ impl Default for CloudPoolConfig {
             image: String::new(),
             max_instances: 64,
             max_concurrent_creates: 1,
+            boot_probe_command: "true".to_owned(),
             labels: std::collections::BTreeMap::new(),
         }
     }

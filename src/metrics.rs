@@ -131,9 +131,12 @@ pub struct Metrics {
     pub cloud_driver_calls: Family<DriverCallLabels, Counter>,
     /// How created instances' boots ended: `booted`, `never_booted`, `refused`.
     pub cloud_boots: Family<SetOutcomeLabels, Counter>,
-    /// From an instance's creation to its first passing probe (reachable over SSH, its host
-    /// verified, running a command): time to SSH and to ready in one.
+    /// From an instance's creation to its first passing boot probe (its host verified and
+    /// the pool's `boot_probe_command` exiting 0): time to ready.
     pub cloud_boot_seconds: Family<SetLabels, Histogram>,
+    /// From an instance's creation to its first SSH session (host verified, a command run,
+    /// whatever its exit): time to SSH.
+    pub cloud_ssh_seconds: Family<SetLabels, Histogram>,
     /// The oldest last passing probe among a set's booted workers, in seconds.
     pub cloud_probe_age_seconds: Family<SetLabels, Gauge>,
 }
@@ -291,8 +294,16 @@ impl Metrics {
         });
         registry.register(
             "cloud_boot_seconds",
-            "From an instance's creation to its first passing probe",
+            "From an instance's creation to its first passing boot probe",
             cloud_boot_seconds.clone(),
+        );
+        let cloud_ssh_seconds = Family::<SetLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.5, 2.0, 12))
+        });
+        registry.register(
+            "cloud_ssh_seconds",
+            "From an instance's creation to its first SSH session",
+            cloud_ssh_seconds.clone(),
         );
         let cloud_probe_age_seconds = Family::<SetLabels, Gauge>::default();
         registry.register(
@@ -306,6 +317,7 @@ impl Metrics {
             cloud_driver_calls,
             cloud_boots,
             cloud_boot_seconds,
+            cloud_ssh_seconds,
             cloud_probe_age_seconds,
             reaction_position,
             reaction_lag,

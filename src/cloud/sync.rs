@@ -49,6 +49,8 @@ pub struct Pool {
     probed: Mutex<BTreeMap<WorkerId, Timestamp>>,
     /// When each listed worker's instance was last destroyed, as the driver acknowledged.
     destroyed: Mutex<BTreeMap<WorkerId, Timestamp>>,
+    /// Workers this process has had an SSH session with.
+    reached: Mutex<BTreeSet<WorkerId>>,
     probing_since: Timestamp,
 }
 
@@ -64,6 +66,7 @@ impl Pool {
         Self {
             probed: Mutex::new(BTreeMap::new()),
             destroyed: Mutex::new(BTreeMap::new()),
+            reached: Mutex::new(BTreeSet::new()),
             probing_since: now,
             id,
             name,
@@ -126,6 +129,18 @@ impl Pool {
         self.executors().retain(|id, _| listed.contains(id));
         self.probed().retain(|id, _| listed.contains(id));
         self.destroyed().retain(|id, _| listed.contains(id));
+        self.reached
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .retain(|id| listed.contains(id));
+    }
+
+    /// Whether this is the first SSH session with `id` this process has had.
+    fn first_reach(&self, id: &WorkerId) -> bool {
+        self.reached
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(id.clone())
     }
 
     fn destroyed(&self) -> std::sync::MutexGuard<'_, BTreeMap<WorkerId, Timestamp>> {
@@ -516,11 +531,32 @@ async fn probe(
         if shutting_down {
             return None;
         }
+        // Booting: the boot probe; booted: that the instance still answers.
+        let booting = workers.get(id).is_none_or(|w| w.booted_at.is_none());
+        let command = if booting {
+            pool.config.boot_probe_command.as_str()
+        } else {
+            "true"
+        };
         let executor = pool.executor(shared, id, instance)?;
-        Some(async move { (id.clone(), executor.execute("true", b"").await) })
+        Some(async move { (id.clone(), executor.execute(command, b"").await) })
     });
     let mut passed = BTreeMap::new();
     for (id, result) in futures::future::join_all(probes).await {
+        if result.is_ok()
+            && pool.first_reach(&id)
+            && let Some(worker) = workers
+                .get(&id)
+                .filter(|w| w.created && w.booted_at.is_none())
+        {
+            shared
+                .metrics
+                .cloud_ssh_seconds
+                .get_or_create(&SetLabels {
+                    set: pool.id.to_string(),
+                })
+                .observe((shared.clock)().since(worker.appeared_at).as_secs_f64());
+        }
         match result {
             Ok(output) if output.success() => {
                 passed.insert(id, (shared.clock)());

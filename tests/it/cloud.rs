@@ -607,6 +607,7 @@ async fn a_waiting_session_grows_its_cloud_pool_runs_and_the_idle_instance_is_sh
         r#"switchyard_cloud_driver_calls_total{set="cloud",operation="create",outcome="ok"} 2"#,
         r#"switchyard_cloud_driver_calls_total{set="cloud",operation="destroy",outcome="ok"}"#,
         r#"switchyard_cloud_boot_seconds_count{set="cloud"} 2"#,
+        r#"switchyard_cloud_ssh_seconds_count{set="cloud"} 2"#,
         r#"switchyard_cloud_workers{set="cloud",instance_type="default",state="idle"} 0"#,
     ] {
         assert!(metrics.contains(line), "{line} not in\n{metrics}");
@@ -1483,4 +1484,55 @@ async fn a_cloud_pool_on_the_kubernetes_driver_runs_a_session_on_the_pod_it_made
     .await;
     let gone = workers(&test).await.remove(&name).unwrap();
     assert_eq!(gone.shutdown_reason, Some(ShutdownReason::Idle), "{gone:?}");
+}
+
+#[actix_rt::test]
+async fn a_worker_is_ready_once_its_boot_probe_passes_and_reached_over_ssh_before() {
+    let test = harness::start_app(|config| {
+        config.cloud.sync_interval = Duration::from_millis(100);
+        config.cloud.timeout_idle = Duration::from_secs(1);
+        config.cloud.pools = vec![CloudPoolConfig {
+            name: "cloud".into(),
+            driver: "stub".into(),
+            driver_config: serde_json::json!({"ssh": true}),
+            boot_probe_command: "test -f \"$SWITCHYARD_HOME/ready\"".into(),
+            max_instances: 1,
+            ..CloudPoolConfig::default()
+        }];
+    })
+    .await;
+    let id = crate::sessions::schedule(
+        &test,
+        serde_json::json!({"components": [on_cloud("driver", "driver", "true")]}),
+    )
+    .await;
+    let metric = |line: &'static str| {
+        let addr = test.app.http_addr();
+        async move {
+            let (_, metrics) = harness::http_get(addr, "/metrics").await;
+            metrics.contains(line).then_some(())
+        }
+    };
+    // Reached over SSH, but its boot probe fails: not booted, and the session waits.
+    harness::wait_for("time to SSH", Duration::from_secs(20), || {
+        metric(r#"switchyard_cloud_ssh_seconds_count{set="cloud"} 1"#)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (worker, view) = workers(&test).await.into_iter().next().unwrap();
+    assert_eq!(view.booted_at, None, "{view:?}");
+    assert_eq!(crate::sessions::get(&test, &id).await["status"], "QUEUED");
+    let (_, metrics) = harness::http_get(test.app.http_addr(), "/metrics").await;
+    assert!(!metrics.contains(r#"switchyard_cloud_boot_seconds_count{set="cloud"} 1"#));
+
+    // Ready: it boots, the session runs.
+    let home = test.config.cloud.dir.join("stub").join(&worker);
+    std::fs::write(home.join("ready"), "").unwrap();
+    let view = crate::sessions::ended(&test, &id, Duration::from_secs(30)).await;
+    assert_eq!(view["status"], "DONE", "{view:#}");
+    assert!(workers(&test).await[&worker].booted_at.is_some());
+    harness::wait_for("time to ready", Duration::from_secs(5), || {
+        metric(r#"switchyard_cloud_boot_seconds_count{set="cloud"} 1"#)
+    })
+    .await;
 }
