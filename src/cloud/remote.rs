@@ -177,18 +177,26 @@ impl RemoteSessions {
 
     /// The machines the session's components are on, by component.
     async fn placement(&self, session: &SessionId) -> BTreeMap<ComponentName, MachineName> {
+        self.placed(session).await.unwrap_or_default()
+    }
+
+    /// The same; none when the log has no such session.
+    async fn placed(&self, session: &SessionId) -> Option<BTreeMap<ComponentName, MachineName>> {
         let id = session.clone();
         self.sessions
             .ask(move |table, _| match table.get(&id).map(|row| &row.state) {
-                Some(Session::Present(record)) => record
-                    .placement
-                    .iter()
-                    .map(|(c, p)| (c.clone(), p.machine.clone()))
-                    .collect(),
-                _ => BTreeMap::new(),
+                Some(Session::Present(record)) => Some(
+                    record
+                        .placement
+                        .iter()
+                        .map(|(c, p)| (c.clone(), p.machine.clone()))
+                        .collect(),
+                ),
+                _ => None,
             })
             .await
-            .unwrap_or_default()
+            .ok()
+            .flatten()
     }
 
     async fn observe_on(
@@ -369,8 +377,11 @@ impl SessionBackend for RemoteSessions {
 
     fn remove<'a>(&'a self, session: &'a SessionId) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
-            let machines: BTreeSet<MachineName> =
-                self.placement(session).await.into_values().collect();
+            // An orphan the log does not know: wherever it may be.
+            let machines: BTreeSet<MachineName> = match self.placed(session).await {
+                Some(placed) => placed.into_values().collect(),
+                None => self.machines.all().into_iter().collect(),
+            };
             let grace = (self.stop_grace.as_millis() / 100).max(1).to_string();
             for machine in machines {
                 // A machine that is gone took the session's processes with it.

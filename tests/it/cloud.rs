@@ -1536,3 +1536,74 @@ async fn a_worker_is_ready_once_its_boot_probe_passes_and_reached_over_ssh_befor
     })
     .await;
 }
+
+#[actix_rt::test]
+async fn what_an_unknown_session_left_on_a_worker_is_pruned_there() {
+    let test = harness::start_app(|config| {
+        config.cloud.sync_interval = Duration::from_millis(100);
+        config.cloud.pools = vec![CloudPoolConfig {
+            name: "cloud".into(),
+            driver: "stub".into(),
+            driver_config: serde_json::json!({"ssh": true}),
+            max_instances: 1,
+            ..CloudPoolConfig::default()
+        }];
+        config.sessions.prune_interval = Duration::from_millis(200);
+        config.sessions.prune_grace = Duration::ZERO;
+    })
+    .await;
+    // A worker, kept.
+    let id = crate::sessions::schedule(
+        &test,
+        serde_json::json!({"components": [on_cloud("driver", "driver", "true")]}),
+    )
+    .await;
+    let (worker, _) = the_worker(&test).await;
+    harness::call(&test, "worker.hold", serde_json::json!({"id": worker}))
+        .await
+        .ok();
+    let view = crate::sessions::ended(&test, &id, Duration::from_secs(30)).await;
+    assert_eq!(view["status"], "DONE", "{view:#}");
+    // A session the log never heard of left a component running there.
+    let dir = test
+        .config
+        .cloud
+        .dir
+        .join("stub")
+        .join(&worker)
+        .join("sessions/stray-1/driver");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut stray = std::process::Command::new("setsid")
+        .args(["sh", "-c", "echo $$ > pid; exec sleep 300"])
+        .current_dir(&dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let group: i32 = harness::wait_for("its pid", Duration::from_secs(5), || async {
+        std::fs::read_to_string(dir.join("pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    })
+    .await;
+    harness::wait_for(
+        "the stray to be pruned",
+        Duration::from_secs(20),
+        || async {
+            let dead =
+                std::fs::read_to_string(format!("/proc/{group}/stat")).map_or(true, |stat| {
+                    stat.rsplit(')')
+                        .next()
+                        .is_some_and(|s| s.trim_start().starts_with('Z'))
+                });
+            (!dir.exists() && dead).then_some(())
+        },
+    )
+    .await;
+    stray.wait().unwrap();
+    harness::call(&test, "worker.kill", serde_json::json!({"id": worker}))
+        .await
+        .ok();
+}
