@@ -1288,11 +1288,7 @@ async fn kubernetes_instances_are_a_secret_and_a_pod_and_the_instance_secret_tel
     let emulator = crate::kubernetes::Emulator::start();
     let client = emulator.client();
     let lab = Lab::new();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = crate::kubernetes::free_port();
     let config = switchyard::config::KubernetesConfig {
         api: Some(emulator.url().to_owned()),
         ..Default::default()
@@ -1412,11 +1408,7 @@ async fn a_cloud_pool_on_the_kubernetes_driver_runs_a_session_on_the_pod_it_made
     let emulator = crate::kubernetes::Emulator::start();
     let client = emulator.client();
     let lab = Lab::new();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = crate::kubernetes::free_port();
     let url = emulator.url().to_owned();
     let test = harness::start_app(|config| {
         config.kubernetes.api = Some(url);
