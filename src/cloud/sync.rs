@@ -35,6 +35,19 @@ use crate::runtime::reaction::{Due, Observed, Reaction};
 use crate::runtime::{Clock, CommandMeta, Entities, EntityTable, ProjectionHandle, error_chain};
 use crate::store::StoreError;
 
+/// What this process knows of one instance the last sync listed.
+struct Known {
+    /// As the driver listed it: where sessions' components reach the worker.
+    instance: Instance,
+    executor: Option<Arc<Executor>>,
+    /// Its last passing probe.
+    probed: Option<Timestamp>,
+    /// When the driver last acknowledged destroying it.
+    destroyed: Option<Timestamp>,
+    /// Whether this process has had an SSH session with it.
+    reached: bool,
+}
+
 /// One configured cloud pool, as this replica runs it.
 pub struct Pool {
     pub id: InstanceSetId,
@@ -42,15 +55,9 @@ pub struct Pool {
     pub config: CloudPoolConfig,
     pub set: Arc<dyn InstanceSet>,
     pub throttled: Throttled,
-    executors: Mutex<BTreeMap<WorkerId, Arc<Executor>>>,
-    /// What the last sync listed: where sessions' components reach each worker.
-    listed: Mutex<BTreeMap<WorkerId, Instance>>,
-    /// The last passing probe of each listed worker, and since when this process probes.
-    probed: Mutex<BTreeMap<WorkerId, Timestamp>>,
-    /// When each listed worker's instance was last destroyed, as the driver acknowledged.
-    destroyed: Mutex<BTreeMap<WorkerId, Timestamp>>,
-    /// Workers this process has had an SSH session with.
-    reached: Mutex<BTreeSet<WorkerId>>,
+    /// The instances the last sync listed; an instance no longer listed is forgotten.
+    known: Mutex<BTreeMap<WorkerId, Known>>,
+    /// Since when this process probes.
     probing_since: Timestamp,
 }
 
@@ -64,22 +71,18 @@ impl Pool {
         now: Timestamp,
     ) -> Self {
         Self {
-            probed: Mutex::new(BTreeMap::new()),
-            destroyed: Mutex::new(BTreeMap::new()),
-            reached: Mutex::new(BTreeSet::new()),
-            probing_since: now,
             id,
             name,
             config,
             set,
             throttled,
-            executors: Mutex::new(BTreeMap::new()),
-            listed: Mutex::new(BTreeMap::new()),
+            known: Mutex::new(BTreeMap::new()),
+            probing_since: now,
         }
     }
 
-    fn listed(&self) -> std::sync::MutexGuard<'_, BTreeMap<WorkerId, Instance>> {
-        self.listed
+    fn known(&self) -> std::sync::MutexGuard<'_, BTreeMap<WorkerId, Known>> {
+        self.known
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -89,26 +92,40 @@ impl Pool {
         BTreeMap::from([(tag::INSTANCE_SET.to_owned(), self.id.to_string())])
     }
 
-    fn executors(&self) -> std::sync::MutexGuard<'_, BTreeMap<WorkerId, Arc<Executor>>> {
-        self.executors
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    /// A new list: what it has is what this process knows of, as listed now.
+    fn relist(&self, listed: &BTreeMap<WorkerId, &Instance>) {
+        let mut known = self.known();
+        known.retain(|id, _| listed.contains_key(id));
+        for (id, instance) in listed {
+            match known.get_mut(id) {
+                Some(known) => known.instance = (*instance).clone(),
+                None => {
+                    known.insert(
+                        id.clone(),
+                        Known {
+                            instance: (*instance).clone(),
+                            executor: None,
+                            probed: None,
+                            destroyed: None,
+                            reached: false,
+                        },
+                    );
+                }
+            }
+        }
     }
 
-    /// The executor of `instance`, made once per instance and address.
-    pub fn executor(
-        &self,
-        shared: &Shared,
-        id: &WorkerId,
-        instance: &Instance,
-    ) -> Option<Arc<Executor>> {
-        let address = instance.address.clone()?;
-        let mut executors = self.executors();
-        if let Some(executor) = executors.get(id)
+    /// The executor of listed instance `id`, made once per instance and address.
+    pub fn executor(&self, shared: &Shared, id: &WorkerId) -> Option<Arc<Executor>> {
+        let mut known = self.known();
+        let known = known.get_mut(id)?;
+        let address = known.instance.address.clone()?;
+        if let Some(executor) = &known.executor
             && executor.target().address == address
         {
             return Some(executor.clone());
         }
+        let instance = &known.instance;
         let executor = Arc::new(Executor::new(
             Target {
                 instance: instance.id.clone(),
@@ -120,39 +137,23 @@ impl Pool {
             self.set.clone(),
             shared.config.timeout_ssh,
         ));
-        executors.insert(id.clone(), executor.clone());
+        known.executor = Some(executor.clone());
         Some(executor)
-    }
-
-    /// Forgets what it knew of instances that are no longer listed.
-    fn keep_only(&self, listed: &BTreeSet<WorkerId>) {
-        self.executors().retain(|id, _| listed.contains(id));
-        self.probed().retain(|id, _| listed.contains(id));
-        self.destroyed().retain(|id, _| listed.contains(id));
-        self.reached
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .retain(|id| listed.contains(id));
     }
 
     /// Whether this is the first SSH session with `id` this process has had.
     fn first_reach(&self, id: &WorkerId) -> bool {
-        self.reached
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(id.clone())
+        self.known()
+            .get_mut(id)
+            .is_some_and(|known| !std::mem::replace(&mut known.reached, true))
     }
 
-    fn destroyed(&self) -> std::sync::MutexGuard<'_, BTreeMap<WorkerId, Timestamp>> {
-        self.destroyed
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    fn probed(&self) -> std::sync::MutexGuard<'_, BTreeMap<WorkerId, Timestamp>> {
-        self.probed
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    /// One timestamp of every known instance that has it.
+    fn times(&self, of: impl Fn(&Known) -> Option<Timestamp>) -> BTreeMap<WorkerId, Timestamp> {
+        self.known()
+            .iter()
+            .filter_map(|(id, known)| Some((id.clone(), of(known)?)))
+            .collect()
     }
 }
 
@@ -395,18 +396,18 @@ pub async fn sync_once(shared: &Shared, pool: &Pool) -> Result<(), String> {
         .iter()
         .filter_map(|i| Some((WorkerId::new(i.id.clone()).ok()?, i)))
         .collect();
-    pool.keep_only(&by_id.keys().cloned().collect());
-    *pool.listed() = by_id
-        .iter()
-        .map(|(id, i)| (id.clone(), (*i).clone()))
-        .collect();
+    pool.relist(&by_id);
     let mut workers = shared.workers_of(&pool.id).await?;
     let passed = probe(shared, pool, &by_id, &mut workers).await;
-    let probes = {
-        let mut probed = pool.probed();
-        probed.extend(passed);
-        probed.clone()
-    };
+    {
+        let mut known = pool.known();
+        for (id, at) in passed {
+            if let Some(known) = known.get_mut(&id) {
+                known.probed = Some(at);
+            }
+        }
+    }
+    let probes = pool.times(|known| known.probed);
     let (in_use, wanted) = demand(shared, &pool.name).await?;
     let listed: Vec<Listed> = by_id
         .iter()
@@ -421,7 +422,7 @@ pub async fn sync_once(shared: &Shared, pool: &Pool) -> Result<(), String> {
         listed_at,
         workers: &workers,
         probes: &probes,
-        destroyed: &pool.destroyed().clone(),
+        destroyed: &pool.times(|known| known.destroyed),
         probing_since: pool.probing_since,
         in_use: &in_use,
         wanted,
@@ -524,7 +525,7 @@ async fn probe(
     listed: &BTreeMap<WorkerId, &Instance>,
     workers: &mut BTreeMap<WorkerId, WorkerRecord>,
 ) -> BTreeMap<WorkerId, Timestamp> {
-    let probes = listed.iter().filter_map(|(id, instance)| {
+    let probes = listed.keys().filter_map(|id| {
         let shutting_down = workers
             .get(id)
             .is_some_and(|w| w.state == WorkerState::Shutdown);
@@ -538,7 +539,7 @@ async fn probe(
         } else {
             "true"
         };
-        let executor = pool.executor(shared, id, instance)?;
+        let executor = pool.executor(shared, id)?;
         Some(async move { (id.clone(), executor.execute(command, b"").await) })
     });
     let mut passed = BTreeMap::new();
@@ -623,7 +624,9 @@ async fn demand(shared: &Shared, pool: &PoolName) -> Result<(BTreeSet<WorkerId>,
 async fn destroy(shared: &Shared, pool: &Pool, id: &WorkerId) {
     match pool.throttled.destroy(id.as_str()).await {
         Ok(()) => {
-            pool.destroyed().insert(id.clone(), (shared.clock)());
+            if let Some(known) = pool.known().get_mut(id) {
+                known.destroyed = Some((shared.clock)());
+            }
         }
         Err(err) => {
             tracing::info!(set = %pool.id, worker = %id, error = %err, "cannot destroy the instance yet");
@@ -774,13 +777,12 @@ impl super::remote::Machines for CloudMachines {
     fn reach(&self, machine: &MachineName) -> Option<(Arc<Executor>, String)> {
         let id = WorkerId::new(machine.as_str()).ok()?;
         self.0.pools.values().find_map(|pool| {
-            let instance = pool.listed().get(&id).cloned()?;
-            let address = instance.address.clone()?;
+            let address = pool.known().get(&id)?.instance.address.clone()?;
             let host = address
                 .rsplit_once(':')
                 .map_or(address.as_str(), |(host, _)| host)
                 .to_owned();
-            Some((pool.executor(&self.0, &id, &instance)?, host))
+            Some((pool.executor(&self.0, &id)?, host))
         })
     }
 
@@ -788,7 +790,7 @@ impl super::remote::Machines for CloudMachines {
         self.0
             .pools
             .values()
-            .flat_map(|pool| pool.listed().keys().cloned().collect::<Vec<_>>())
+            .flat_map(|pool| pool.known().keys().cloned().collect::<Vec<_>>())
             .filter_map(|id| MachineName::new(id.as_str()).ok())
             .collect()
     }
