@@ -107,6 +107,13 @@ wc -c < "$dir/out"
 tail -c +$((offset + 1)) "$dir/out" | head -c "$max"
 "#;
 
+/// Ends every component on the instance (each leads its own process group) and deletes the
+/// sessions' directories: what a machine's end, or a static host's release, does to them.
+pub const END_ALL: &str = r#"home="${SWITCHYARD_HOME:-/var/lib/switchyard}"
+for g in $(cat "$home"/sessions/*/*/pid 2>/dev/null); do kill -KILL -"$g" 2>/dev/null || true; done
+rm -rf "$home/sessions"
+"#;
+
 /// Every session directory with its age in seconds.
 const SESSIONS: &str = r#"root="${SWITCHYARD_HOME:-/var/lib/switchyard}/sessions"
 [ -d "$root" ] || exit 0

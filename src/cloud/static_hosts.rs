@@ -28,7 +28,7 @@ use super::driver::{
     Driver, DriverError, Instance, InstanceSet, InstanceSpec, Result, check_set_id, parse_config,
 };
 use super::loopback::same_key;
-use super::remote::quote;
+use super::remote::{END_ALL, quote};
 use super::ssh::{Executor, Target};
 
 /// One host.
@@ -116,12 +116,14 @@ const RETAG: &str = r#"[ -f "${SWITCHYARD_HOME:=/var/lib/switchyard}/claim" ] ||
 cat > "$SWITCHYARD_HOME/claim.tmp" && mv "$SWITCHYARD_HOME/claim.tmp" "$SWITCHYARD_HOME/claim"
 "#;
 
-/// Ends what ran on the host for Switchyard, then lets the claim go.
-const RELEASE: &str = r#"home="${SWITCHYARD_HOME:-/var/lib/switchyard}"
-for g in $(cat "$home"/sessions/*/*/pid 2>/dev/null); do kill -KILL -"$g" 2>/dev/null || true; done
-rm -rf "$home/sessions" "$home/instance-secret"
-rm -f "$home/claim"
+/// Lets the claim go, once [`END_ALL`] has ended what ran on the host for Switchyard.
+const RELEASE: &str = r#"rm -f "$home/instance-secret" "$home/claim"
 "#;
+
+/// [`END_ALL`], then [`RELEASE`].
+fn release() -> String {
+    format!("{END_ALL}{RELEASE}")
+}
 
 /// Makes `static` instance sets; it logs in to the hosts with `key`.
 #[derive(Clone)]
@@ -323,7 +325,7 @@ impl InstanceSet for StaticSet {
                 }
                 let (status, _) = self.run(&host.name, &spec.init_command, b"").await?;
                 if status != Some(0) {
-                    let _ = self.run(&host.name, RELEASE, b"").await;
+                    let _ = self.run(&host.name, &release(), b"").await;
                     return Err(failed(format!(
                         "{}: the init command failed ({status:?})",
                         host.name
@@ -379,7 +381,7 @@ impl InstanceSet for StaticSet {
 
     fn destroy<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
-            let (status, _) = self.run(id, RELEASE, b"").await?;
+            let (status, _) = self.run(id, &release(), b"").await?;
             if status != Some(0) {
                 return Err(failed(format!("{id}: releasing it failed ({status:?})")));
             }

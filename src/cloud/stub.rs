@@ -30,6 +30,7 @@ use super::driver::{
 use super::faults::{InstanceFault, InstanceFaultKind, check_instance_faults, instance_faults_of};
 use super::local_ssh::LocalServer;
 use super::loopback::same_key;
+use super::remote::END_ALL;
 use crate::domain::Timestamp;
 use crate::runtime::Clock;
 use crate::tunnel::keys;
@@ -139,33 +140,20 @@ impl StubDriver {
             life.abort();
         }
         if let Some(home) = held.home {
-            let _ = tokio::task::spawn_blocking(move || end_machine(&home)).await;
+            end_machine(&home).await;
         }
     }
 }
 
-/// What ends with a machine: the process groups of the components it ran (each wrote its
-/// group's id to a `pid` file under `sessions/`), and its disk.
-fn end_machine(home: &Path) {
-    let sessions = home.join("sessions");
-    for session in std::fs::read_dir(&sessions).into_iter().flatten().flatten() {
-        for component in std::fs::read_dir(session.path())
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            let group = std::fs::read_to_string(component.path().join("pid"))
-                .ok()
-                .and_then(|text| text.trim().parse::<i32>().ok());
-            if let Some(group) = group.filter(|g| *g > 1) {
-                let _ = nix::sys::signal::killpg(
-                    nix::unistd::Pid::from_raw(group),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
-        }
-    }
-    let _ = std::fs::remove_dir_all(home);
+/// What ends with a machine: the components it ran (as the remote backend lays them out on
+/// an instance, [`END_ALL`]), and its disk.
+async fn end_machine(home: &Path) {
+    let _ = tokio::process::Command::new("/bin/sh")
+        .args(["-c", END_ALL])
+        .env("SWITCHYARD_HOME", home)
+        .status()
+        .await;
+    let _ = tokio::fs::remove_dir_all(home).await;
 }
 
 struct StubSet {
@@ -253,7 +241,7 @@ async fn live(
             drop(server);
             let held = driver.state().instances.remove(&id);
             if let Some(home) = held.and_then(|held| held.home) {
-                let _ = tokio::task::spawn_blocking(move || end_machine(&home)).await;
+                end_machine(&home).await;
             }
         }
         None => {
